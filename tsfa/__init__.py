@@ -1,0 +1,46 @@
+"""tsfa: solvers for communication-efficient wireless federated LoRA fine-tuning.
+
+`tsfa` imports neither torch nor pyomo at import time; backends import their solvers lazily.
+"""
+
+from tsfa._version import __version__
+from tsfa.bandwidth import BandwidthAllocation, BandwidthProblem, min_latency_bandwidth
+from tsfa.model import (
+    LLAMA2_7B_CONFIG,
+    MINILM_L6_CONFIG,
+    Cell,
+    Clients,
+    LoraShape,
+    ModuleShape,
+    bandwidth_for_deadline,
+    bandwidth_for_rate,
+    llama_7b_qv,
+    minilm_l6_qv,
+    rate_bps,
+    rate_cap_bps,
+    training_flops_per_sample,
+)
+from tsfa.status import InfeasibleError, SolverError, Status
+
+__all__ = [
+    "__version__",
+    "Status",
+    "SolverError",
+    "InfeasibleError",
+    "ModuleShape",
+    "LoraShape",
+    "MINILM_L6_CONFIG",
+    "LLAMA2_7B_CONFIG",
+    "minilm_l6_qv",
+    "llama_7b_qv",
+    "Cell",
+    "Clients",
+    "rate_bps",
+    "rate_cap_bps",
+    "bandwidth_for_rate",
+    "bandwidth_for_deadline",
+    "training_flops_per_sample",
+    "BandwidthProblem",
+    "BandwidthAllocation",
+    "min_latency_bandwidth",
+]

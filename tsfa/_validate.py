@@ -1,0 +1,95 @@
+"""Input validation: every public entry point turns bad input into a ValueError that names
+the argument and the offending value, before any solver sees it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["as_array", "as_scalar", "check_same_length"]
+
+
+def _first_bad(arr: np.ndarray, mask: np.ndarray) -> str:
+    idx = np.argwhere(mask)[0]
+    where = f"[{', '.join(str(int(i)) for i in idx)}]" if arr.ndim else ""
+    return f"{where} = {arr[tuple(idx)]!r}"
+
+
+def as_array(
+    name: str,
+    value,
+    *,
+    ndim: int | None = 1,
+    lower: float | None = None,
+    strict: bool = False,
+    allow_inf: bool = False,
+    allow_empty: bool = False,
+    integer: bool = False,
+) -> np.ndarray:
+    """Copy ``value`` into a read-only float (or int) array and check it.
+
+    ``lower``/``strict``: every entry must be ``>= lower`` (``> lower`` if strict).
+    """
+    try:
+        arr = np.array(value, dtype=float, copy=True)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be numeric; got {value!r}") from exc
+    if ndim is not None and arr.ndim != ndim:
+        if ndim == 1 and arr.ndim == 0:
+            arr = arr.reshape(1)
+        else:
+            raise ValueError(f"{name} must be {ndim}-dimensional; got shape {arr.shape}")
+    if not allow_empty and arr.size == 0:
+        raise ValueError(f"{name} must not be empty")
+    bad = np.isnan(arr) if allow_inf else ~np.isfinite(arr)
+    if bad.any():
+        kind = "not NaN" if allow_inf else "finite"
+        raise ValueError(f"{name} must be {kind}; got {name}{_first_bad(arr, bad)}")
+    if lower is not None:
+        bad = arr <= lower if strict else arr < lower
+        if bad.any():
+            rel = ">" if strict else ">="
+            raise ValueError(f"{name} must be {rel} {lower:g}; got {name}{_first_bad(arr, bad)}")
+    if integer:
+        bad = arr != np.round(arr)
+        if bad.any():
+            raise ValueError(f"{name} must be integers; got {name}{_first_bad(arr, bad)}")
+        arr = arr.astype(np.int64)
+    arr.setflags(write=False)
+    return arr
+
+
+def as_scalar(
+    name: str,
+    value,
+    *,
+    lower: float | None = None,
+    strict: bool = False,
+    allow_inf: bool = False,
+    integer: bool = False,
+):
+    """Check a scalar: a real number, finite (unless ``allow_inf``), bounded below."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number; got {value!r}")
+    v = float(value)
+    if math.isnan(v) or (math.isinf(v) and not allow_inf):
+        raise ValueError(f"{name} must be finite; got {name} = {value!r}")
+    if lower is not None and (v <= lower if strict else v < lower):
+        rel = ">" if strict else ">="
+        raise ValueError(f"{name} must be {rel} {lower:g}; got {name} = {value!r}")
+    if integer:
+        if v != round(v):
+            raise ValueError(f"{name} must be an integer; got {name} = {value!r}")
+        return int(round(v))
+    return v
+
+
+def check_same_length(**arrays: Sequence) -> int:
+    """All arrays have the same length; return it."""
+    lengths = {k: len(v) for k, v in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        desc = ", ".join(f"len({k}) = {n}" for k, n in lengths.items())
+        raise ValueError(f"mismatched lengths: {desc}")
+    return next(iter(lengths.values()))

@@ -1,0 +1,99 @@
+"""The ``tsfa`` command line. Heavy imports stay inside the subcommands.
+
+Bad user input prints one line (``tsfa: error: ...``) and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tsfa._version import __version__
+
+
+class UserError(Exception):
+    """An input problem the user can fix; printed as one line, exit code 2."""
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from tsfa import Cell, llama_7b_qv, min_latency_bandwidth, minilm_l6_qv, rate_bps, training_flops_per_sample
+
+    if args.clients < 1:
+        raise UserError(f"--clients must be >= 1; got {args.clients}")
+    rng = np.random.default_rng(args.seed)
+    cell = Cell()
+    clients = cell.sample_clients(args.clients, rng=rng)
+    snr = cell.sample_snr_hz(clients, rng=rng)
+    shape = minilm_l6_qv(args.rank)
+    flops = args.local_steps * args.batch_size * training_flops_per_sample(22.7e6, 64)
+    compute = clients.compute_time_s(flops)
+    downlink = shape.downlink_bits / rate_bps(cell.total_bandwidth_hz, float(np.median(snr)))
+    payload = np.full(len(clients), shape.dense_payload_bits)
+
+    print(f"tsfa {__version__} demo — min–max latency bandwidth split (SPEC §2)")
+    print(
+        f"cell: {len(clients)} clients in a {cell.radius_m:.0f} m cell, B = {cell.total_bandwidth_hz / 1e6:g} MHz, "
+        f"P = {cell.transmit_power_w} W, N0 = {cell.noise_psd_dbm_hz} dBm/Hz, seed {args.seed}"
+    )
+    print(
+        f"LoRA: all-MiniLM-L6-v2 q/v, r = {shape.rank}, {shape.num_modules} modules, "
+        f"M = {shape.values_per_component} values per component; dense upload "
+        f"{shape.dense_payload_bits / 1e6:.3f} Mbit, downlink {shape.downlink_bits / 1e6:.3f} Mbit ({downlink:.3f} s)"
+    )
+    res = {b: min_latency_bandwidth(payload, snr, compute, cell.total_bandwidth_hz, downlink_s=downlink, backend=b)
+           for b in ("fast", "cvxpy", "scipy")}
+    fast = res["fast"].raise_for_status()
+    equal = np.full(len(clients), cell.total_bandwidth_hz / len(clients))
+    equal_latency = downlink + np.max(compute + payload / rate_bps(equal, snr))
+    print()
+    print(f"{'client':>6} {'dist m':>7} {'SNR dB':>7} {'compute s':>9} {'b MHz':>7} {'upload s':>8} {'finish s':>8}")
+    snr_db = 10 * np.log10(snr / cell.total_bandwidth_hz)  # SNR over the whole band
+    for k in range(len(clients)):
+        print(
+            f"{k:>6} {clients.distance_m[k]:>7.0f} {snr_db[k]:>7.1f} {compute[k]:>9.3f} "
+            f"{fast.bandwidth_hz[k] / 1e6:>7.3f} {fast.upload_time_s[k]:>8.3f} {fast.finish_time_s[k]:>8.3f}"
+        )
+    print()
+    print(f"round latency, optimal split : {fast.latency_s:.4f} s")
+    print(f"round latency, equal split   : {equal_latency:.4f} s  ({equal_latency / fast.latency_s:.2f}x)")
+    for name, r in res.items():
+        gap = abs(r.latency_s / fast.latency_s - 1) if r.success else float("nan")
+        print(f"  backend {name:<6} {r.status.value:<9} τ = {r.latency_s:.9f} s  rel. diff {gap:.1e}  "
+              f"solve {r.solve_time_s * 1e3:.2f} ms")
+    big = llama_7b_qv(16)
+    print(f"\nfor scale: Llama-2-7B q/v at r = 16 uploads {big.dense_payload_bits / 1e6:.1f} Mbit dense "
+          f"({big.num_parameters / 1e6:.1f} M LoRA parameters)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tsfa", description="Wireless federated LoRA fine-tuning solvers.")
+    p.add_argument("--version", action="version", version=f"tsfa {__version__}")
+    sub = p.add_subparsers(dest="command")
+    d = sub.add_parser("demo", help="run the main job on embedded defaults")
+    d.add_argument("--clients", type=int, default=20, help="number of clients (default 20)")
+    d.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d.add_argument("--local-steps", type=int, default=4)
+    d.add_argument("--batch-size", type=int, default=16)
+    d.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except (UserError, ValueError) as exc:
+        print(f"tsfa: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

