@@ -14,7 +14,7 @@ __all__ = ["as_array", "as_scalar", "check_same_length"]
 def _first_bad(arr: np.ndarray, mask: np.ndarray) -> str:
     idx = np.argwhere(mask)[0]
     where = f"[{', '.join(str(int(i)) for i in idx)}]" if arr.ndim else ""
-    return f"{where} = {arr[tuple(idx)]!r}"
+    return f"{where} = {arr[tuple(idx)].item()!r}"
 
 
 def as_array(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -201,14 +202,17 @@ def _cvxpy(S, c, T, B, *, solver="CLARABEL"):
     t_ref = float(np.max(T + S / rate_bps(B / len(S), c)))  # equal split: feasible
     pS.value, pc.value, pT.value = S / (B * t_ref), c / B, T / t_ref
     try:
-        prob.solve(solver=solver, **(CLARABEL_OPTIONS if solver == "CLARABEL" else {}))
+        with warnings.catch_warnings():  # inaccuracy is reported through the status instead
+            warnings.simplefilter("ignore", UserWarning)
+            prob.solve(solver=solver, **(CLARABEL_OPTIONS if solver == "CLARABEL" else {}))
     except cp.SolverError as exc:
         raise SolverError(f"cvxpy/{solver} failed: {exc}") from exc
     status = status_from_cvxpy(prob.status)
     if not status.success or b.value is None or not np.all(np.isfinite(b.value)):
-        raise SolverError(f"cvxpy/{solver} returned status {prob.status!r}", status if not status.success else Status.ERROR)
+        bad = status if not status.success else Status.ERROR
+        raise SolverError(f"cvxpy/{solver} returned status {prob.status!r}", bad)
     bw = np.maximum(np.asarray(b.value, dtype=float), 0.0) * B
-    return bw * min(1.0, B / bw.sum()), int(prob.solver_stats.num_iters or 0)
+    return bw * min(1.0, B / bw.sum()), int(prob.solver_stats.num_iters or 0), status
 
 
 def _scipy(S, c, T, B):
@@ -223,14 +227,14 @@ def _scipy(S, c, T, B):
         return brentq(f, hi * 1e-30, hi, xtol=1e-300, rtol=1e-15, maxiter=500)
 
     def total(tau):
-        return sum(inv_rate(s / (tau - t), ck) for s, ck, t in zip(S, c, T)) - B
+        return sum(inv_rate(s / (tau - t), ck) for s, ck, t in zip(S, c, T, strict=True)) - B
 
     lo = float(np.max(T + S / rate_bps(B, c)))
     hi = float(np.max(T + S / rate_bps(B / len(S), c)))
     if len(S) == 1 or hi <= lo:
         return (np.array([B]) if len(S) == 1 else np.full(len(S), B / len(S))), 0
     tau, res = brentq(total, lo, hi, xtol=1e-300, rtol=1e-15, maxiter=500, full_output=True)
-    bw = np.array([inv_rate(s / (tau - t), ck) for s, ck, t in zip(S, c, T)])
+    bw = np.array([inv_rate(s / (tau - t), ck) for s, ck, t in zip(S, c, T, strict=True)])
     return bw * (B / bw.sum()), res.iterations
 
 
@@ -300,7 +304,8 @@ def min_latency_bandwidth(
             ``INFEASIBLE`` (the returned split is still the least-latency one) and the
             message names the binding client or resource and the smallest feasible value.
         backend: "fast", "cvxpy", "scipy", or a callable ``f(S, c, T, B) -> (b, iterations)``
-            on the scheduled clients (S bits, c Hz, T = T^dl + T^cmp seconds, B Hz).
+            (optionally a third item, a :class:`Status`) on the scheduled clients (S bits,
+            c Hz, T = T^dl + T^cmp seconds, B Hz); it may raise :class:`SolverError`.
 
     Returns:
         A :class:`BandwidthAllocation`.
@@ -325,13 +330,22 @@ def _solve(problem: BandwidthProblem, fn: Callable, name: str) -> BandwidthAlloc
         S, c = problem.payload_bits[sch], problem.snr_hz[sch]
         T = problem.downlink_s + problem.compute_s[sch]
         try:
-            b_s, iterations = fn(S, c, T, problem.total_bandwidth_hz)
+            out = fn(S, c, T, problem.total_bandwidth_hz)
         except SolverError as exc:
             return _result(problem, np.full(K, np.nan), Status(exc.status), str(exc), 0,
                            time.perf_counter() - t0, name)
+        b_s, iterations = out[0], out[1]
+        status = out[2] if len(out) > 2 else Status.OPTIMAL
+        b_s = np.asarray(b_s, dtype=float)
+        if b_s.shape != S.shape or not np.all(np.isfinite(b_s)) or np.any(b_s < 0):
+            return _result(problem, np.full(K, np.nan), Status.ERROR,
+                           f"backend {name!r} returned an invalid bandwidth vector", iterations,
+                           time.perf_counter() - t0, name)
         bw[sch] = b_s
+    else:
+        status = Status.OPTIMAL
     solve_time = time.perf_counter() - t0
-    return _result(problem, bw, Status.OPTIMAL, "", iterations, solve_time, name)
+    return _result(problem, bw, status, "", iterations, solve_time, name)
 
 
 def _result(problem, bw, status, message, iterations, solve_time, name) -> BandwidthAllocation:
@@ -339,7 +353,12 @@ def _result(problem, bw, status, message, iterations, solve_time, name) -> Bandw
     with np.errstate(divide="ignore", invalid="ignore"):
         upload = np.where(sch, problem.payload_bits / rate_bps(bw, problem.snr_hz), 0.0)
     finish = np.where(sch, problem.downlink_s + problem.compute_s + upload, np.nan)
-    latency = float(np.nanmax(finish)) if sch.any() else problem.downlink_s
+    if not sch.any():
+        latency = problem.downlink_s
+    elif np.all(np.isfinite(finish[sch])):
+        latency = float(np.max(finish[sch]))
+    else:
+        latency = float("nan")
     if status.success:
         why = _infeasibility(problem, latency)
         if why is not None:
@@ -347,7 +366,7 @@ def _result(problem, bw, status, message, iterations, solve_time, name) -> Bandw
         elif not sch.any():
             message = "no client has a payload: nothing is scheduled"
         else:
-            message = f"optimal: {int(sch.sum())} scheduled clients finish at {latency:.6g} s"
+            message = f"{status.value}: {int(sch.sum())} scheduled clients finish by {latency:.6g} s"
     bw.setflags(write=False)
     for arr in (finish, upload):
         arr.setflags(write=False)

@@ -426,7 +426,8 @@ class Cell:
         for name in ("noise_psd_dbm_hz", "path_loss_db_at_1km", "path_loss_slope_db"):
             as_scalar(name, getattr(self, name))
         as_scalar("shadowing_std_db", self.shadowing_std_db, lower=0)
-        lo, hi = (as_scalar("compute_flops_per_s_range", v, lower=0, strict=True) for v in self.compute_flops_per_s_range)
+        rng_name = "compute_flops_per_s_range"
+        lo, hi = (as_scalar(rng_name, v, lower=0, strict=True) for v in self.compute_flops_per_s_range)
         if lo > hi:
             raise ValueError(f"compute_flops_per_s_range must be (low, high) with low <= high; got {(lo, hi)}")
         object.__setattr__(self, "compute_flops_per_s_range", (lo, hi))
@@ -461,11 +462,14 @@ class Cell:
         """E[c_k] = P_k ḡ_k / N_0 in Hz (the Rayleigh power has mean 1)."""
         return clients.transmit_power_w * clients.large_scale_gain / self.noise_psd_w_hz
 
-    def sample_snr_hz(self, clients: Clients, *, rng: np.random.Generator | int | None = None, rounds: int | None = None):
+    def sample_snr_hz(
+        self, clients: Clients, *, rng: np.random.Generator | int | None = None, rounds: int | None = None
+    ):
         """Per-round SNR products c_k(t) = P_k ḡ_k |h_k(t)|² / N_0 with Rayleigh fading.
 
         Returns shape (K,) for one round, or (rounds, K) i.i.d. over rounds (block fading).
         """
         rng = np.random.default_rng(rng)
-        shape = (len(clients),) if rounds is None else (as_scalar("rounds", rounds, lower=1, integer=True), len(clients))
+        k = len(clients)
+        shape = (k,) if rounds is None else (as_scalar("rounds", rounds, lower=1, integer=True), k)
         return self.mean_snr_hz(clients) * rng.exponential(1.0, shape)

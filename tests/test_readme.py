@@ -1,0 +1,15 @@
+"""README snippets run as tests."""
+
+import pathlib
+import re
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_python_snippets_run(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "README has no python snippet"
+    for code in blocks:
+        exec(compile(code, str(README), "exec"), {})
+    out = capsys.readouterr().out
+    assert "round latency" in out and "least feasible latency" in out
