@@ -4,6 +4,7 @@
 """
 
 from tsfa._version import __version__
+from tsfa.allocator import DensePolicy, FixedPolicy, OnlineAllocator
 from tsfa.bandwidth import BandwidthAllocation, BandwidthProblem, min_latency_bandwidth
 from tsfa.model import (
     LLAMA2_7B_CONFIG,
@@ -20,6 +21,7 @@ from tsfa.model import (
     rate_cap_bps,
     training_flops_per_sample,
 )
+from tsfa.online import Allocation, RoundProblem, allocate
 from tsfa.status import InfeasibleError, SolverError, Status
 
 __all__ = [
@@ -43,4 +45,10 @@ __all__ = [
     "BandwidthProblem",
     "BandwidthAllocation",
     "min_latency_bandwidth",
+    "RoundProblem",
+    "Allocation",
+    "allocate",
+    "OnlineAllocator",
+    "FixedPolicy",
+    "DensePolicy",
 ]
