@@ -29,7 +29,7 @@ def instance(k, seed=0, r=16):
     snr = cell.sample_snr_hz(cl, rng=rng)
     em = ErrorModel()
     prof = em.sample(r, em.client_scales(k, rng), rng)
-    return RoundProblem(minilm_l6_qv(r), snr, cl.compute_time_s(5e11), np.full(k, 1 / k), prof, 1.0, 1.0,
+    return RoundProblem(minilm_l6_qv(r), snr, cl.compute_time_s(5e11), np.full(k, 1 / k), prof, 1.0, 10.0,
                         cell.total_bandwidth_hz, 0.02, None, 1, True)
 
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -200,6 +200,155 @@ def _finish(
 
 
 # ---------------------------------------------------------------------------------------------
+# The LP relaxation (convex hull + greedy, exact) and reduced-cost fixing
+
+
+def _hull(W: np.ndarray, C: np.ndarray):
+    """Lower convex hull of each client's allowed items in the (weight, cost) plane.
+
+    Returns ``mask`` (hull vertices), ``prev`` (the previous vertex of each vertex, −1 for
+    the lightest) and the efficiencies −ΔC/ΔW of each non-base vertex (strictly
+    decreasing along each chain). Vertices that do not lower the cost are dropped.
+    """
+    K, J = W.shape
+    mask = np.isfinite(W)
+    idx = np.arange(J)
+    rows = np.arange(K)[:, None]
+    for _ in range(2 * J + 1):
+        last = np.maximum.accumulate(np.where(mask, idx, -1), axis=1)
+        prev = np.concatenate([np.full((K, 1), -1), last[:, :-1]], axis=1)
+        has = mask & (prev >= 0)
+        pj = np.where(has, prev, 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            dW = np.where(has, W - W[rows, pj], 1.0)
+            dC = np.where(has, C - C[rows, pj], 0.0)
+            eff = np.where(has, -dC / dW, np.nan)
+        useless = has & ~(eff > 0)
+        if useless.any():
+            mask &= ~useless
+            continue
+        # Convexity: a vertex whose successor is at least as efficient lies above the hull.
+        succ_eff = np.full((K, J), -np.inf)
+        kk, jj = np.nonzero(has)
+        succ_eff[kk, prev[kk, jj]] = eff[kk, jj]
+        above = mask & (prev >= 0) & (succ_eff >= eff)
+        if not above.any():
+            return mask, np.where(mask, prev, -1), np.where(has, eff, np.nan), dW, dC
+        mask &= ~above
+    raise RuntimeError("convex hull did not converge")  # pragma: no cover
+
+
+def mckp_greedy(W: np.ndarray, C: np.ndarray, budget: float, fill: int = 256, return_split: bool = False):
+    """MCKP LP relaxation (exact, one multiplier) and a greedy integer solution.
+
+    Returns (lp_value, choice, multiplier) or (inf, None, nan) if even the lightest items
+    do not fit. ``multiplier`` is the efficiency of the split item (the LP's λ; 0 if every
+    item fits). With ``return_split`` a fourth value is the split item (k, j), or None.
+    """
+    K = W.shape[0]
+    none = (math.inf, None, math.nan, None) if return_split else (math.inf, None, math.nan)
+    # The hull walks each group's items in order of weight: sort groups that are not (in the
+    # online stage they are, b^min grows with s, except for skipped and disallowed options).
+    perm = None
+    if W.shape[1] > 1 and np.any(W[:, 1:] < W[:, :-1]):
+        perm = np.argsort(W, axis=1, kind="stable")
+        W = np.take_along_axis(W, perm, axis=1)
+        C = np.take_along_axis(C, perm, axis=1)
+    mask, prev, eff, dW, dC = _hull(W, C)
+    if not mask.any(axis=1).all():
+        return none
+    base = np.argmax(mask, axis=1)
+    rows = np.arange(K)
+    left = budget - W[rows, base].sum()
+    base_cost = C[rows, base].sum()
+    if left < -1e-12 * budget:
+        return none
+    kk, jj = np.nonzero(mask & (prev >= 0))  # row-major: chain order within each client
+    e = eff[kk, jj]
+    order = np.argsort(-e, kind="stable")  # by efficiency, ties in (client, item) order
+    kk, jj, e = kk[order], jj[order], e[order]
+    w, c = dW[kk, jj], dC[kk, jj]
+    cum = np.cumsum(w)
+    n = int(np.searchsorted(cum, left, side="right"))
+    choice = base.copy()
+    if n:
+        np.maximum.at(choice, kk[:n], jj[:n])
+    lp = base_cost + c[:n].sum()
+    mult = 0.0
+    split = None
+    if n < len(w):
+        rem = left - (cum[n - 1] if n else 0.0)
+        lp += c[n] * rem / w[n]
+        mult = float(e[n])
+        split = (int(kk[n]), int(jj[n]))
+        # Integer fill: later increments that still fit, in order, keeping each chain intact.
+        stop = min(len(w), n + 1 + fill)
+        tail_min = np.minimum.accumulate(w[n + 1:stop][::-1])[::-1]
+        for i in range(n + 1, stop):
+            if tail_min[i - n - 1] > rem:
+                break
+            if w[i] <= rem and prev[kk[i], jj[i]] == choice[kk[i]]:
+                choice[kk[i]] = jj[i]
+                rem -= w[i]
+    if perm is not None:
+        choice = perm[rows, choice]
+        if split is not None:
+            split = (split[0], int(perm[split[0], split[1]]))
+    if return_split:
+        return float(lp), choice, mult, split
+    return float(lp), choice, mult
+
+
+def _maybe_reduce(inst: _Instance, reduce: bool, cutoff: float | None):
+    if cutoff is not None:
+        cutoff = as_scalar("cutoff", cutoff, allow_inf=True)
+        if not reduce:
+            raise ValueError(f"cutoff needs reduce=True; got cutoff = {cutoff!r} with reduce = False")
+    if not reduce:
+        return inst, None
+    Wr, start = reduce_mckp(inst.W, inst.C, inst.budget, cutoff=cutoff)
+    return replace(inst, W=Wr, allowed=np.isfinite(Wr)), start
+
+
+def _apply_cutoff(sol: KnapsackSolution, cutoff: float | None) -> KnapsackSolution:
+    """Above the cutoff the reduced model's optimum proves only that nothing beats the cutoff."""
+    if cutoff is None or sol.choice is None or sol.objective <= cutoff:
+        return sol
+    return replace(sol, lower_bound=min(sol.lower_bound, float(cutoff)),
+                   message=f"{sol.message}; no choice costs less than the cutoff {float(cutoff):.12g}")
+
+
+def reduce_mckp(W, C, budget, *, cutoff: float | None = None, rtol: float = 1e-9):
+    """Reduced-cost fixing: drop items that cannot be in any optimal choice.
+
+    With the LP multiplier λ and LP value LB, item (k, j) has reduced cost
+    rc[k, j] = (C + λW)[k, j] − min_j' (C + λW)[k, j'] ≥ 0, and every feasible choice x has
+    cost(x) ≥ LB + Σ_k rc[k, x_k]. With UB the cost of the greedy integer choice, an item with
+    rc > UB − LB can only be in choices costlier than UB, so it is dropped (W set to inf);
+    the greedy choice and every optimal choice survive. With ``cutoff`` < UB the threshold is
+    cutoff − LB: every choice cheaper than the cutoff survives, and the greedy choice is kept
+    so that one feasible choice remains. Returns (W_reduced, greedy_choice), or (W, None)
+    where the LP is infeasible.
+    """
+    W = np.asarray(W, dtype=float)
+    C = np.asarray(C, dtype=float)
+    lp, choice, lam = mckp_greedy(W, C, budget)
+    if choice is None or not math.isfinite(lp):
+        return W, None
+    rows = np.arange(W.shape[0])
+    ub = float(C[rows, choice].sum())
+    if cutoff is not None:
+        ub = min(ub, float(cutoff))
+    with np.errstate(invalid="ignore"):
+        red = np.where(np.isfinite(W), C + lam * W, np.inf)
+    rc = red - red.min(axis=1, keepdims=True)
+    slack = max(ub - lp, 0.0) + rtol * (abs(ub) + abs(lp) + abs(lam) * budget) + 1e-300
+    keep = np.isfinite(W) & (rc <= slack)
+    keep[rows, choice] = True
+    return np.where(keep, W, np.inf), choice
+
+
+# ---------------------------------------------------------------------------------------------
 # highspy
 
 
@@ -224,7 +373,10 @@ def _highs_status_table():
     }
 
 
-def solve_mckp_highspy(W, C, budget, *, time_limit_s: float = 60.0, mip_rel_gap: float = 0.0) -> KnapsackSolution:
+def solve_mckp_highspy(
+    W, C, budget, *, time_limit_s: float = 60.0, mip_rel_gap: float = 0.0, reduce: bool = True,
+    cutoff: float | None = None,
+) -> KnapsackSolution:
     """Solve the MCKP exactly with ``highspy.Highs`` (see the module docstring for the model).
 
     Args:
@@ -233,6 +385,11 @@ def solve_mckp_highspy(W, C, budget, *, time_limit_s: float = 60.0, mip_rel_gap:
         budget: total bandwidth, Hz (> 0).
         time_limit_s: HiGHS ``time_limit``, seconds (``inf`` for none).
         mip_rel_gap: HiGHS ``mip_rel_gap``; 0 (default) proves optimality.
+        reduce: drop items by reduced-cost fixing first (:func:`reduce_mckp`; exact) and give
+            HiGHS the greedy choice as its starting incumbent.
+        cutoff: only choices cheaper than this matter (requires ``reduce``): items that can only
+            be in costlier choices are dropped too. If the optimum exceeds the cutoff, the result
+            is a feasible choice with ``lower_bound = cutoff`` (a valid bound, below its cost).
 
     Returns:
         A :class:`KnapsackSolution`. Infeasible instances give ``Status.INFEASIBLE``; nothing raises
@@ -248,6 +405,7 @@ def solve_mckp_highspy(W, C, budget, *, time_limit_s: float = 60.0, mip_rel_gap:
 
     import highspy
 
+    inst, start = _maybe_reduce(inst, reduce, cutoff)
     K, J = inst.shape
     kk, jj = np.nonzero(inst.allowed)  # columns in row-major (k, j) order
     n = len(kk)
@@ -285,6 +443,10 @@ def solve_mckp_highspy(W, C, budget, *, time_limit_s: float = 60.0, mip_rel_gap:
             return _no_solution(Status.ERROR, f"HiGHS rejected option {name} = {value!r}", t0, backend, -math.inf)
     if h.passModel(lp) == highspy.HighsStatus.kError:
         return _no_solution(Status.ERROR, "HiGHS rejected the model (passModel)", t0, backend, -math.inf)
+    if start is not None:
+        sol = highspy.HighsSolution()
+        sol.col_value = (jj == start[kk]).astype(float).tolist()
+        h.setSolution(sol)
     run_status = h.run()
     model_status = h.getModelStatus()
     info = h.getInfo()
@@ -304,7 +466,7 @@ def solve_mckp_highspy(W, C, budget, *, time_limit_s: float = 60.0, mip_rel_gap:
 
     x = np.full((K, J), np.nan)
     x[kk, jj] = np.asarray(h.getSolution().col_value)
-    return _finish(inst, x, status, float(info.mip_dual_bound), message, t0, backend)
+    return _apply_cutoff(_finish(inst, x, status, float(info.mip_dual_bound), message, t0, backend), cutoff)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,6 +543,8 @@ def solve_mckp_pyomo(
     solver: str = "appsi_highs",
     time_limit_s: float = 60.0,
     mip_rel_gap: float = 0.0,
+    reduce: bool = True,
+    cutoff: float | None = None,
 ) -> KnapsackSolution:
     """Solve the MCKP with Pyomo: the model of :func:`build_mckp_pyomo` and a HiGHS interface.
 
@@ -388,7 +552,7 @@ def solve_mckp_pyomo(
         W, C, budget: as in :func:`solve_mckp_highspy`.
         solver: a name from :data:`PYOMO_MCKP_SOLVERS` for ``pyomo.environ.SolverFactory``:
             ``"appsi_highs"`` (pyomo.contrib.appsi) or ``"highs"`` (pyomo.contrib.solver).
-        time_limit_s, mip_rel_gap: as in :func:`solve_mckp_highspy`.
+        time_limit_s, mip_rel_gap, reduce, cutoff: as in :func:`solve_mckp_highspy` (no starting incumbent).
 
     Non-optimal terminations do not raise: results are requested with ``load_solutions=False``
     and a solution is loaded only when the solver returned one.
@@ -411,6 +575,7 @@ def solve_mckp_pyomo(
     opt = pe.SolverFactory(solver)
     if opt is None or not opt.available(exception_flag=False):
         return _no_solution(Status.ERROR, f"Pyomo solver {solver!r} is not available", t0, backend, -math.inf)
+    inst, _ = _maybe_reduce(inst, reduce, cutoff)
     m = _build_pyomo(inst)
     options = {
         "mip_rel_gap": mip_rel_gap,
@@ -448,4 +613,4 @@ def solve_mckp_pyomo(
         x[k, j] = np.nan if var.value is None else var.value
     lb = results.problem.lower_bound
     scaled_bound = float(lb) if lb is not None else -math.inf
-    return _finish(inst, x, status, scaled_bound, message, t0, backend)
+    return _apply_cutoff(_finish(inst, x, status, scaled_bound, message, t0, backend), cutoff)

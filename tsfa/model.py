@@ -292,14 +292,8 @@ def rate_cap_bps(snr_hz):
     return c if c.ndim else float(c)
 
 
-def _inverse_x(a: np.ndarray, max_iter: int = 60) -> tuple[np.ndarray, int]:
-    """Solve ln(1+x) = a·x for x > 0, elementwise, a ∈ (0, 1).
-
-    x = c/b is the SNR per Hz at which bandwidth b carries rate a·c/ln2. h(x) = ln(1+x) − a x
-    is concave, positive on (0, x*) and peaks at 1/a − 1 < x*; Newton started right of the
-    peak converges (after at most one step) monotonically from the right.
-    Returns x and the number of Newton steps taken.
-    """
+def _inverse_x_newton(a: np.ndarray, max_iter: int = 60) -> tuple[np.ndarray, int]:
+    """Newton from an asymptotic start (any a ∈ (0, 1)); see :func:`_inverse_x`."""
     la = -np.log(a)
     # W_{-1} asymptotics for small a: x ≈ (L + ln L)/a − 1 with L = a − ln a.
     big = la + a
@@ -311,9 +305,54 @@ def _inverse_x(a: np.ndarray, max_iter: int = 60) -> tuple[np.ndarray, int]:
         h = np.log1p(x) - a * x
         step = h / (inv - a)
         x = x - step
-        if np.all(np.abs(step) <= 1e-14 * x):
+        # Monotone from the right: stop at rounding level (a tolerance of 1e-14 can stall).
+        if np.all(np.abs(step) <= 4e-14 * x):
             break
     return x, it
+
+
+# A table of log x against logit(a) on a uniform grid starts Newton within ~1e-5 of the root,
+# so two steps reach rounding level (quadratic convergence); outside the grid, _inverse_x_newton.
+_TABLE_T0, _TABLE_T1, _TABLE_N = -40.0, 30.0, 14001
+_TABLE_H = (_TABLE_T1 - _TABLE_T0) / (_TABLE_N - 1)
+_TABLE_Z: np.ndarray | None = None
+
+
+def _table() -> np.ndarray:
+    global _TABLE_Z
+    if _TABLE_Z is None:
+        t = np.linspace(_TABLE_T0, _TABLE_T1, _TABLE_N)
+        x, _ = _inverse_x_newton(1.0 / (1.0 + np.exp(-t)))
+        _TABLE_Z = np.log(x)
+    return _TABLE_Z
+
+
+def _inverse_x(a: np.ndarray, max_iter: int = 60) -> tuple[np.ndarray, int]:
+    """Solve ln(1+x) = a·x for x > 0, elementwise, a ∈ (0, 1).
+
+    x = c/b is the SNR per Hz at which bandwidth b carries rate a·c/ln2. h(x) = ln(1+x) − a x
+    is concave, positive on (0, x*) and peaks at 1/a − 1 < x*; Newton started right of the
+    peak converges (after at most one step) monotonically from the right. The start comes
+    from a tabulated log x(logit a), interpolated linearly, then two Newton steps.
+    Returns x and the number of Newton steps taken.
+    """
+    a = np.asarray(a, dtype=float)
+    z = _table()
+    with np.errstate(divide="ignore"):
+        t = np.log(a) - np.log1p(-a)
+    inside = (t > _TABLE_T0) & (t < _TABLE_T1)
+    if not inside.all():
+        x, it = _inverse_x_newton(a, max_iter)
+        if inside.any():
+            x[inside], _ = _inverse_x(a[inside])
+        return x, it
+    u = (t - _TABLE_T0) / _TABLE_H
+    i = np.minimum(u.astype(np.intp), _TABLE_N - 2)
+    f = u - i
+    x = np.exp(z[i] + f * (z[i + 1] - z[i]))
+    for _ in range(2):
+        x = x - (np.log1p(x) - a * x) / (1.0 / (1.0 + x) - a)
+    return x, 2
 
 
 def bandwidth_for_rate(rate, snr_hz):

@@ -37,6 +37,7 @@ import numpy as np
 
 from tsfa._validate import as_array, as_scalar
 from tsfa.bandwidth import min_latency_bandwidth
+from tsfa.knapsack import mckp_greedy
 from tsfa.model import LN2, LoraShape, _inverse_x
 from tsfa.status import ResultMixin, Status
 
@@ -124,18 +125,43 @@ class RoundProblem:
 
     def item_weights(self, tau: float) -> np.ndarray:
         """W[k, s] = b^min_k(s, τ) in Hz; ``inf`` where not allowed or not feasible at τ."""
-        bits = self.shape.payload_bits(np.arange(self.shape.rank + 1)).astype(float)
-        slack = tau - self.downlink_s - self.compute_s
-        W = np.full((self.num_clients, len(bits)), np.inf)
+        return self._weights_and_slopes(tau)[0]
+
+    def _weights_and_slopes(self, tau: float) -> tuple[np.ndarray, np.ndarray]:
+        """(W, D): b^min_k(s, τ) and ∂b^min/∂τ (≤ 0; 0 where W is inf or 0).
+
+        b^min = c/x with ln(1+x) = a x, a = S ln2 / (c (τ − T)) (``tsfa.model``); implicit
+        differentiation gives ∂b/∂τ = b a / ((1/(1+x) − a)(τ − T)).
+        """
+        cache = self.__dict__.get("_cache")
+        if cache is None:
+            bits = self.shape.payload_bits(np.arange(self.shape.rank + 1)).astype(float)
+            usable = self.allowed_keep & (bits > 0)
+            cache = (bits[usable] * LN2, np.flatnonzero(usable), self.compute_s + self.downlink_s)
+            object.__setattr__(self, "_cache", cache)
+        scaled_bits, cols, t_fixed = cache
+        K, J = self.num_clients, self.shape.rank + 1
+        W = np.full((K, J), np.inf)
+        D = np.zeros((K, J))
+        slack = tau - t_fixed
         with np.errstate(divide="ignore", invalid="ignore"):
-            a = bits[None, :] * LN2 / (self.snr_hz[:, None] * slack[:, None])
-        ok = (slack[:, None] > 0) & (a < 1.0) & self.allowed_keep[None, :] & (bits[None, :] > 0)
+            a = scaled_bits[None, :] / (self.snr_hz * slack)[:, None]
+        ok = (slack[:, None] > 0) & (a < 1.0)
         if ok.any():
             x, _ = _inverse_x(a[ok])
-            W[ok] = self.snr_hz[:, None].repeat(len(bits), 1)[ok] / x
+            c = np.broadcast_to(self.snr_hz[:, None], a.shape)[ok]
+            s = np.broadcast_to(slack[:, None], a.shape)[ok]
+            b = c / x
+            Wu = np.full(a.shape, np.inf)
+            Du = np.zeros(a.shape)
+            Wu[ok] = b
+            Du[ok] = b * a[ok] / ((1.0 / (1.0 + x) - a[ok]) * s)
+            W[:, cols] = Wu
+            D[:, cols] = Du
         if self.allow_skip:
             W[:, 0] = 0.0
-        return W
+            D[:, 0] = 0.0
+        return W, D
 
 
 @dataclass(frozen=True, eq=False)
@@ -188,83 +214,8 @@ class Allocation(ResultMixin):
 # --------------------------------------------------------------------------------------
 
 
-def _hull(W: np.ndarray, C: np.ndarray):
-    """Lower convex hull of each client's allowed items in the (weight, cost) plane.
-
-    Returns ``mask`` (hull vertices), ``prev`` (the previous vertex of each vertex, −1 for
-    the lightest) and the efficiencies −ΔC/ΔW of each non-base vertex (strictly
-    decreasing along each chain). Vertices that do not lower the cost are dropped.
-    """
-    K, J = W.shape
-    mask = np.isfinite(W)
-    idx = np.arange(J)
-    rows = np.arange(K)[:, None]
-    for _ in range(2 * J + 1):
-        last = np.maximum.accumulate(np.where(mask, idx, -1), axis=1)
-        prev = np.concatenate([np.full((K, 1), -1), last[:, :-1]], axis=1)
-        has = mask & (prev >= 0)
-        pj = np.where(has, prev, 0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            dW = np.where(has, W - W[rows, pj], 1.0)
-            dC = np.where(has, C - C[rows, pj], 0.0)
-            eff = np.where(has, -dC / dW, np.nan)
-        useless = has & ~(eff > 0)
-        if useless.any():
-            mask &= ~useless
-            continue
-        # Convexity: a vertex whose successor is at least as efficient lies above the hull.
-        succ_eff = np.full((K, J), -np.inf)
-        kk, jj = np.nonzero(has)
-        succ_eff[kk, prev[kk, jj]] = eff[kk, jj]
-        above = mask & (prev >= 0) & (succ_eff >= eff)
-        if not above.any():
-            return mask, np.where(mask, prev, -1), np.where(has, eff, np.nan), dW, dC
-        mask &= ~above
-    raise RuntimeError("convex hull did not converge")  # pragma: no cover
-
-
-def _greedy(W: np.ndarray, C: np.ndarray, budget: float, fill: int = 256):
-    """MCKP LP relaxation (exact, one multiplier) and a greedy integer solution.
-
-    Returns (lp_value, choice, multiplier) or (inf, None, nan) if even the lightest items
-    do not fit. ``multiplier`` is the efficiency of the split item (the LP's λ).
-    """
-    K = W.shape[0]
-    mask, prev, eff, dW, dC = _hull(W, C)
-    if not mask.any(axis=1).all():
-        return math.inf, None, math.nan
-    base = np.argmax(mask, axis=1)
-    rows = np.arange(K)
-    left = budget - W[rows, base].sum()
-    base_cost = C[rows, base].sum()
-    if left < -1e-12 * budget:
-        return math.inf, None, math.nan
-    kk, jj = np.nonzero(mask & (prev >= 0))
-    e = eff[kk, jj]
-    order = np.lexsort((jj, kk, -e))  # by efficiency, ties in chain order
-    kk, jj, e = kk[order], jj[order], e[order]
-    w, c = dW[kk, jj], dC[kk, jj]
-    cum = np.cumsum(w)
-    n = int(np.searchsorted(cum, left, side="right"))
-    choice = base.copy()
-    if n:
-        np.maximum.at(choice, kk[:n], jj[:n])
-    lp = base_cost + c[:n].sum()
-    mult = 0.0
-    if n < len(w):
-        rem = left - (cum[n - 1] if n else 0.0)
-        lp += c[n] * rem / w[n]
-        mult = float(e[n])
-        # Integer fill: later increments that still fit, in order, keeping each chain intact.
-        for i in range(n + 1, min(len(w), n + 1 + fill)):
-            if w[i] <= rem and prev[kk[i], jj[i]] == choice[kk[i]]:
-                choice[kk[i]] = jj[i]
-                rem -= w[i]
-    return float(lp), choice, mult
-
-
 def _oracle_fast(W, C, budget):
-    lp, choice, _ = _greedy(W, C, budget)
+    lp, choice, _ = mckp_greedy(W, C, budget)
     return lp, choice
 
 
@@ -312,19 +263,19 @@ def _oracle_cvxpy(W, C, budget):
     return float(prob.value) * scale, choice
 
 
-def _oracle_milp(W, C, budget):
+def _oracle_milp(W, C, budget, cutoff=None):
     from tsfa.knapsack import solve_mckp_highspy
 
-    sol = solve_mckp_highspy(W, C, budget)
+    sol = solve_mckp_highspy(W, C, budget, cutoff=cutoff)
     if sol.status is Status.INFEASIBLE:
         return math.inf, None
     return sol.lower_bound, sol.choice
 
 
-def _oracle_pyomo(W, C, budget):
+def _oracle_pyomo(W, C, budget, cutoff=None):
     from tsfa.knapsack import solve_mckp_pyomo
 
-    sol = solve_mckp_pyomo(W, C, budget)
+    sol = solve_mckp_pyomo(W, C, budget, cutoff=cutoff)
     if sol.status is Status.INFEASIBLE:
         return math.inf, None
     return sol.lower_bound, sol.choice
@@ -359,11 +310,220 @@ def _polish(problem: RoundProblem, keep: np.ndarray):
     return res
 
 
+#: Backends whose oracle solves the discrete knapsack exactly (the τ search then certifies the
+#: discrete optimum; the others certify the relaxation and report the integer gap).
+EXACT_BACKENDS = ("milp", "pyomo")
+
+
+@dataclass
+class _Point:
+    """What the τ search knows at one evaluated τ."""
+
+    tau: float
+    lp: float  # LP-relaxation value (inf: nothing fits)
+    lam: float  # its multiplier (bandwidth price), ≥ 0
+    W: np.ndarray | None  # b^min at tau
+    D: np.ndarray | None  # ∂b^min/∂τ at tau (≤ 0)
+    exact: float = -math.inf  # exact discrete value (or a lower bound on it), if computed
+    resolved_from: float = math.inf  # [resolved_from, tau] is certified by a polished exact choice
+
+
+class _Search:
+    """Interval branch-and-bound over τ with first-order (tangent) Lagrangian bounds.
+
+    For an interval [a, b] and an evaluated point r ≥ b with LP multiplier λ_r, every
+    (τ, s) with τ ∈ [a, b] satisfies, because b^min is convex and decreasing in τ,
+
+        Q τ + Σ C ≥ Q τ + Σ_k min_s [C_ks + λ_r (W_ks(r) + D_ks(r)(τ − r))] − λ_r B =: φ_r(τ),
+
+    and φ_r is concave in τ (a minimum of affine functions), so min over [a, b] is
+    min(φ_r(a), φ_r(b)). Together with the zeroth-order bound Q a + KP(r) this is the
+    interval's lower bound. Its error is second order in the interval width.
+    """
+
+    def __init__(self, p: RoundProblem, oracle, exact: bool, lazy: bool):
+        self.p, self.oracle, self.exact, self.lazy = p, oracle, exact, lazy
+        self.C = p.item_costs()
+        self.Q = p.queue
+        self.K = p.num_clients
+        self.points: dict[float, _Point] = {}
+        self.best_obj, self.best_keep, self.best_alloc = math.inf, None, None
+        self.cands: dict[bytes, tuple[float, np.ndarray]] = {}  # unpolished: key → (upper bound, keep)
+        self.polished: set[bytes] = set()
+        self.evals = 0
+        self.relaxed_best = math.inf
+        self.heap: list = []
+
+    # -- incumbents -------------------------------------------------------------------
+    def upper(self) -> float:
+        ub = min((u for u, _ in self.cands.values()), default=math.inf)
+        return min(self.best_obj, ub)
+
+    def add_candidate(self, keep: np.ndarray, tau_fit: float):
+        key = keep.astype(np.int8).tobytes()
+        if key in self.polished:
+            return
+        cost = float(self.C[np.arange(self.K), keep].sum())
+        ub = cost + self.Q * tau_fit
+        if self.lazy:
+            old = self.cands.get(key)
+            if old is None or ub < old[0]:
+                self.cands[key] = (ub, keep.copy())
+        else:
+            self.polish(keep)
+
+    def polish(self, keep: np.ndarray):
+        key = keep.astype(np.int8).tobytes()
+        self.cands.pop(key, None)
+        if key in self.polished:
+            return None
+        self.polished.add(key)
+        res = _polish(self.p, keep)
+        if not res.success:
+            return None
+        obj = float(self.C[np.arange(self.K), keep].sum()) + self.Q * res.latency_s
+        if obj < self.best_obj:
+            self.best_obj, self.best_keep, self.best_alloc = obj, keep.copy(), res
+        return res
+
+    def polish_candidates(self, n: int):
+        for _, keep in sorted(self.cands.values(), key=lambda c: c[0])[:n]:
+            self.polish(keep)
+
+    # -- evaluation ---------------------------------------------------------------------
+    def evaluate(self, tau: float) -> _Point:
+        if tau in self.points:
+            return self.points[tau]
+        self.evals += 1
+        W, D = self.p._weights_and_slopes(tau)
+        lp, choice, lam, split = mckp_greedy(W, self.C, self.p.total_bandwidth_hz, return_split=True)
+        if self.oracle is not None and not self.exact:  # another relaxation solver (cvxpy)
+            lp, choice = self.oracle(W, self.C, self.p.total_bandwidth_hz)
+            split = None
+        pt = _Point(tau, float(lp), float(lam) if math.isfinite(lam) else 0.0, W, D)
+        self.points[tau] = pt
+        self.relaxed_best = min(self.relaxed_best, self.Q * tau + pt.lp)
+        if choice is not None:
+            choice = np.asarray(choice, dtype=np.int64)
+            self.add_candidate(choice, tau)
+            if split is not None:  # round the split item up: it fits at a slightly larger τ
+                up = choice.copy()
+                up[split[0]] = split[1]
+                self.add_candidate(up, math.inf)
+        return pt
+
+    def evaluate_exact(self, pt: _Point, a: float):
+        """Exact knapsack at pt.tau; only choices that could beat the incumbent on [a, τ] matter."""
+        self.evals += 1
+        cutoff = self.upper() - self.Q * a
+        bound, choice = self.oracle(pt.W, self.C, self.p.total_bandwidth_hz, cutoff=cutoff)
+        pt.exact = max(pt.exact, float(bound))
+        if choice is not None:
+            choice = np.asarray(choice, dtype=np.int64)
+            cost = float(self.C[np.arange(self.K), choice].sum())
+            res = self.polish(choice)
+            if res is None:  # already polished: find its latency again
+                res = _polish(self.p, choice)
+            if res.success and cost <= pt.exact + 1e-12 * max(abs(cost), 1.0):
+                pt.resolved_from = min(pt.resolved_from, res.latency_s)
+
+    # -- bounds -------------------------------------------------------------------------
+    def value_at_ref(self, pt: _Point) -> float:
+        return max(pt.lp, pt.exact)
+
+    def tangent(self, pt: _Point, tau: float) -> float:
+        if not math.isfinite(pt.lp):
+            return math.inf
+        with np.errstate(invalid="ignore"):
+            if pt.lam == 0.0:
+                M = np.where(np.isfinite(pt.W), self.C, np.inf)
+            else:
+                M = self.C + pt.lam * (pt.W + pt.D * (tau - pt.tau))
+            val = float(np.nan_to_num(M, nan=np.inf).min(axis=1).sum()) - pt.lam * self.p.total_bandwidth_hz
+        return self.Q * tau + val
+
+    def forward_tangent(self, left: _Point, ref: _Point, tau: float) -> float:
+        """The bound from the left end's data, valid for τ ∈ [left, ref]: tangents at left
+        for items that fit there, W(ref) (b^min decreases in τ) for those that do not."""
+        if not math.isfinite(left.lp):
+            return -math.inf
+        with np.errstate(invalid="ignore"):
+            Wlb = np.where(np.isfinite(left.W), left.W + left.D * (tau - left.tau), ref.W)
+            M = np.where(np.isfinite(Wlb), self.C + left.lam * Wlb, np.inf)
+        val = float(M.min(axis=1).sum()) - left.lam * self.p.total_bandwidth_hz
+        return self.Q * tau + val
+
+    def bound(self, a: float, b: float, pt: _Point, left: _Point | None = None) -> float:
+        g = self.value_at_ref(pt)
+        if not math.isfinite(g):
+            return math.inf
+        lb = max(self.Q * a + g, min(self.tangent(pt, a), self.tangent(pt, b)))
+        if left is not None and left.tau <= a:
+            lb = max(lb, min(self.forward_tangent(left, pt, a), self.forward_tangent(left, pt, b)))
+        return lb
+
+    def push(self, a: float, b: float, pt: _Point, left: _Point | None = None):
+        lt = None if left is None else left.tau
+        heapq.heappush(self.heap, (self.bound(a, b, pt, left), a, b, pt.tau, lt))
+
+    def target(self, rel_tol: float, tol_abs: float) -> float:
+        inc = self.upper()
+        level = inc if self.exact else min(inc, self.relaxed_best)
+        return level - rel_tol * abs(inc) - tol_abs
+
+    def shrink(self, a: float, b: float, pt: _Point, target: float) -> float:
+        """Largest b' ≤ b such that [b', b] is certified ≥ target by the data at pt."""
+        if self.exact and pt.resolved_from <= b:
+            b = max(a, pt.resolved_from)
+        if self.Q > 0:
+            b = min(b, max(a, (target - self.value_at_ref(pt)) / self.Q))
+        return b
+
+    def run(self, points, rel_tol, max_evaluations, tol_abs):
+        pts = [self.evaluate(t) for t in points]
+        for lo, hi in zip(pts[:-1], pts[1:], strict=True):
+            self.push(lo.tau, hi.tau, hi, lo)
+        phase_exact = False
+        while self.heap and self.evals < max_evaluations:
+            target = self.target(rel_tol if (phase_exact or not self.exact) else 1e-4, tol_abs)
+            lb, a, b, ref, lt = self.heap[0]
+            if lb >= target:
+                if self.exact and not phase_exact:
+                    phase_exact = True
+                    self.polish_candidates(3)
+                    continue
+                break
+            heapq.heappop(self.heap)
+            pt = self.points[ref]
+            left = None if lt is None else self.points[lt]
+            if phase_exact and pt.exact == -math.inf:
+                self.evaluate_exact(pt, a)
+                self.push(a, b, pt, left)
+                continue
+            b2 = self.shrink(a, b, pt, target)
+            if b2 < b - 1e-15 * b:
+                self.push(a, b2, pt, left)
+                continue
+            if b - a <= 1e-12 * max(b, 1e-300):
+                heapq.heappush(self.heap, (lb, a, b, ref, lt))
+                break
+            # Geometric midpoint on wide intervals (τ spans orders of magnitude), else arithmetic.
+            m = math.sqrt(a * b) if a > 0 and b > 4 * a else 0.5 * (a + b)
+            mp = self.evaluate(m)
+            if phase_exact:
+                self.evaluate_exact(mp, a)
+            self.push(a, m, mp, left)
+            if m < b:
+                self.push(m, b, pt, mp)
+        self.polish_candidates(3)
+        return min((self.heap[0][0],) if self.heap else (math.inf,))
+
+
 def allocate(
     problem: RoundProblem,
     *,
     backend: str | Callable = "fast",
-    max_evaluations: int = 40,
+    max_evaluations: int = 60,
     rel_tol: float | None = None,
     tau_hint: float | None = None,
 ) -> Allocation:
@@ -374,11 +534,12 @@ def allocate(
         backend: "fast" (greedy LP relaxation + greedy integer; exact relaxation bound),
             "cvxpy" (the LP relaxation as a DPP program, rounded down), "milp" (exact MCKP
             per τ by HiGHS through highspy) or "pyomo" (the same MILP in Pyomo, HiGHS), or a
-            callable ``oracle(W, C, budget) -> (lower_bound, choice | None)``.
+            callable ``oracle(W, C, budget) -> (lower_bound, choice | None)`` that solves the
+            knapsack at fixed τ exactly (it may ignore a ``cutoff`` keyword).
         max_evaluations: knapsacks solved in the τ search, at most.
         rel_tol: stop when the certified lower bound is within this relative distance of
-            the incumbent; default 1e-3 for the relaxation bounds ("fast", "cvxpy"), whose
-            integrality gap never closes, and 1e-6 for the exact MILP backends.
+            the incumbent (the best relaxation value for "fast" and "cvxpy", whose integrality
+            gap is then reported, not searched); default 1e-3 for those and 1e-6 for exact ones.
         tau_hint: a τ to evaluate first (e.g. the previous round's), seconds.
 
     Returns:
@@ -386,15 +547,19 @@ def allocate(
         ``max_latency_s`` even with every client at ``min_keep``.
     """
     if callable(backend):
-        oracle, name = backend, getattr(backend, "__name__", "custom")
+        oracle, name, exact = _callable_oracle(backend), getattr(backend, "__name__", "custom"), True
     elif backend in ALLOCATION_BACKENDS:
-        oracle, name = ALLOCATION_BACKENDS[backend], backend
+        name = backend
+        exact = name in EXACT_BACKENDS
+        oracle = None if name == "fast" else ALLOCATION_BACKENDS[name]
     else:
         raise ValueError(f"backend must be one of {sorted(ALLOCATION_BACKENDS)} or a callable; got {backend!r}")
     max_evaluations = as_scalar("max_evaluations", max_evaluations, lower=2, integer=True)
     if rel_tol is None:
-        rel_tol = 1e-6 if name in ("milp", "pyomo") else 1e-3
+        rel_tol = 1e-6 if exact else 1e-3
     rel_tol = as_scalar("rel_tol", rel_tol, lower=0)
+    if tau_hint is not None:
+        tau_hint = as_scalar("tau_hint", tau_hint, lower=0)
     t0 = time.perf_counter()
     p = problem
     K, r = p.num_clients, p.shape.rank
@@ -416,67 +581,36 @@ def allocate(
     tau_hi = dense.latency_s if p.max_latency_s is None else min(dense.latency_s, p.max_latency_s)
     tau_hi = max(tau_hi, tau_lo)
 
-    evaluated: dict[float, float] = {}
-    best = {"obj": math.inf, "keep": None, "alloc": None}
-    seen: set[bytes] = set()
-
-    def consider(keep):
-        key = keep.astype(np.int8).tobytes()
-        if key in seen:
-            return
-        seen.add(key)
-        cost = float(C[np.arange(K), keep].sum())
-        if cost + Q * tau_lo >= best["obj"]:
-            return  # cannot beat the incumbent whatever its latency
-        res = _polish(p, keep)
-        if not res.success:
-            return
-        obj = cost + Q * res.latency_s
-        if obj < best["obj"]:
-            best.update(obj=obj, keep=keep.copy(), alloc=res)
-
-    def evaluate(tau):
-        if tau not in evaluated:
-            bound, keep = oracle(p.item_weights(tau), C, p.total_bandwidth_hz)
-            evaluated[tau] = float(bound)
-            if keep is not None:
-                consider(np.asarray(keep, dtype=np.int64))
-        return evaluated[tau]
-
-    consider(np.full(K, r))  # dense, if it fits
-    points = np.linspace(tau_lo, tau_hi, 5).tolist()
+    search = _Search(p, oracle, exact, lazy=not exact)
+    if dense.success:
+        search.polish(np.full(K, r))
+    points = {tau_lo, tau_hi}
     if tau_hint is not None and tau_lo < tau_hint < tau_hi:
-        points.append(float(tau_hint))
-    points = sorted(set(points))
-    for tau in points:
-        evaluate(tau)
-    heap = []
-    for a, b in zip(points[:-1], points[1:], strict=True):
-        heapq.heappush(heap, (Q * a + evaluated[b], a, b))
-    # Beyond tau_hi the cost cannot fall below every client's cheapest item.
-    allowed_cost = np.where(p.allowed_keep[None, :], C, np.inf)
-    beyond = Q * tau_hi + float(allowed_cost.min(axis=1).sum())
-    if p.max_latency_s is not None and tau_hi >= p.max_latency_s:
-        beyond = math.inf
-    point_lb = Q * tau_hi + evaluated[tau_hi] if len(points) == 1 else math.inf
+        points.add(float(tau_hint))
     tol_abs = 1e-12 * (float(C.max(axis=1).sum()) + Q * tau_hi)
-    while heap and len(evaluated) < max_evaluations:
-        lb, a, b = heap[0]
-        if lb >= best["obj"] - rel_tol * abs(best["obj"]) - tol_abs:
-            break
-        heapq.heappop(heap)
-        if b - a <= 1e-12 * b:
-            heapq.heappush(heap, (lb, a, b))
-            break
-        m = 0.5 * (a + b)
-        evaluate(m)
-        heapq.heappush(heap, (Q * a + evaluated[m], a, m))
-        heapq.heappush(heap, (Q * m + evaluated[b], m, b))
-    lower = min([heap[0][0]] if heap else [math.inf])
-    lower = min(lower, beyond, point_lb)
-    if best["alloc"] is None:  # no discrete choice fitted (cannot happen once tau_lo is feasible)
+    lower = search.run(sorted(points), rel_tol, max_evaluations, tol_abs)
+    # Beyond tau_hi the cost cannot fall below every client's cheapest item.
+    if p.max_latency_s is None or tau_hi < p.max_latency_s:
+        allowed_cost = np.where(p.allowed_keep[None, :], C, np.inf)
+        lower = min(lower, Q * tau_hi + float(allowed_cost.min(axis=1).sum()))
+    if search.best_alloc is None:  # no discrete choice fitted (cannot happen once tau_lo is feasible)
         return _infeasible(p, "no discrete allocation found in the τ search", name, t0)
-    return _assemble(p, best["keep"], best["alloc"], min(lower, best["obj"]), name, t0, len(evaluated))
+    return _assemble(p, search.best_keep, search.best_alloc, min(lower, search.best_obj), name, t0, search.evals)
+
+
+def _callable_oracle(fn):
+    import inspect
+
+    try:
+        takes_cutoff = "cutoff" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        takes_cutoff = False
+
+    def oracle(W, C, budget, cutoff=None):
+        out = fn(W, C, budget, cutoff=cutoff) if takes_cutoff else fn(W, C, budget)
+        return out[0], out[1]
+
+    return oracle
 
 
 def _assemble(p: RoundProblem, keep, bw, lower, name, t0, evals) -> Allocation:

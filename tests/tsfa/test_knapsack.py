@@ -315,3 +315,33 @@ def test_import_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+@settings(max_examples=40)
+@given(small_instances(), st.floats(0.0, 2.0))
+def test_reduction_and_cutoff_are_exact(inst, frac):
+    """Reduced-cost fixing never changes the optimum; a cutoff below it gives lower_bound = cutoff."""
+    from tsfa.knapsack import reduce_mckp
+
+    W, C, budget = inst
+    best = brute_force(W, C, budget)
+    if best is None:
+        return
+    Wr, start = reduce_mckp(W, C, budget)
+    assert brute_force(Wr, C, budget) == pytest.approx(best, rel=1e-12, abs=1e-12)
+    assert start is not None
+    full = solve_mckp_highspy(W, C, budget, reduce=False)
+    assert full.objective == pytest.approx(best, rel=1e-9, abs=1e-12)
+    lo_cost = float(np.where(np.isfinite(W), C, np.inf).min(axis=1).sum())
+    cutoff = lo_cost + frac * (best - lo_cost) if frac < 1 else best + (frac - 1) * (abs(best) + 1)
+    for solve in (solve_mckp_highspy, solve_mckp_pyomo):
+        sol = solve(W, C, budget, cutoff=cutoff)
+        if best <= cutoff:
+            assert sol.objective == pytest.approx(best, rel=1e-9, abs=1e-12)
+        else:
+            assert sol.lower_bound <= best + 1e-12 and sol.lower_bound == pytest.approx(cutoff)
+
+
+def test_cutoff_needs_reduce():
+    with pytest.raises(ValueError, match="cutoff"):
+        solve_mckp_highspy(np.ones((2, 2)), np.ones((2, 2)), 3.0, reduce=False, cutoff=1.0)
