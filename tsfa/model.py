@@ -77,8 +77,8 @@ class ModuleShape:
             object.__setattr__(self, arg, int(v))
 
 
-# The 16-byte header of the SOFT wire format: magic, version, rank, module count, keep
-# count, dtype code, round number (see docs/model.md).
+# The 16-byte header of the SOFT wire format (soft.wire): magic, version, dtype code, rank,
+# module count, keep count, shape tag, CRC-32 (see docs/model.md).
 DEFAULT_HEADER_BITS = 128
 
 
@@ -94,8 +94,9 @@ class LoraShape:
 
     One rank index across all modules costs ``values_per_component`` = Σ_ℓ (m_ℓ + n_ℓ)
     values. A client keeping s ≥ 1 components per module uploads
-    ``s·M·q + L·r + H`` bits (values, an r-bit mask per module, header); s = 0 means
-    "not scheduled" and costs 0 bits.
+    ``s·M·q + L·r + H`` bits (values, an r-bit mask per module packed into whole bytes,
+    header); s = 0 means "not scheduled" and costs 0 bits. ``soft.RankSparseUpdate.encode``
+    produces exactly this many bits.
     """
 
     modules: tuple[ModuleShape, ...]
@@ -142,8 +143,8 @@ class LoraShape:
 
     @property
     def mask_bits(self) -> int:
-        """L·r: one r-bit component mask per module."""
-        return self.num_modules * self.rank
+        """L·r rounded up to whole bytes: one r-bit component mask per module, packed."""
+        return 8 * -(-(self.num_modules * self.rank) // 8)
 
     # -- payloads ------------------------------------------------------------------------
     def payload_bits(self, keep):

@@ -1,0 +1,81 @@
+"""Rank-component importances and error profiles from vectors alone (SPEC §3).
+
+Component i of a module changes the product by D_i = b'_i a'_iᵀ − b_i a_iᵀ, and
+
+    ‖u vᵀ − x yᵀ‖²_F = ‖u‖²‖v‖² + ‖x‖²‖y‖² − 2 (u·x)(v·y),
+
+so its norm costs O(m + n): no m×n matrix, no SVD. The error profile e(s) is the energy
+of the components dropped when each module keeps its s most important ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from soft.factors import Factors, _gram_trace, check_pair, check_same_layout
+
+__all__ = ["component_importance", "error_profile", "select_top", "dropped_error", "update_energy"]
+
+
+def component_importance(A_old, B_old, A_new, B_new) -> torch.Tensor:
+    """‖b'_i a'_iᵀ − b_i a_iᵀ‖_F for i = 0..r−1 (float64 tensor of length r)."""
+    check_pair(A_old, B_old, "old")
+    check_pair(A_new, B_new, "new")
+    if A_old.shape != A_new.shape or B_old.shape != B_new.shape:
+        raise ValueError(
+            f"old and new factors must have the same shapes; got A {tuple(A_old.shape)} vs {tuple(A_new.shape)}, "
+            f"B {tuple(B_old.shape)} vs {tuple(B_new.shape)}"
+        )
+    a0, b0 = A_old.detach().double(), B_old.detach().double()
+    a1, b1 = A_new.detach().double(), B_new.detach().double()
+    sq = (
+        (b1 * b1).sum(0) * (a1 * a1).sum(1)
+        + (b0 * b0).sum(0) * (a0 * a0).sum(1)
+        - 2.0 * (b1 * b0).sum(0) * (a1 * a0).sum(1)
+    )
+    return sq.clamp_min(0.0).sqrt()
+
+
+def select_top(importance: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices of the ``keep`` largest importances, ascending (ties: lower index first)."""
+    order = torch.sort(importance, descending=True, stable=True).indices
+    return torch.sort(order[:keep]).values
+
+
+def error_profile(old: Factors, new: Factors) -> np.ndarray:
+    """e(s), s = 0..r: Σ over modules of ‖D_i‖² over the components dropped at keep s.
+
+    Each module ranks its own components; e(0) is the whole update's component energy
+    Σ ‖D_i‖² and e(r) = 0. e is non-increasing and convex in s (sorted squares).
+    """
+    r = check_same_layout(old, new)
+    e = np.zeros(r + 1)
+    for name in old:
+        imp = component_importance(*old[name], *new[name]) ** 2
+        sq = torch.sort(imp, descending=True).values.numpy()
+        tail = np.concatenate([np.cumsum(sq[::-1])[::-1], [0.0]])
+        e += tail
+    return e
+
+
+def dropped_error(A_old, B_old, A_new, B_new, kept: torch.Tensor) -> float:
+    """Exact ‖D − Σ_{i kept} D_i‖²_F = ‖Σ_{i dropped} D_i‖²_F through r×r-sized Grams.
+
+    Equals Σ_dropped ‖D_i‖² (the error profile) when the D_i are mutually orthogonal.
+    """
+    r = A_old.shape[0]
+    mask = torch.ones(r, dtype=torch.bool)
+    mask[kept] = False
+    if not mask.any():
+        return 0.0
+    P = torch.cat([B_new[:, mask], B_old[:, mask]], dim=1).double()
+    Q = torch.cat([A_new[mask], -A_old[mask]], dim=0).double().transpose(0, 1)
+    return _gram_trace(P, Q)
+
+
+def update_energy(A_old, B_old, A_new, B_new) -> float:
+    """‖B'A' − BA‖²_F without forming it."""
+    P = torch.cat([B_new, B_old], dim=1).double()
+    Q = torch.cat([A_new, -A_old], dim=0).double().transpose(0, 1)
+    return _gram_trace(P, Q)
