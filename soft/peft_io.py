@@ -8,9 +8,11 @@ the module's name without peft's ``base_model.model.`` prefix (the names
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
-from soft.factors import Factors, check_factors
+from soft.factors import Factors
 
 __all__ = ["read_lora", "write_lora"]
 
@@ -31,17 +33,34 @@ def read_lora(model: torch.nn.Module, adapter: str = "default") -> dict[str, tup
 
 
 def write_lora(model: torch.nn.Module, factors: Factors, adapter: str = "default") -> None:
-    """Copy ``factors`` into the model's LoRA parameters (same names and shapes required)."""
-    check_factors(factors)
+    """Copy ``factors`` into the model's LoRA parameters, in place, under ``torch.no_grad()``.
+
+    ``factors`` must name exactly the model's LoRA modules with the same shapes; values may be
+    tensors or arrays (converted to the parameter's dtype and device). Everything is checked
+    before anything is copied, so a bad entry leaves the model unchanged.
+    """
+    import numpy as np
+
     live = read_lora(model, adapter)
-    if list(live) != list(factors):
-        missing = sorted(set(live) ^ set(factors))
-        raise ValueError(f"factor names do not match the model's LoRA modules; differing: {missing[:4]}")
+    if not isinstance(factors, Mapping):
+        raise ValueError(f"factors must be a mapping name -> (A, B); got {type(factors).__name__}")
+    missing, unknown = sorted(set(live) - set(factors)), sorted(set(factors) - set(live))
+    if missing or unknown:
+        raise ValueError(f"factors must name exactly the model's LoRA modules; missing {len(missing)} "
+                         f"(e.g. {missing[:2]}), unknown {len(unknown)} (e.g. {unknown[:2]})")
+    staged = []
+    for name, (a_live, b_live) in live.items():
+        pair = factors[name]
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"factors[{name!r}] must be a pair (A, B)")
+        for which, new, old in (("A", pair[0], a_live), ("B", pair[1], b_live)):
+            t = new.detach() if isinstance(new, torch.Tensor) else torch.tensor(np.asarray(new))
+            if tuple(t.shape) != tuple(old.shape):
+                raise ValueError(f"shape mismatch in {name!r}: {which} is {tuple(t.shape)}, "
+                                 f"the model's is {tuple(old.shape)}")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{which} of {name!r} has non-finite entries (NaN or inf)")
+            staged.append((old, t))
     with torch.no_grad():
-        for name, (A, B) in factors.items():
-            la, lb = live[name]
-            if la.shape != A.shape or lb.shape != B.shape:
-                raise ValueError(f"shape mismatch in {name!r}: model A {tuple(la.shape)}, B {tuple(lb.shape)}; "
-                                 f"given A {tuple(A.shape)}, B {tuple(B.shape)}")
-            la.copy_(A)
-            lb.copy_(B)
+        for old, t in staged:
+            old.copy_(t.to(dtype=old.dtype, device=old.device))
