@@ -43,20 +43,27 @@ def select_top(importance: torch.Tensor, keep: int) -> torch.Tensor:
     return torch.sort(order[:keep]).values
 
 
-def error_profile(old: Factors, new: Factors) -> np.ndarray:
-    """e(s), s = 0..r: Σ over modules of ‖D_i‖² over the components dropped at keep s.
+def error_profile(old: Factors, new: Factors, scope: str = "module") -> np.ndarray:
+    """e(s), s = 0..r: Σ ‖D_i‖² over the components dropped at keep s.
 
-    Each module ranks its own components; e(0) is the whole update's component energy
-    Σ ‖D_i‖² and e(r) = 0. e is non-increasing and convex in s (sorted squares).
+    ``scope="module"``: each module ranks its own components (SPEC §3); ``"global"``: the
+    keep·L largest over all modules are kept (as :func:`soft.sparsify` with that scope).
+    e(0) is the whole update's component energy Σ ‖D_i‖², e(r) = 0, and e is
+    non-increasing and convex in s (sums of sorted squares).
     """
     r = check_same_layout(old, new)
-    e = np.zeros(r + 1)
-    for name in old:
-        imp = component_importance(*old[name], *new[name]) ** 2
-        sq = torch.sort(imp, descending=True).values.numpy()
-        tail = np.concatenate([np.cumsum(sq[::-1])[::-1], [0.0]])
-        e += tail
-    return e
+    sqs = [(component_importance(*old[n], *new[n]) ** 2).numpy() for n in old]
+    if scope == "module":
+        e = np.zeros(r + 1)
+        for sq in sqs:
+            sq = np.sort(sq)[::-1]
+            e += np.concatenate([np.cumsum(sq[::-1])[::-1], [0.0]])
+        return e
+    if scope != "global":
+        raise ValueError(f"scope must be 'module' or 'global'; got scope = {scope!r}")
+    flat = np.sort(np.concatenate(sqs))[::-1]
+    tail = np.concatenate([np.cumsum(flat[::-1])[::-1], [0.0]])
+    return tail[np.arange(r + 1) * len(sqs)]
 
 
 def dropped_error(A_old, B_old, A_new, B_new, kept: torch.Tensor) -> float:

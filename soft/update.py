@@ -129,29 +129,51 @@ def _check_dtype(dtype) -> torch.dtype:
 
 def updates_from_indices(old: Factors, new: Factors, indices: Sequence[torch.Tensor], keep: int,
                          dtype=torch.float32, header_bits: int | None = None) -> RankSparseUpdate:
-    """The update that sends the given component indices of every module (any selector)."""
+    """The update that sends the given component indices of every module (any selector).
+
+    Every module sends ``keep`` indices, or (global scope) the counts may differ between
+    modules of equal size m + n as long as they total keep · L, so the payload is unchanged.
+    """
     shape = shape_of(old, bits_per_value=_DTYPES[_CODES[_check_dtype(dtype)]][2], header_bits=header_bits)
+    counts = [len(i) for i in indices]
+    if any(c != keep for c in counts) and sum(counts) != keep * len(counts):
+        raise ValueError(f"the modules must send keep = {keep} indices each (or keep·L = {keep * len(counts)} "
+                         f"in total); got {counts}")
     dbs, das, idxs = [], [], []
     for (A0, B0), (A1, B1), idx in zip(old.values(), new.values(), indices, strict=True):
-        idx = torch.as_tensor(idx, dtype=torch.int64)
-        if len(idx) != keep:
-            raise ValueError(f"every module must send keep = {keep} indices; got {len(idx)}")
+        idx = torch.sort(torch.as_tensor(idx, dtype=torch.int64)).values
         idxs.append(idx)
         dbs.append((B1[:, idx].detach() - B0[:, idx].detach()).to(dtype))
         das.append((A1[idx].detach() - A0[idx].detach()).to(dtype))
     return RankSparseUpdate(shape, keep, tuple(idxs), tuple(dbs), tuple(das), dtype)
 
 
-def sparsify(old: Factors, new: Factors, keep: int, *, dtype=torch.float32,
+def sparsify(old: Factors, new: Factors, keep: int, *, dtype=torch.float32, scope: str = "module",
              header_bits: int | None = None) -> RankSparseUpdate:
-    """SOFT: per module, the ``keep`` components with the largest ‖b'_i a'_iᵀ − b_i a_iᵀ‖.
+    """SOFT: keep the components with the largest ‖D_i‖ = ‖b'_i a'_iᵀ − b_i a_iᵀ‖.
 
     ``old`` are the factors the client received, ``new`` its locally trained ones (same
     modules, same order). Only vector norms and dot products are computed.
+
+    ``scope="module"`` (SPEC §3): ``keep`` components in every module. ``scope="global"``:
+    the keep · L largest components over all modules, so modules whose update is larger get
+    more of the same payload; needs every module to have the same size m + n (then the
+    payload is exactly ``LoraShape.payload_bits(keep)`` either way).
     """
     r = check_same_layout(old, new)
     keep = _check_keep(keep, r)
-    indices = [select_top(component_importance(*old[n], *new[n]), keep) for n in old]
+    imps = [component_importance(*old[n], *new[n]) for n in old]
+    if scope == "module":
+        indices = [select_top(imp, keep) for imp in imps]
+    elif scope == "global":
+        sizes = {int(A.shape[1] + B.shape[0]) for A, B in old.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"scope='global' needs modules of equal size m + n; got sizes {sorted(sizes)}")
+        flat = torch.cat(imps)
+        top = torch.sort(torch.sort(flat, descending=True, stable=True).indices[: keep * len(imps)]).values
+        indices = [top[(top >= ell * r) & (top < (ell + 1) * r)] - ell * r for ell in range(len(imps))]
+    else:
+        raise ValueError(f"scope must be 'module' or 'global'; got scope = {scope!r}")
     return updates_from_indices(old, new, indices, keep, dtype, header_bits)
 
 
@@ -196,18 +218,20 @@ def decode(data: bytes, shape: LoraShape) -> RankSparseUpdate:
         raise WireFormatError("checksum mismatch: the payload is corrupted")
     mask_bytes = wire_shape.mask_bits // 8
     bits = np.unpackbits(np.frombuffer(data, np.uint8, mask_bytes, HEADER_BYTES))[: L * r].reshape(L, r)
-    if np.any(bits.sum(axis=1) != keep):
-        bad = int(np.flatnonzero(bits.sum(axis=1) != keep)[0])
-        raise WireFormatError(f"mask of module {bad} has {int(bits[bad].sum())} bits set, expected keep = {keep}")
+    counts = bits.sum(axis=1)
+    sizes = {m.out_features + m.in_features for m in shape.modules}
+    if np.any(counts != keep) and (len(sizes) != 1 or counts.sum() != keep * L):
+        raise WireFormatError(f"masks set {counts.tolist()} components per module; expected keep = {keep} each"
+                              + (f" or {keep * L} in total" if len(sizes) == 1 else ""))
     off = HEADER_BYTES + mask_bytes
     idxs, dbs, das = [], [], []
     size = q // 8
     for ell, mod in enumerate(shape.modules):
-        m, n = mod.out_features, mod.in_features
-        nb, na = keep * m, keep * n
-        db = np.frombuffer(data, np_dtype, nb, off).reshape(keep, m)
+        m, n, c = mod.out_features, mod.in_features, int(counts[ell])
+        nb, na = c * m, c * n
+        db = np.frombuffer(data, np_dtype, nb, off).reshape(c, m)
         off += nb * size
-        da = np.frombuffer(data, np_dtype, na, off).reshape(keep, n)
+        da = np.frombuffer(data, np_dtype, na, off).reshape(c, n)
         off += na * size
         idxs.append(torch.from_numpy(np.flatnonzero(bits[ell]).astype(np.int64)))
         dbs.append(torch.from_numpy(db.copy()).transpose(0, 1).contiguous())

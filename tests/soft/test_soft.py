@@ -297,3 +297,25 @@ def test_peft_read_write_roundtrip():
         assert torch.equal(soft.read_lora(model)[k][0], new[k][0])
     with pytest.raises(ValueError, match="shape mismatch"):
         soft.write_lora(model, {"q": (torch.ones(3, 11), torch.ones(8, 3)), "v": new["v"]})
+
+
+def test_global_scope_same_bits_more_energy():
+    g = torch.Generator().manual_seed(5)
+    old = rand_factors(20, shapes=((20, 20),) * 4, r=6, dtype=torch.float32)
+    # module 0 moves a lot, the others barely
+    new = {k: (A + (1.0 if i == 0 else 0.01) * torch.randn(A.shape, generator=g),
+               B + (1.0 if i == 0 else 0.01) * torch.randn(B.shape, generator=g))
+           for i, (k, (A, B)) in enumerate(old.items())}
+    shape = shape_of(old)
+    per_module, glob = sparsify(old, new, 2), sparsify(old, new, 2, scope="global")
+    assert [len(i) for i in per_module.indices] == [2, 2, 2, 2]
+    assert sum(len(i) for i in glob.indices) == 8 and len(glob.indices[0]) > 2
+    data = glob.encode()
+    assert 8 * len(data) == shape.payload_bits(2)
+    back = decode(data, shape)
+    for a, b in zip(back.delta_b, glob.delta_b, strict=True):
+        assert torch.equal(a, b)
+    assert product_error(old, new, glob.apply_to(old)) < product_error(old, new, per_module.apply_to(old))
+    with pytest.raises(ValueError, match="equal size"):
+        sparsify(rand_factors(1, r=4, dtype=torch.float32), rand_factors(2, r=4, dtype=torch.float32), 1,
+                 scope="global")
