@@ -17,7 +17,8 @@ local training, with D_ℓ = B'A' − BA per module and s = keep components per 
 Variants: ``plain`` (no penalty, no server step), ``penalty`` (λ · R_orth only),
 ``reorth`` (the server re-orthogonalises the global factors after every aggregation:
 A orthonormal rows, B orthogonal columns, B·A unchanged; plus a small penalty), each with
-AdamW (fresh state every round) or SGD with momentum.
+the LoRA factors trained by AdamW (fresh state every round), SGD with momentum, or
+``soft.optim.TensorwiseAdam`` (one second moment per tensor); the head always by AdamW.
 
     python benchmarks/soft_alignment.py --out runs/soft_alignment [--rounds 6] [--variants ...]
 """
@@ -39,6 +40,7 @@ import torch  # noqa: E402
 import soft  # noqa: E402
 from fedloop import data as fd  # noqa: E402
 from soft.baselines import topk_elementwise  # noqa: E402
+from soft.optim import TensorwiseAdam  # noqa: E402
 
 VARIANTS = {
     "plain-adamw": dict(penalty=0.0, reorth=False, optimizer="adamw", lr=2e-3),
@@ -46,6 +48,8 @@ VARIANTS = {
     "reorth-adamw": dict(penalty=0.01, reorth=True, optimizer="adamw", lr=2e-3),
     "reorth-sgd": dict(penalty=0.01, reorth=True, optimizer="sgd", lr=0.1),
     "plain-sgd": dict(penalty=0.0, reorth=False, optimizer="sgd", lr=0.1),
+    "plain-tadam": dict(penalty=0.0, reorth=False, optimizer="tadam", lr=2e-3),
+    "reorth-tadam": dict(penalty=0.01, reorth=True, optimizer="tadam", lr=2e-3),
     "reorth-balanced-adamw": dict(penalty=0.0, reorth="balanced", optimizer="adamw", lr=2e-3),
 }
 
@@ -105,11 +109,14 @@ def run(variant: str, *, rounds=6, clients=10, rank=8, keep=2, local_steps=4, ba
             with torch.no_grad():
                 for name, p in head.items():
                     p.copy_(ghead[name])
-            params = [p for p in model.parameters() if p.requires_grad]
+            factors = [p for pair in lora.values() for p in pair]
             if cfg["optimizer"] == "adamw":
-                opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
+                opt = torch.optim.AdamW(factors, lr=cfg["lr"], weight_decay=0.0)
+            elif cfg["optimizer"] == "tadam":
+                opt = TensorwiseAdam(factors, lr=cfg["lr"])
             else:
-                opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=0.9)
+                opt = torch.optim.SGD(factors, lr=cfg["lr"], momentum=0.9)
+            head_opt = torch.optim.AdamW(list(head.values()), lr=2e-3, weight_decay=0.0)
             model.train()
             for _ in range(local_steps):
                 b = rng.choice(parts[k], size=min(batch, len(parts[k])), replace=False)
@@ -118,8 +125,10 @@ def run(variant: str, *, rounds=6, clients=10, rank=8, keep=2, local_steps=4, ba
                 if cfg["penalty"]:
                     loss = loss + cfg["penalty"] * soft.factors_penalty(lora)
                 opt.zero_grad()
+                head_opt.zero_grad()
                 loss.backward()
                 opt.step()
+                head_opt.step()
             new = soft.clone_factors(lora)
             stats.append(_measure(glob, new, keep, gen))
             new_f.append(new)

@@ -28,11 +28,13 @@ from soft.factors import (
     shape_of,
 )
 from soft.importance import component_importance, dropped_error, error_profile, select_top, update_energy
+from soft.optim import TensorwiseAdam
 from soft.peft_io import read_lora, write_lora
 from soft.update import RankSparseUpdate, WireFormatError, aggregate, decode, sparsify
 
 __all__ = [
     "RankSparseUpdate",
+    "TensorwiseAdam",
     "WireFormatError",
     "aggregate",
     "clone_factors",

@@ -319,3 +319,27 @@ def test_global_scope_same_bits_more_energy():
     with pytest.raises(ValueError, match="equal size"):
         sparsify(rand_factors(1, r=4, dtype=torch.float32), rand_factors(2, r=4, dtype=torch.float32), 1,
                  scope="global")
+
+
+def test_tensorwise_adam_first_step_and_convergence():
+    from soft.optim import TensorwiseAdam
+
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0, -3.0, 4.0], dtype=torch.float64))
+    opt = TensorwiseAdam([p], lr=0.1)
+    g = torch.tensor([1.0, -2.0, 0.5, 0.0], dtype=torch.float64)
+    p.grad = g.clone()
+    before = p.detach().clone()
+    opt.step()
+    step = before - p.detach()
+    rms = float(g.pow(2).mean().sqrt())
+    torch.testing.assert_close(step, 0.1 * g / rms, rtol=1e-9, atol=1e-12)  # the gradient's direction, RMS = lr
+    # unlike Adam, entries keep their relative sizes (Adam's first step is lr·sign(g))
+    x = torch.nn.Parameter(torch.tensor([5.0, -3.0], dtype=torch.float64))
+    opt = TensorwiseAdam([x], lr=0.05)
+    for _ in range(2000):
+        opt.zero_grad()
+        ((x - torch.tensor([1.0, 2.0], dtype=torch.float64)) ** 2).sum().backward()
+        opt.step()
+    torch.testing.assert_close(x.detach(), torch.tensor([1.0, 2.0], dtype=torch.float64), rtol=0, atol=1e-2)
+    with pytest.raises(ValueError, match="lr"):
+        TensorwiseAdam([x], lr=0)
