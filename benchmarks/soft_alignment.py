@@ -11,7 +11,8 @@ local training, with D_ℓ = B'A' − BA per module and s = keep components per 
 * ``EY``: captured by the best rank-s approximation of each D_ℓ (Eckart–Young, via QR +
   SVD of the 2r×2r core; the test harness's oracle, never run by clients);
 * ``random``: captured by s random components (mean of 4 draws);
-* ``top-k``: captured by element-wise magnitude top-k of ΔA, ΔB at SOFT's bit budget;
+* ``top-k``: captured by element-wise magnitude top-k of ΔA, ΔB (each tensor separately, SPEC §8) at
+  SOFT's bit budget, positions counted; ``top-k joint``: the same over all tensors jointly;
 * ``global``: SOFT with ``scope="global"`` (the keep·L largest components over all modules).
 
 Variants: ``plain`` (no penalty, no server step), ``penalty`` (λ · R_orth only),
@@ -58,6 +59,7 @@ def _measure(old, new, keep, gen):
     tot = top = ey = rnd = share_num = share_den = 0.0
     svd = soft.svd_truncation_qr(old, new, keep)
     tk_err = soft.product_error(old, new, topk_elementwise(old, new, keep).apply_to(old))
+    tkj_err = soft.product_error(old, new, topk_elementwise(old, new, keep, joint=True).apply_to(old))
     glob_err = soft.product_error(old, new, soft.sparsify(old, new, keep, scope="global").apply_to(old))
     for ell, name in enumerate(old):
         (A0, B0), (A1, B1) = old[name], new[name]
@@ -75,7 +77,7 @@ def _measure(old, new, keep, gen):
         share_num += np.sort(sq)[::-1][:keep].sum()
         share_den += sq.sum()
     return {"top-s": top / tot, "EY": ey / tot, "random": rnd / tot, "top-k": 1 - tk_err / tot,
-            "global": 1 - glob_err / tot,
+            "global": 1 - glob_err / tot, "top-k joint": 1 - tkj_err / tot,
             "share": share_num / share_den, "energy": tot}
 
 
@@ -185,13 +187,14 @@ def main():
                for v in args.variants]
     (out / "alignment.json").write_text(json.dumps(results, indent=1))
     print(f"\nmeans over rounds 2..{args.rounds} (s = {args.keep} of r = {args.rank}):")
-    print(f"{'variant':>14} {'top-s':>6} {'EY':>6} {'top-s/EY':>8} {'random':>7} {'top-k':>6} {'global':>6} "
-          f"{'share':>6} {'acc':>6}")
+    print(f"{'variant':>14} {'top-s':>6} {'EY':>6} {'top-s/EY':>8} {'random':>7} {'top-k':>6} {'tk-jnt':>6} "
+          f"{'global':>6} {'share':>6} {'acc':>6}")
     for res in results:
         rows = res["rounds"][1:] or res["rounds"]
-        m = {k: np.mean([r[k] for r in rows]) for k in ("top-s", "EY", "random", "top-k", "global", "share")}
+        m = {k: np.mean([r[k] for r in rows]) for k in ("top-s", "EY", "random", "top-k", "top-k joint", "global",
+                                                         "share")}
         print(f"{res['variant']:>14} {m['top-s']:6.3f} {m['EY']:6.3f} {m['top-s'] / m['EY']:8.3f} "
-              f"{m['random']:7.3f} {m['top-k']:6.3f} {m['global']:6.3f} {m['share']:6.3f} "
+              f"{m['random']:7.3f} {m['top-k']:6.3f} {m['top-k joint']:6.3f} {m['global']:6.3f} {m['share']:6.3f} "
               f"{res['rounds'][-1]['accuracy']:6.3f}")
     print(f"wrote {out / 'alignment.json'}")
 

@@ -1,8 +1,8 @@
 """Baselines with SOFT's wire accounting (SPEC §1) and product-error measures.
 
 * :func:`random_components`: s random rank indices per module (same bits as SOFT).
-* :func:`topk_elementwise`: magnitude top-k over all entries of ΔA and ΔB of every module,
-  with k chosen so that values + indices fit SOFT's bit budget at the same s.
+* :func:`topk_elementwise`: magnitude top-k of the entries of ΔA and ΔB (per tensor, or jointly),
+  with k chosen so that values + positions (bitmap or indices) fit SOFT's bit budget at the same s.
 * :func:`svd_truncation_qr`: the best rank-s approximation of each module's product update
   D = B'A' − BA (Eckart–Young), the cheap way: D = [B', B][A'; −A] is rank ≤ 2r, so a
   thin QR of each side and the SVD of a 2r×2r core suffice.
@@ -56,32 +56,64 @@ class TopKUpdate:
 
 
 def topk_budget(old: Factors, keep: int, bits_per_value: int = 32) -> tuple[int, int]:
-    """(k, bits): entries affordable in SOFT's budget at ``keep``, each costing q + ⌈log2 N⌉ bits."""
+    """(k, bits): entries affordable within SOFT's budget S(keep), positions counted.
+
+    Positions cost either an N-bit bitmap over all N = r·M factor entries or ⌈log2 N⌉ bits
+    per entry, whichever lets more entries fit; plus the same header H.
+    """
     shape = shape_of(old, bits_per_value)
-    budget = shape.payload_bits(keep)
+    if keep == 0:
+        return 0, 0
+    budget = shape.payload_bits(keep) - shape.header_bits
     n_total = shape.num_parameters
     idx_bits = max(1, math.ceil(math.log2(n_total)))
-    k = max(0, (budget - shape.header_bits) // (bits_per_value + idx_bits)) if keep else 0
-    return int(min(k, n_total)), int(shape.header_bits + k * (bits_per_value + idx_bits)) if k else 0
+    k_index = budget // (bits_per_value + idx_bits)
+    k_bitmap = max(0, (budget - n_total) // bits_per_value)
+    if k_bitmap >= k_index:
+        k, bits = k_bitmap, n_total + k_bitmap * bits_per_value
+    else:
+        k, bits = k_index, k_index * (bits_per_value + idx_bits)
+    k = int(min(k, n_total))
+    return k, int(shape.header_bits + bits)
 
 
-def topk_elementwise(old: Factors, new: Factors, keep: int, bits_per_value: int = 32) -> TopKUpdate:
-    """Largest-magnitude entries of all ΔA, ΔB jointly, at SOFT's bit budget for ``keep``."""
+def topk_elementwise(old: Factors, new: Factors, keep: int, bits_per_value: int = 32, *,
+                     joint: bool = False) -> TopKUpdate:
+    """Largest-magnitude entries of ΔA and ΔB at SOFT's bit budget for ``keep`` (SPEC §8).
+
+    ``joint=False`` (SPEC: "ΔA and ΔB separately"): every factor tensor keeps the same
+    fraction k/N of its own entries, its largest; ``joint=True``: the k largest over all
+    tensors together.
+    """
     r = check_same_layout(old, new)
     keep = _check_keep(keep, r)
     k, bits = topk_budget(old, keep, bits_per_value)
     deltas = []
     for (A0, B0), (A1, B1) in zip(old.values(), new.values(), strict=True):
         deltas += [(A1 - A0).detach(), (B1 - B0).detach()]
-    flat = torch.cat([d.reshape(-1) for d in deltas])
-    keep_mask = torch.zeros_like(flat, dtype=torch.bool)
-    if k:
-        keep_mask[torch.topk(flat.abs(), k, sorted=False).indices] = True
-    out, off = [], 0
-    for d in deltas:
-        n = d.numel()
-        out.append(torch.where(keep_mask[off:off + n].reshape(d.shape), d, torch.zeros_like(d)))
-        off += n
+    n_total = sum(d.numel() for d in deltas)
+    out = []
+    if joint:
+        flat = torch.cat([d.reshape(-1) for d in deltas])
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        if k:
+            mask[torch.topk(flat.abs(), k, sorted=False).indices] = True
+        off = 0
+        for d in deltas:
+            n = d.numel()
+            out.append(torch.where(mask[off:off + n].reshape(d.shape), d, torch.zeros_like(d)))
+            off += n
+    else:
+        # Largest-remainder split of k over the tensors in proportion to their sizes.
+        quota = np.array([k * d.numel() / n_total for d in deltas])
+        ks = np.floor(quota).astype(int)
+        ks[np.argsort(-(quota - ks), kind="stable")[: k - ks.sum()]] += 1
+        for d, kt in zip(deltas, ks, strict=True):
+            flat = d.reshape(-1)
+            mask = torch.zeros_like(flat, dtype=torch.bool)
+            if kt:
+                mask[torch.topk(flat.abs(), int(kt), sorted=False).indices] = True
+            out.append(torch.where(mask.reshape(d.shape), d, torch.zeros_like(d)))
     return TopKUpdate(out[0::2], out[1::2], k, bits)
 
 
