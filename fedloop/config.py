@@ -1,0 +1,170 @@
+"""Run configuration: one validated dataclass, loadable from TOML, saved with every run."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RunConfig", "STRATEGIES", "TASKS", "SOFT_STRATEGIES"]
+
+#: Strategies (SPEC §8): what clients send, how the server aggregates, how bandwidth is split.
+STRATEGIES = ("tsfa", "ideal", "fedit", "ffa", "topk", "random", "svd", "fixed")
+#: Strategies whose clients run SOFT's mechanism (penalty, tensorwise optimiser, server re-orthogonalisation).
+SOFT_STRATEGIES = ("tsfa", "fixed", "random", "svd")
+TASKS = ("rt-minilm", "linear")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; every field has a default (the embedded demo settings).
+
+    Task and data: ``task`` ("rt-minilm" or "linear"), ``clients`` K, ``split`` ("movie" or
+    "dirichlet", rt-minilm), ``dirichlet_alpha``, ``test_fraction`` (held-out share),
+    ``test_size`` (evaluated examples, 0 = all), ``max_length`` (tokens).
+    LoRA and training: ``rank`` r, ``alpha`` (None = r), ``local_steps`` E, ``batch_size``,
+    ``lr``, ``optimizer`` ("auto": TensorwiseAdam for SOFT strategies, AdamW otherwise;
+    or "adamw", "tadam", "sgd"), ``penalty`` λ of R_orth (None = 0.01 for SOFT strategies,
+    0 otherwise), ``reorthogonalize`` (None = on for SOFT strategies).
+    Strategy: ``strategy`` (see STRATEGIES), ``keep`` (components per module for fixed,
+    random, svd, topk's bit budget), ``scope`` ("module" or "global" SOFT selection).
+    Wireless (SPEC §2, §9): ``bandwidth_hz``, ``budget_factor`` (τ̄ = factor × median dense
+    latency, so dense uploads do not fit when < 1), ``latency_budget_s`` (overrides),
+    ``weight_v`` V, ``cap_factor`` (hard cap τ_max = factor × τ̄, None = none),
+    ``allow_skip``, ``flops_per_s_scale`` (scales device speeds), ``deadline_factor``
+    (a client finishing after factor × τ̄ misses the round; None = never).
+    Run: ``rounds``, ``seed``, ``eval_every``, ``checkpoint_every``, ``out`` (run folder).
+    """
+
+    task: str = "rt-minilm"
+    strategy: str = "tsfa"
+    rounds: int = 10
+    clients: int = 10
+    seed: int = 0
+    rank: int = 8
+    alpha: float | None = None
+    keep: int = 2
+    scope: str = "module"
+    local_steps: int = 4
+    batch_size: int = 16
+    lr: float = 2e-3
+    optimizer: str = "auto"
+    penalty: float | None = None
+    reorthogonalize: bool | None = None
+    split: str = "movie"
+    dirichlet_alpha: float = 0.5
+    test_fraction: float = 0.1
+    test_size: int = 600
+    max_length: int = 48
+    bandwidth_hz: float = 20e6
+    budget_factor: float = 0.5
+    latency_budget_s: float | None = None
+    weight_v: float = 1.0
+    cap_factor: float | None = 3.0
+    allow_skip: bool = True
+    deadline_factor: float | None = None
+    eval_every: int = 1
+    checkpoint_every: int = 5
+    out: str = "runs/run"
+    linear: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.validate()
+
+    # -- resolved settings ---------------------------------------------------------------
+    @property
+    def uses_soft(self) -> bool:
+        return self.strategy in SOFT_STRATEGIES
+
+    @property
+    def resolved_optimizer(self) -> str:
+        if self.optimizer != "auto":
+            return self.optimizer
+        return "tadam" if self.uses_soft else "adamw"
+
+    @property
+    def resolved_penalty(self) -> float:
+        if self.penalty is not None:
+            return float(self.penalty)
+        return 0.01 if self.uses_soft else 0.0
+
+    @property
+    def resolved_reorthogonalize(self) -> bool:
+        return self.uses_soft if self.reorthogonalize is None else bool(self.reorthogonalize)
+
+    # -- validation -------------------------------------------------------------------------
+    def validate(self) -> None:
+        def bad(name, why):
+            raise ValueError(f"{name} {why}; got {name} = {getattr(self, name)!r}")
+
+        if self.task not in TASKS:
+            bad("task", f"must be one of {TASKS}")
+        if self.strategy not in STRATEGIES:
+            bad("strategy", f"must be one of {STRATEGIES}")
+        for name in ("rounds", "clients", "rank", "local_steps", "batch_size", "eval_every", "checkpoint_every",
+                     "max_length"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                bad(name, "must be an integer >= 1")
+        for name in ("seed", "test_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                bad(name, "must be an integer >= 0")
+        if isinstance(self.keep, bool) or not isinstance(self.keep, int) or not 1 <= self.keep <= self.rank:
+            bad("keep", f"must be an integer in 1..rank ({self.rank})")
+        if self.scope not in ("module", "global"):
+            bad("scope", "must be 'module' or 'global'")
+        if self.optimizer not in ("auto", "adamw", "tadam", "sgd"):
+            bad("optimizer", "must be 'auto', 'adamw', 'tadam' or 'sgd'")
+        if self.split not in ("movie", "dirichlet"):
+            bad("split", "must be 'movie' or 'dirichlet'")
+        positive = ("lr", "bandwidth_hz", "budget_factor", "weight_v", "dirichlet_alpha")
+        for name in positive:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                bad(name, "must be a finite number > 0")
+        for name in ("alpha", "latency_budget_s", "cap_factor", "deadline_factor"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                  or v <= 0):
+                bad(name, "must be None or a finite number > 0")
+        if self.penalty is not None and (not isinstance(self.penalty, (int, float)) or not math.isfinite(self.penalty)
+                                         or self.penalty < 0):
+            bad("penalty", "must be None or a finite number >= 0")
+        if not 0 < self.test_fraction < 1:
+            bad("test_fraction", "must lie in (0, 1)")
+        if not isinstance(self.allow_skip, bool):
+            bad("allow_skip", "must be true or false")
+        if not isinstance(self.linear, dict):
+            bad("linear", "must be a table of linear-task settings")
+
+    # -- I/O ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_toml(cls, path) -> RunConfig:
+        """Read a TOML file whose top-level keys are the field names (a ``[linear]`` table
+        sets the linear task's parameters)."""
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file not found: {p}")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{p}: not valid TOML: {exc}") from None
+        return cls.from_dict(data)
+
+    def replace(self, **changes) -> RunConfig:
+        return dataclasses.replace(self, **changes)

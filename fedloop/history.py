@@ -1,0 +1,95 @@
+"""The run ledger: one row per round and one per (round, client), saved as JSON + CSV."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["History"]
+
+
+def _clean(v):
+    if isinstance(v, (np.floating, float)):
+        v = float(v)
+        return None if math.isnan(v) else v
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.bool_):
+        return bool(v)
+    return v
+
+
+@dataclass
+class History:
+    """What a run measured.
+
+    Attributes:
+        config: the resolved run configuration (a dict).
+        rounds: per round: round, latency_s, wallclock_s (simulated, cumulative), queue_s,
+            latency_budget_s, uplink_bits, downlink_bits, scheduled, dropped (clients),
+            dropped_energy, covariance_norm, train_loss, test_loss, accuracy,
+            solve_time_s, fallback.
+        clients: per round and client: round, client, status ("ok", "skipped",
+            "deadline", "error: ..."), keep, uplink_bits, bandwidth_hz, snr_hz, compute_s,
+            upload_s, finish_s, train_loss, dropped_energy.
+        meta: anything else (e.g. τ̄, parameter counts, timings).
+    """
+
+    config: dict = field(default_factory=dict)
+    rounds: list = field(default_factory=list)
+    clients: list = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    def column(self, key: str) -> np.ndarray:
+        return np.array([np.nan if r.get(key) is None else r[key] for r in self.rounds], dtype=float)
+
+    @property
+    def final_accuracy(self) -> float:
+        acc = self.column("accuracy")
+        acc = acc[np.isfinite(acc)]
+        return float(acc[-1]) if len(acc) else math.nan
+
+    @property
+    def total_uplink_bits(self) -> int:
+        return int(sum(r["uplink_bits"] for r in self.rounds))
+
+    def to_dict(self) -> dict:
+        return {"config": self.config, "meta": self.meta,
+                "rounds": [{k: _clean(v) for k, v in r.items()} for r in self.rounds],
+                "clients": [{k: _clean(v) for k, v in r.items()} for r in self.clients]}
+
+    def save(self, folder) -> Path:
+        """Write history.json, rounds.csv and clients.csv into ``folder``; returns it."""
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "history.json.tmp"
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        tmp.replace(out / "history.json")
+        for name, rows in (("rounds", self.rounds), ("clients", self.clients)):
+            if not rows:
+                continue
+            keys = list(dict.fromkeys(k for r in rows for k in r))
+            with open(out / f"{name}.csv", "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=keys)
+                w.writeheader()
+                for r in rows:
+                    w.writerow({k: _clean(r.get(k)) for k in keys})
+        return out
+
+    @classmethod
+    def load(cls, folder) -> History:
+        p = Path(folder) / "history.json"
+        if not p.is_file():
+            raise FileNotFoundError(f"no history.json in {folder}")
+        return cls.from_dict(json.loads(p.read_text()))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> History:
+        """Inverse of :meth:`to_dict` (None back to NaN)."""
+        nan = lambda rows: [{k: (math.nan if v is None else v) for k, v in r.items()} for r in rows]  # noqa: E731
+        return cls(d.get("config", {}), nan(d.get("rounds", [])), nan(d.get("clients", [])), d.get("meta", {}))

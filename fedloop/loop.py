@@ -1,0 +1,384 @@
+"""The federated LoRA loop with the wireless ledger: ``fedloop.run(config) -> History``.
+
+A round t:
+
+1. the server broadcasts the global factors (and head); downlink time = r·M·q bits at
+   ``DOWNLINK_RATE_BPS``;
+2. each client trains E local steps (task loss + λ·R_orth) from them, with a fresh
+   optimiser, and reports its error profile e_k(s) (SOFT importances);
+3. this round's channel is drawn (Rayleigh fading on fixed client positions) and the
+   strategy's policy chooses keep counts and bandwidth (``tsfa``: the OnlineAllocator);
+4. clients encode their updates to bytes; the server decodes and aggregates; clients
+   that miss the deadline or fail are dropped from the aggregate and recorded;
+5. the server re-orthogonalises the global factors (SOFT strategies), evaluates, writes
+   the ledger, and checkpoints every ``checkpoint_every`` rounds.
+
+Randomness is derived from (seed, round, client) — channel draws, minibatches, dropout
+and random components — so a resumed run repeats an uninterrupted one exactly and every
+strategy sees the same channels and batches for the same seed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import soft
+from fedloop.config import RunConfig
+from fedloop.history import History
+from fedloop.tasks import make_task
+from soft.baselines import ffa_update, svd_truncation_qr, topk_elementwise
+from soft.optim import TensorwiseAdam
+from tsfa import Cell, min_latency_bandwidth
+from tsfa.allocator import DensePolicy, FixedPolicy, OnlineAllocator
+from tsfa.model import LoraShape
+from tsfa.simulate import dense_latency_s
+
+__all__ = ["run", "RunFailed", "DOWNLINK_RATE_BPS"]
+
+#: Broadcast rate of the global adapter, bit/s (the downlink is not the bottleneck studied).
+DOWNLINK_RATE_BPS = 100e6
+
+
+class RunFailed(RuntimeError):
+    """The run cannot continue (e.g. a non-finite loss); the last checkpoint is intact."""
+
+
+def _seed(*parts) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _rng(*parts) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(p) for p in parts]))
+
+
+class _Run:
+    def __init__(self, cfg: RunConfig, client_hook=None):
+        self.cfg = cfg
+        self.hook = client_hook
+        self.task = make_task(cfg)
+        self.K = cfg.clients
+        self.p = self.task.client_sizes / self.task.client_sizes.sum()
+        live = self.task.factors()
+        self.names = list(live)
+        self.head_numel = sum(p.numel() for p in self.task.head().values())
+        self.head_bits = 32 * self.head_numel
+        base = soft.shape_of(live)
+        # The allocator's payload includes the dense head: header H + head bits.
+        self.shape = LoraShape(base.modules, base.rank, base.bits_per_value, base.header_bits + self.head_bits)
+        self.soft_shape = base
+        self.cell = Cell(total_bandwidth_hz=cfg.bandwidth_hz)
+        self.clients = self.cell.sample_clients(self.K, rng=_rng(cfg.seed, 11))
+        self.compute_s = self.clients.compute_time_s(cfg.local_steps * cfg.batch_size * self.task.flops_per_sample)
+        self.downlink_s = base.downlink_bits / DOWNLINK_RATE_BPS
+        self.dense_median_s = dense_latency_s(self.cell, self.clients, self.shape, self.compute_s,
+                                              downlink_s=self.downlink_s, rng=_rng(cfg.seed, 12))
+        self.tau_bar = cfg.latency_budget_s or cfg.budget_factor * self.dense_median_s
+        cap = None if cfg.cap_factor is None else cfg.cap_factor * self.tau_bar
+        kw = dict(total_bandwidth_hz=cfg.bandwidth_hz, downlink_s=self.downlink_s)
+        s = cfg.strategy
+        if s == "tsfa":
+            self.policy = OnlineAllocator(self.shape, latency_budget_s=self.tau_bar, weight_v=cfg.weight_v,
+                                          max_latency_s=cap, allow_skip=cfg.allow_skip, **kw)
+        elif s == "fixed":
+            self.policy = FixedPolicy(self.shape, keep=cfg.keep, bandwidth="equal", **kw)
+        elif s in ("random", "svd", "topk"):
+            self.policy = FixedPolicy(self.shape, keep=cfg.keep, bandwidth="min_latency", **kw)
+        elif s in ("fedit", "ideal"):
+            self.policy = DensePolicy(self.shape, **kw)
+        else:  # ffa: dense B only, latency-optimal split of its own payload
+            self.policy = None
+        glob = soft.clone_factors(live)
+        if cfg.resolved_reorthogonalize:
+            glob = soft.reorthogonalize_factors(glob)
+        self.glob = glob
+        self.ghead = {k: v.detach().clone() for k, v in self.task.head().items()}
+        self.folded = {n: None for n in self.names}  # Σ of deltas folded into frozen weights (ideal, svd)
+        self.history = History(config=cfg.to_dict())
+        self.history.meta.update(latency_budget_s=self.tau_bar, dense_median_latency_s=self.dense_median_s,
+                                 downlink_s=self.downlink_s, head_bits=self.head_bits,
+                                 lora_parameters=base.num_parameters,
+                                 model_parameters=int(sum(p.numel() for p in self.task.model.parameters())),
+                                 payload_bits_dense=self.shape.dense_payload_bits)
+        self.round = 0
+        self.wallclock = 0.0
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"round": self.round, "wallclock": self.wallclock, "glob": self.glob, "ghead": self.ghead,
+                "folded": self.folded, "history": self.history.to_dict(),
+                "policy": self.policy.state_dict() if isinstance(self.policy, OnlineAllocator) else None,
+                "config": self.cfg.to_dict()}
+
+    def save_checkpoint(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / "checkpoint.pt.tmp"
+        torch.save(self.state(), tmp)
+        os.replace(tmp, folder / "checkpoint.pt")
+
+    def load_checkpoint(self, folder: Path) -> None:
+        st = torch.load(folder / "checkpoint.pt", weights_only=False)
+        mine, theirs = self.cfg.to_dict(), dict(st["config"])
+        for key in ("rounds", "out", "checkpoint_every"):
+            mine.pop(key, None)
+            theirs.pop(key, None)
+        if mine != theirs:
+            diff = sorted(k for k in mine if mine[k] != theirs.get(k))
+            raise ValueError(f"cannot resume: the checkpoint was written with a different config ({diff})")
+        self.round, self.wallclock = st["round"], st["wallclock"]
+        self.glob, self.ghead, self.folded = st["glob"], st["ghead"], st["folded"]
+        for name, delta in self.folded.items():
+            if delta is not None:
+                self.task.fold(name, delta)
+        self.history = History.from_dict(st["history"])
+        if st["policy"] is not None:
+            self.policy.load_state_dict(st["policy"])
+
+    # -- one client's local training -----------------------------------------------------------
+    def local_train(self, t: int, k: int):
+        cfg, task = self.cfg, self.task
+        _write(task.factors(), self.glob)
+        _write(task.head(), self.ghead)
+        torch.manual_seed(_seed(cfg.seed, 21, t, k))
+        rng = _rng(cfg.seed, 22, t, k)
+        live = task.factors()
+        freeze_a = cfg.strategy == "ffa"
+        for A, _ in live.values():
+            A.requires_grad_(not freeze_a)
+        params = [p for pair in live.values() for p in pair if p.requires_grad]
+        opt_name = cfg.resolved_optimizer
+        if opt_name == "tadam":
+            opt = TensorwiseAdam(params, lr=cfg.lr)
+        elif opt_name == "sgd":
+            opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
+        else:
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        head = list(task.head().values())
+        head_opt = torch.optim.AdamW(head, lr=cfg.lr, weight_decay=0.0) if head else None
+        lam = cfg.resolved_penalty
+        task.train()
+        losses = []
+        for step in range(cfg.local_steps):
+            loss = task.loss(task.sample(k, cfg.batch_size, rng))
+            if not torch.isfinite(loss):
+                raise RunFailed(f"client {k} produced a non-finite loss ({loss.item()}) at round {t + 1}, "
+                                f"local step {step + 1}; lower lr (now {cfg.lr}) — the last checkpoint is kept")
+            losses.append(loss.item())
+            total = loss + lam * soft.factors_penalty(live) if lam else loss
+            opt.zero_grad()
+            if head_opt:
+                head_opt.zero_grad()
+            total.backward()
+            opt.step()
+            if head_opt:
+                head_opt.step()
+        for A, _ in live.values():
+            A.requires_grad_(True)
+        return soft.clone_factors(live), {n: p.detach().clone() for n, p in task.head().items()}, float(
+            np.mean(losses))
+
+    # -- one round -----------------------------------------------------------------------------
+    def step(self) -> dict:
+        cfg, K, t = self.cfg, self.K, self.round
+        local, heads, losses, status = [None] * K, [None] * K, np.full(K, np.nan), ["ok"] * K
+        for k in range(K):
+            try:
+                if self.hook is not None:
+                    self.hook(t + 1, k)
+                local[k], heads[k], losses[k] = self.local_train(t, k)
+            except RunFailed:
+                raise
+            except Exception as exc:  # a failing client is dropped from this round, the run goes on
+                status[k] = f"error: {type(exc).__name__}: {exc}"[:200]
+        ok = [k for k in range(K) if local[k] is not None]
+        r = self.shape.rank
+        profiles = np.zeros((K, r + 1))
+        for k in ok:
+            profiles[k] = soft.error_profile(self.glob, local[k], scope=cfg.scope)
+        # A failed client reports nothing: it is not scheduled (zero error profile, keep 0 allowed).
+        snr = self.cell.sample_snr_hz(self.clients, rng=_rng(cfg.seed, 31, t))
+        t0 = time.perf_counter()
+        if self.policy is None:  # ffa
+            _, bits_one = ffa_update(self.glob, self.glob)
+            bits = np.full(K, bits_one + self.head_bits)
+            keep = np.full(K, r)
+            bw = min_latency_bandwidth(bits, snr, self.compute_s, cfg.bandwidth_hz, downlink_s=self.downlink_s)
+            bandwidth, upload, latency, fallback = bw.bandwidth_hz, bw.upload_time_s, bw.latency_s, ""
+        else:
+            alloc = self.policy.step(snr, self.compute_s, profiles, self.p)
+            keep = np.array(alloc.keep)
+            bandwidth, upload, latency = np.array(alloc.bandwidth_hz), np.array(alloc.upload_time_s), alloc.latency_s
+            fallback = alloc.fallback
+        solve_time = time.perf_counter() - t0
+        finish = self.downlink_s + self.compute_s + upload
+        deadline = None if cfg.deadline_factor is None else cfg.deadline_factor * self.tau_bar
+        sent = []
+        for k in range(K):
+            if status[k] != "ok":
+                continue
+            if keep[k] == 0:
+                status[k] = "skipped"
+            elif deadline is not None and finish[k] > deadline:
+                status[k] = "deadline"
+            else:
+                sent.append(k)
+        if deadline is not None and any(s == "deadline" for s in status):
+            latency = deadline
+        # -- uplink: real bytes for the SOFT wire format; aggregation ---------------------------
+        bits_k = np.zeros(K, dtype=np.int64)
+        self.aggregate(sent, local, keep, bits_k, t)
+        for k in sent:
+            bits_k[k] += self.head_bits
+        if sent:
+            w = self.p[sent] / self.p[sent].sum()
+            self.ghead = {n: sum(wk * heads[k][n] for wk, k in zip(w, sent, strict=True)) for n in self.ghead}
+        if cfg.resolved_reorthogonalize:
+            self.glob = soft.reorthogonalize_factors(self.glob)
+        if isinstance(self.policy, OnlineAllocator):
+            queue_before = self.policy.queue
+            self.policy.observe(latency)
+        else:
+            queue_before = math.nan
+        self.wallclock += latency
+        cov = soft.factors_covariance_norm([local[k] for k in sent], self.p[sent]) if len(sent) > 1 else 0.0
+        dropped_energy = float(sum(self.p[k] * profiles[k, keep[k]] for k in ok)) if ok else math.nan
+        test_loss, acc = math.nan, math.nan
+        if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.rounds:
+            _write(self.task.factors(), self.glob)
+            _write(self.task.head(), self.ghead)
+            test_loss, acc = self.task.evaluate()
+        row = {"round": t + 1, "latency_s": latency, "wallclock_s": self.wallclock, "queue_s": queue_before,
+               "latency_budget_s": self.tau_bar, "uplink_bits": int(bits_k.sum()),
+               "downlink_bits": int(self.soft_shape.downlink_bits * K), "scheduled": len(sent),
+               "dropped": sum(1 for s in status if s not in ("ok", "skipped")), "dropped_energy": dropped_energy,
+               "covariance_norm": cov, "train_loss": float(np.nanmean(losses)) if ok else math.nan,
+               "test_loss": test_loss, "accuracy": acc, "solve_time_s": solve_time, "fallback": fallback}
+        self.history.rounds.append(row)
+        for k in range(K):
+            self.history.clients.append({
+                "round": t + 1, "client": k, "status": status[k], "keep": int(keep[k]),
+                "uplink_bits": int(bits_k[k]), "bandwidth_hz": float(bandwidth[k]), "snr_hz": float(snr[k]),
+                "compute_s": float(self.compute_s[k]), "upload_s": float(upload[k]), "finish_s": float(finish[k]),
+                "train_loss": float(losses[k]), "dropped_energy": float(profiles[k, keep[k]]) if k in ok else math.nan,
+            })
+        self.round += 1
+        return row
+
+    def aggregate(self, sent, local, keep, bits_k, t):
+        cfg, s = self.cfg, self.cfg.strategy
+        if not sent:
+            return
+        w = self.p[sent]
+        if s in ("tsfa", "fixed", "random", "fedit", "ideal"):
+            updates = []
+            for k in sent:
+                if s == "random":
+                    gen = torch.Generator().manual_seed(_seed(cfg.seed, 41, t, k))
+                    upd = soft.random_components(self.glob, local[k], int(keep[k]), gen)
+                else:
+                    upd = soft.sparsify(self.glob, local[k], int(keep[k]), scope=cfg.scope if s != "fedit" else
+                                        "module")
+                data = upd.encode()
+                bits_k[k] = 8 * len(data)
+                updates.append(soft.decode(data, self.soft_shape))
+            new = soft.aggregate(self.glob, updates, w)
+            if s == "ideal":  # fold Σ p B_k A_k − B̄Ā into the frozen weights (FedEx-LoRA)
+                wn = torch.as_tensor(w / w.sum())
+                for name in self.names:
+                    Ab, Bb = new[name]
+                    mean_prod = sum(wk * (local[k][name][1].double() @ local[k][name][0].double())
+                                    for wk, k in zip(wn, sent, strict=True))
+                    resid = (mean_prod - Bb.double() @ Ab.double()) * self.task.scaling
+                    self._fold(name, resid)
+            self.glob = new
+        elif s == "topk":
+            num = {n: [torch.zeros_like(A, dtype=torch.float64), torch.zeros_like(B, dtype=torch.float64)]
+                   for n, (A, B) in self.glob.items()}
+            den = {n: [torch.zeros_like(A, dtype=torch.float64), torch.zeros_like(B, dtype=torch.float64)]
+                   for n, (A, B) in self.glob.items()}
+            for wk, k in zip(w, sent, strict=True):
+                tk = topk_elementwise(self.glob, local[k], int(keep[k]))
+                bits_k[k] = tk.bits
+                for n, da, db in zip(self.names, tk.delta_a, tk.delta_b, strict=True):
+                    num[n][0] += wk * da.double()
+                    num[n][1] += wk * db.double()
+                    den[n][0] += wk * (da != 0)
+                    den[n][1] += wk * (db != 0)
+            self.glob = {n: (A + (num[n][0] / den[n][0].clamp_min(1e-300)).to(A.dtype),
+                             B + (num[n][1] / den[n][1].clamp_min(1e-300)).to(B.dtype))
+                         for n, (A, B) in self.glob.items()}
+        elif s == "svd":
+            wn = w / w.sum()
+            for wk, k in zip(wn, sent, strict=True):
+                trunc = svd_truncation_qr(self.glob, local[k], int(keep[k]))
+                bits_k[k] = self.soft_shape.payload_bits(int(keep[k]))
+                for name, (P, Q) in zip(self.names, trunc, strict=True):
+                    self._fold(name, wk * self.task.scaling * (P @ Q))
+        elif s == "ffa":
+            for k in sent:
+                _, b = ffa_update(self.glob, local[k])
+                bits_k[k] = b
+            wn = w / w.sum()
+            self.glob = {n: (A, sum(wk * local[k][n][1] for wk, k in zip(wn, sent, strict=True)))
+                         for n, (A, B) in self.glob.items()}
+
+    def _fold(self, name, delta):
+        delta = delta.float()
+        self.task.fold(name, delta)
+        self.folded[name] = delta.clone() if self.folded[name] is None else self.folded[name] + delta
+
+
+def _write(live: dict, values: dict) -> None:
+    with torch.no_grad():
+        for name, target in live.items():
+            src = values[name]
+            if isinstance(target, tuple):
+                target[0].copy_(src[0])
+                target[1].copy_(src[1])
+            else:
+                target.copy_(src)
+
+
+def run(config: RunConfig, *, resume: bool = False, progress: bool = True, client_hook=None) -> History:
+    """Run (or resume) a federated LoRA fine-tuning with the wireless ledger.
+
+    Args:
+        config: the run's :class:`RunConfig`; results go to ``config.out``.
+        resume: continue from ``config.out/checkpoint.pt`` (same config, possibly more rounds).
+        progress: show a tqdm bar over rounds (accuracy, uplink bits so far, queue).
+        client_hook: ``hook(round, client)`` called before each client trains; an exception
+            raised there marks the client failed for that round (used to test faults).
+
+    Returns:
+        The :class:`History` (also saved to ``config.out``).
+
+    Raises:
+        RunFailed: a non-finite loss; the last checkpoint in ``config.out`` is left intact.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = config
+    out = Path(cfg.out)
+    r = _Run(cfg, client_hook)
+    if resume:
+        if not (out / "checkpoint.pt").is_file():
+            raise FileNotFoundError(f"cannot resume: no checkpoint.pt in {out}")
+        r.load_checkpoint(out)
+    bar = tqdm(range(r.round, cfg.rounds), initial=r.round, total=cfg.rounds, disable=not progress,
+               desc=f"{cfg.strategy}/{cfg.task}", unit="round", leave=False)
+    for _ in bar:
+        row = r.step()
+        bar.set_postfix(acc=f"{row['accuracy']:.3f}" if cfg.task != "linear" else f"{row['test_loss']:.4f}",
+                        Mbit=f"{r.history.total_uplink_bits / 1e6:.1f}",
+                        Q=f"{row['queue_s']:.2f}" if not math.isnan(row["queue_s"]) else "-")
+        if r.round % cfg.checkpoint_every == 0 or r.round == cfg.rounds:
+            r.save_checkpoint(out)
+            r.history.save(out)
+    bar.close()
+    r.history.save(out)
+    return r.history
