@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 __all__ = ["RunConfig", "STRATEGIES", "TASKS", "SOFT_STRATEGIES"]
 
