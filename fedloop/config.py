@@ -34,7 +34,9 @@ class RunConfig:
     random, svd, topk's bit budget), ``scope`` ("module" or "global" SOFT selection).
     Wireless (SPEC §2, §9): ``bandwidth_hz``, ``budget_factor`` (τ̄ = factor × median dense
     latency, so dense uploads do not fit when < 1), ``latency_budget_s`` (overrides),
-    ``weight_v`` V, ``cap_factor`` (hard cap τ_max = factor × τ̄, None = none),
+    ``weight_v`` V (scale-free: error profiles are divided by the round's mean dense update
+    energy and V is multiplied by τ̄², so the drift-plus-penalty objective over τ̄² reads
+    V·Σ p_k e_k,rel + (Q/τ̄)(τ/τ̄)), ``cap_factor`` (hard cap τ_max = factor × τ̄, None = none),
     ``allow_skip``, ``flops_per_s_scale`` (scales device speeds), ``deadline_factor``
     (a client finishing after factor × τ̄ misses the round; None = never).
     Run: ``rounds``, ``seed``, ``eval_every``, ``checkpoint_every``, ``out`` (run folder).

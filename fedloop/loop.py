@@ -83,7 +83,10 @@ class _Run:
         kw = dict(total_bandwidth_hz=cfg.bandwidth_hz, downlink_s=self.downlink_s)
         s = cfg.strategy
         if s == "tsfa":
-            self.policy = OnlineAllocator(self.shape, latency_budget_s=self.tau_bar, weight_v=cfg.weight_v,
+            # Scale-free V: profiles are passed relative to the round's mean dense energy and V is in
+            # units of τ̄² (Q·τ is in s²), so the objective / τ̄² = v·Σp·e_rel + (Q/τ̄)(τ/τ̄).
+            self.policy = OnlineAllocator(self.shape, latency_budget_s=self.tau_bar,
+                                          weight_v=cfg.weight_v * self.tau_bar**2,
                                           max_latency_s=cap, allow_skip=cfg.allow_skip, **kw)
         elif s == "fixed":
             self.policy = FixedPolicy(self.shape, keep=cfg.keep, bandwidth="equal", **kw)
@@ -210,7 +213,9 @@ class _Run:
             bw = min_latency_bandwidth(bits, snr, self.compute_s, cfg.bandwidth_hz, downlink_s=self.downlink_s)
             bandwidth, upload, latency, fallback = bw.bandwidth_hz, bw.upload_time_s, bw.latency_s, ""
         else:
-            alloc = self.policy.step(snr, self.compute_s, profiles, self.p)
+            scale = float(np.sum(self.p[ok] * profiles[ok, 0])) if ok else 0.0
+            rel = profiles / scale if scale > 0 else profiles
+            alloc = self.policy.step(snr, self.compute_s, rel, self.p)
             keep = np.array(alloc.keep)
             bandwidth, upload, latency = np.array(alloc.bandwidth_hz), np.array(alloc.upload_time_s), alloc.latency_s
             fallback = alloc.fallback
