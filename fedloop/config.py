@@ -27,7 +27,7 @@ class RunConfig:
     "dirichlet", rt-minilm), ``dirichlet_alpha``, ``test_fraction`` (held-out share),
     ``test_size`` (evaluated examples, 0 = all), ``max_length`` (tokens).
     LoRA and training: ``rank`` r, ``alpha`` (None = r), ``local_steps`` E, ``batch_size``,
-    ``lr``, ``optimizer`` ("auto": TensorwiseAdam for SOFT strategies, AdamW otherwise;
+    ``lr`` (LoRA factors), ``head_lr`` (the dense head, AdamW), ``optimizer`` ("auto": TensorwiseAdam for SOFT strategies, AdamW otherwise;
     or "adamw", "tadam", "sgd"), ``penalty`` λ of R_orth (None = 0.01 for SOFT strategies,
     0 otherwise), ``reorthogonalize`` (None = on for SOFT strategies).
     Strategy: ``strategy`` (see STRATEGIES), ``keep`` (components per module for fixed,
@@ -54,6 +54,7 @@ class RunConfig:
     local_steps: int = 4
     batch_size: int = 16
     lr: float = 2e-3
+    head_lr: float = 1e-2
     optimizer: str = "auto"
     penalty: float | None = None
     reorthogonalize: bool | None = None
@@ -124,7 +125,7 @@ class RunConfig:
             bad("optimizer", "must be 'auto', 'adamw', 'tadam' or 'sgd'")
         if self.split not in ("movie", "dirichlet"):
             bad("split", "must be 'movie' or 'dirichlet'")
-        positive = ("lr", "bandwidth_hz", "budget_factor", "weight_v", "dirichlet_alpha")
+        positive = ("lr", "head_lr", "bandwidth_hz", "budget_factor", "weight_v", "dirichlet_alpha")
         for name in positive:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:

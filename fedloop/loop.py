@@ -162,7 +162,7 @@ class _Run:
         else:
             opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         head = list(task.head().values())
-        head_opt = torch.optim.AdamW(head, lr=cfg.lr, weight_decay=0.0) if head else None
+        head_opt = torch.optim.AdamW(head, lr=cfg.head_lr, weight_decay=0.0) if head else None
         lam = cfg.resolved_penalty
         task.train()
         losses = []

@@ -35,11 +35,18 @@ __all__ = [
 ]
 
 
-def random_components(old: Factors, new: Factors, keep: int, generator: torch.Generator | None = None,
+def random_components(old: Factors, new: Factors, keep: int, generator: torch.Generator | int,
                       dtype=torch.float32) -> RankSparseUpdate:
-    """``keep`` uniformly random components per module (no importance); SOFT's wire format."""
+    """``keep`` uniformly random components per module (no importance); SOFT's wire format.
+
+    ``generator`` is a ``torch.Generator`` or an integer seed (randomness is always explicit).
+    """
     r = check_same_layout(old, new)
     keep = _check_keep(keep, r)
+    if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
+        generator = torch.Generator().manual_seed(int(generator))
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or an int seed; got {type(generator).__name__}")
     idx = [torch.sort(torch.randperm(r, generator=generator)[:keep]).values for _ in old]
     return updates_from_indices(old, new, idx, keep, dtype)
 
@@ -88,9 +95,13 @@ def topk_elementwise(old: Factors, new: Factors, keep: int, bits_per_value: int 
     r = check_same_layout(old, new)
     keep = _check_keep(keep, r)
     k, bits = topk_budget(old, keep, bits_per_value)
+    if bits_per_value not in (16, 32):
+        raise ValueError(f"bits_per_value must be 16 or 32; got bits_per_value = {bits_per_value!r}")
+    wire = torch.float16 if bits_per_value == 16 else torch.float32
     deltas = []
     for (A0, B0), (A1, B1) in zip(old.values(), new.values(), strict=True):
-        deltas += [(A1 - A0).detach(), (B1 - B0).detach()]
+        # values travel at the wire precision, as SOFT's do
+        deltas += [(A1 - A0).detach().to(wire).to(A0.dtype), (B1 - B0).detach().to(wire).to(B0.dtype)]
     n_total = sum(d.numel() for d in deltas)
     out = []
     if joint:
@@ -166,6 +177,8 @@ def product_error(old: Factors, new: Factors, approx_factors: Factors | None = N
     B̂'Â' − BA) or, with ``factored``, Σ_ℓ P_ℓ Q_ℓ from an SVD truncation.
     """
     check_same_layout(old, new)
+    if (approx_factors is None) == (factored is None):
+        raise ValueError("product_error needs exactly one of approx_factors (factor set) or factored (list of (P, Q))")
     total = 0.0
     for ell, name in enumerate(old):
         A0, B0 = old[name]

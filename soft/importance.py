@@ -27,6 +27,10 @@ def component_importance(A_old, B_old, A_new, B_new) -> torch.Tensor:
             f"old and new factors must have the same shapes; got A {tuple(A_old.shape)} vs {tuple(A_new.shape)}, "
             f"B {tuple(B_old.shape)} vs {tuple(B_new.shape)}"
         )
+    return _importance(A_old, B_old, A_new, B_new)
+
+
+def _importance(A_old, B_old, A_new, B_new) -> torch.Tensor:
     a0, b0 = A_old.detach().double(), B_old.detach().double()
     a1, b1 = A_new.detach().double(), B_new.detach().double()
     sq = (

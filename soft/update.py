@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from soft.factors import Factors, check_factors, check_same_layout, shape_of
-from soft.importance import component_importance, select_top
+from soft.importance import _importance, select_top
 from tsfa.model import LoraShape
 
 __all__ = ["RankSparseUpdate", "WireFormatError", "sparsify", "decode", "aggregate", "WIRE_VERSION"]
@@ -128,17 +128,19 @@ def _check_dtype(dtype) -> torch.dtype:
 
 
 def updates_from_indices(old: Factors, new: Factors, indices: Sequence[torch.Tensor], keep: int,
-                         dtype=torch.float32, header_bits: int | None = None) -> RankSparseUpdate:
+                         dtype=torch.float32) -> RankSparseUpdate:
     """The update that sends the given component indices of every module (any selector).
 
     Every module sends ``keep`` indices, or (global scope) the counts may differ between
     modules of equal size m + n as long as they total keep · L, so the payload is unchanged.
     """
-    shape = shape_of(old, bits_per_value=_DTYPES[_CODES[_check_dtype(dtype)]][2], header_bits=header_bits)
+    shape = shape_of(old, bits_per_value=_DTYPES[_CODES[_check_dtype(dtype)]][2])
     counts = [len(i) for i in indices]
-    if any(c != keep for c in counts) and sum(counts) != keep * len(counts):
-        raise ValueError(f"the modules must send keep = {keep} indices each (or keep·L = {keep * len(counts)} "
-                         f"in total); got {counts}")
+    if any(c != keep for c in counts):
+        sizes = {m.out_features + m.in_features for m in shape.modules}
+        if sum(counts) != keep * len(counts) or len(sizes) != 1:
+            raise ValueError(f"the modules must send keep = {keep} indices each (or keep·L = {keep * len(counts)} "
+                             f"in total when all modules have the same size m + n); got {counts}")
     dbs, das, idxs = [], [], []
     for (A0, B0), (A1, B1), idx in zip(old.values(), new.values(), indices, strict=True):
         idx = torch.sort(torch.as_tensor(idx, dtype=torch.int64)).values
@@ -148,8 +150,7 @@ def updates_from_indices(old: Factors, new: Factors, indices: Sequence[torch.Ten
     return RankSparseUpdate(shape, keep, tuple(idxs), tuple(dbs), tuple(das), dtype)
 
 
-def sparsify(old: Factors, new: Factors, keep: int, *, dtype=torch.float32, scope: str = "module",
-             header_bits: int | None = None) -> RankSparseUpdate:
+def sparsify(old: Factors, new: Factors, keep: int, *, dtype=torch.float32, scope: str = "module") -> RankSparseUpdate:
     """SOFT: keep the components with the largest ‖D_i‖ = ‖b'_i a'_iᵀ − b_i a_iᵀ‖.
 
     ``old`` are the factors the client received, ``new`` its locally trained ones (same
@@ -162,7 +163,7 @@ def sparsify(old: Factors, new: Factors, keep: int, *, dtype=torch.float32, scop
     """
     r = check_same_layout(old, new)
     keep = _check_keep(keep, r)
-    imps = [component_importance(*old[n], *new[n]) for n in old]
+    imps = [_importance(*old[n], *new[n]) for n in old]  # validated above
     if scope == "module":
         indices = [select_top(imp, keep) for imp in imps]
     elif scope == "global":
@@ -174,7 +175,7 @@ def sparsify(old: Factors, new: Factors, keep: int, *, dtype=torch.float32, scop
         indices = [top[(top >= ell * r) & (top < (ell + 1) * r)] - ell * r for ell in range(len(imps))]
     else:
         raise ValueError(f"scope must be 'module' or 'global'; got scope = {scope!r}")
-    return updates_from_indices(old, new, indices, keep, dtype, header_bits)
+    return updates_from_indices(old, new, indices, keep, dtype)
 
 
 def decode(data: bytes, shape: LoraShape) -> RankSparseUpdate:
@@ -210,7 +211,7 @@ def decode(data: bytes, shape: LoraShape) -> RankSparseUpdate:
     if not 1 <= keep <= r:
         raise WireFormatError(f"keep = {keep} outside 1..{r}")
     dtype, np_dtype, q = _DTYPES[code]
-    wire_shape = LoraShape(shape.modules, shape.rank, q, shape.header_bits)
+    wire_shape = LoraShape(shape.modules, shape.rank, q, 8 * HEADER_BYTES)
     expected = wire_shape.payload_bits(keep) // 8
     if len(data) != expected:
         raise WireFormatError(f"payload length {len(data)} bytes, expected {expected} for keep = {keep}")
