@@ -27,7 +27,8 @@ class RunConfig:
     "dirichlet", rt-minilm), ``dirichlet_alpha``, ``test_fraction`` (held-out share),
     ``test_size`` (evaluated examples, 0 = all), ``max_length`` (tokens).
     LoRA and training: ``rank`` r, ``alpha`` (None = r), ``local_steps`` E, ``batch_size``,
-    ``lr`` (LoRA factors), ``head_lr`` (the dense head, AdamW), ``optimizer`` ("auto": TensorwiseAdam for SOFT strategies, AdamW otherwise;
+    ``lr`` (LoRA factors), ``head_lr`` (the dense head, AdamW), ``optimizer`` ("auto":
+    TensorwiseAdam for SOFT strategies, AdamW otherwise;
     or "adamw", "tadam", "sgd"), ``penalty`` λ of R_orth (None = 0.01 for SOFT strategies,
     0 otherwise), ``reorthogonalize`` (None = on for SOFT strategies).
     Strategy: ``strategy`` (see STRATEGIES), ``keep`` (components per module for fixed,
