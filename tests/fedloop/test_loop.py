@@ -150,3 +150,13 @@ def test_rt_minilm_smoke(tmp_path):
     for c in h.clients:
         if c["status"] == "ok":
             assert c["uplink_bits"] % 8 == 0 and c["uplink_bits"] > h.meta["head_bits"]
+
+
+def test_tsfa_tracks_the_latency_budget_and_saves_bits(tmp_path):
+    cfg = lin(tmp_path, strategy="tsfa", rounds=30, clients=6, weight_v=1.0)
+    h = run(cfg, progress=False)
+    lat = h.column("latency_s")
+    assert lat.mean() <= 1.1 * h.meta["latency_budget_s"]
+    dense = run(cfg.replace(strategy="fedit", out=str(tmp_path / "dense")), progress=False)
+    assert h.total_uplink_bits < 0.9 * dense.total_uplink_bits
+    assert dense.column("latency_s").mean() > 1.5 * h.meta["latency_budget_s"]  # dense does not fit τ̄
