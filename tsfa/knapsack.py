@@ -157,6 +157,22 @@ def _no_solution(status: Status, message: str, t0: float, backend: str, lower_bo
     return KnapsackSolution(status, None, math.nan, lower_bound, message, time.perf_counter() - t0, backend)
 
 
+def _map_status(table: dict, cond, has_solution: bool, message: str, t0: float, backend: str):
+    """(status, None) for a usable solution, else (status, the KnapsackSolution to return).
+
+    ``table`` maps solver conditions to a Status, or to None for "a limit stopped the
+    solver": ITERATION_LIMIT with a feasible choice, else ERROR; unknown conditions are ERROR.
+    """
+    status = table.get(cond, Status.ERROR)
+    if cond in table and status is None:
+        status = Status.ITERATION_LIMIT if has_solution else Status.ERROR
+    if status is Status.INFEASIBLE:
+        return status, _no_solution(status, message, t0, backend, math.inf)
+    if status is Status.ERROR or not has_solution:
+        return Status.ERROR, _no_solution(Status.ERROR, message, t0, backend, -math.inf)
+    return status, None
+
+
 def _finish(
     inst: _Instance,
     x: np.ndarray,
@@ -454,15 +470,10 @@ def solve_mckp_highspy(
     if run_status == highspy.HighsStatus.kError and model_status == highspy.HighsModelStatus.kNotset:
         return _no_solution(Status.ERROR, f"HiGHS run() failed: {message}", t0, backend, -math.inf)
 
-    table = _highs_status_table()
-    status = table.get(model_status, Status.ERROR)
     has_solution = info.primal_solution_status == int(highspy.SolutionStatus.kSolutionStatusFeasible)
-    if model_status in table and status is None:
-        status = Status.ITERATION_LIMIT if has_solution else Status.ERROR
-    if status is Status.INFEASIBLE:
-        return _no_solution(status, message, t0, backend, math.inf)
-    if status is Status.ERROR or not has_solution:
-        return _no_solution(Status.ERROR, message, t0, backend, -math.inf)
+    status, failed = _map_status(_highs_status_table(), model_status, has_solution, message, t0, backend)
+    if failed is not None:
+        return failed
 
     x = np.full((K, J), np.nan)
     x[kk, jj] = np.asarray(h.getSolution().col_value)
@@ -593,15 +604,9 @@ def solve_mckp_pyomo(
 
     cond = results.solver.termination_condition
     message = f"Pyomo {solver}: {cond}"
-    table = _pyomo_status_table()
-    status = table.get(cond, Status.ERROR)
-    has_solution = len(results.solution) > 0
-    if cond in table and status is None:
-        status = Status.ITERATION_LIMIT if has_solution else Status.ERROR
-    if status is Status.INFEASIBLE:
-        return _no_solution(status, message, t0, backend, math.inf)
-    if status is Status.ERROR or not has_solution:
-        return _no_solution(Status.ERROR, message, t0, backend, -math.inf)
+    status, failed = _map_status(_pyomo_status_table(), cond, len(results.solution) > 0, message, t0, backend)
+    if failed is not None:
+        return failed
 
     # load_from logs a warning when loading the incumbent of an "aborted" (time-limited) solve;
     # the status already says so.
