@@ -1,5 +1,10 @@
 """convergence: the convergence bound of SPEC §5 (one pure function per term).
 
-Not yet implemented: see the issue tracker ("convergence: the bound as a calculator").
+So far: the rank term ε(r) (`convergence.rank`); the bound itself is tracked by the issue
+"convergence: the bound as a calculator".
 Importable without torch and pyomo.
 """
+
+from convergence.rank import covariance_weighted_spectrum, rank_term
+
+__all__ = ["rank_term", "covariance_weighted_spectrum"]
