@@ -93,6 +93,28 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _allocate(args: argparse.Namespace) -> int:
+    import json
+
+    from tsfa.jsonio import allocate_json
+
+    if args.input == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            with open(args.input, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise UserError(f"cannot read --input {args.input}: {exc.strerror}") from None
+    out = json.dumps(allocate_json(text), indent=args.indent, ensure_ascii=False)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(out + "\n")
+    else:
+        print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tsfa", description="Wireless federated LoRA fine-tuning solvers.")
     p.add_argument("--version", action="version", version=f"tsfa {__version__}")
@@ -113,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--strategy", help="override the strategy")
     r.add_argument("--out", help="override the run folder")
     r.set_defaults(func=_run)
+    a = sub.add_parser("allocate", help="one round's allocation, JSON in and out (docs/allocate_json.md)")
+    a.add_argument("--input", required=True, help="round JSON file, or - for standard input")
+    a.add_argument("--output", help="write the allocation JSON here (default: standard output)")
+    a.add_argument("--indent", type=int, default=1, help="JSON indent (default 1)")
+    a.set_defaults(func=_allocate)
     return p
 
 
