@@ -32,7 +32,7 @@ import soft
 from fedloop.config import RunConfig
 from fedloop.history import History
 from fedloop.tasks import make_task
-from soft.baselines import ffa_update, svd_truncation_qr, topk_elementwise
+from soft.baselines import decode_topk, ffa_update, svd_truncation_qr, topk_elementwise
 from soft.optim import TensorwiseAdam
 from tsfa import Cell, min_latency_bandwidth
 from tsfa.allocator import DensePolicy, FixedPolicy, OnlineAllocator
@@ -307,8 +307,9 @@ class _Run:
             den = {n: [torch.zeros_like(A, dtype=torch.float64), torch.zeros_like(B, dtype=torch.float64)]
                    for n, (A, B) in self.glob.items()}
             for wk, k in zip(w, sent, strict=True):
-                tk = topk_elementwise(self.glob, local[k], int(keep[k]))
-                bits_k[k] = tk.bits
+                data = topk_elementwise(self.glob, local[k], int(keep[k])).encode()
+                bits_k[k] = 8 * len(data)
+                tk = decode_topk(data, self.soft_shape)
                 for n, da, db in zip(self.names, tk.delta_a, tk.delta_b, strict=True):
                     num[n][0] += wk * da.double()
                     num[n][1] += wk * db.double()

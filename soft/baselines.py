@@ -16,6 +16,8 @@ or factor increments, plus their bits, so errors are comparable at equal bits.
 from __future__ import annotations
 
 import math
+import struct
+import zlib
 
 import numpy as np
 import torch
@@ -51,37 +53,139 @@ def random_components(old: Factors, new: Factors, keep: int, generator: torch.Ge
     return updates_from_indices(old, new, idx, keep, dtype)
 
 
-class TopKUpdate:
-    """Element-wise sparse increments: per module, sparse ΔA and ΔB (dense tensors with zeros)."""
+_TK_HEAD = struct.Struct("<2sBBBBHI")  # magic, version, dtype, coding, pad, tensors, k: 12 bytes (+ CRC-32)
+_TK_BITMAP, _TK_INDEX = 0, 1
 
-    def __init__(self, delta_a, delta_b, k: int, bits: int):
+
+class TopKUpdate:
+    """Element-wise sparse increments of ΔA and ΔB (per module, dense tensors with zeros),
+    with a real wire format: :meth:`encode` / :func:`decode_topk`.
+
+    Wire format (little-endian): 16-byte header (b"TK", version 1, dtype code 0 fp32 /
+    1 fp16, position coding 0 = bitmap / 1 = indices, pad, tensor count u16, k u32,
+    CRC-32 of the first 12 bytes and the body); positions (an N-bit bitmap over all N
+    factor entries in the order A₁, B₁, A₂, B₂, …, or k indices of ⌈log2 N⌉ bits each,
+    bit-packed, padded to whole bytes); the k values in position order.
+    """
+
+    def __init__(self, delta_a, delta_b, k: int, bits: int, coding: int = _TK_BITMAP, dtype=torch.float32):
         self.delta_a, self.delta_b, self.k, self.bits = delta_a, delta_b, k, bits
+        self.coding, self.dtype = coding, dtype
 
     def apply_to(self, factors: Factors) -> dict:
         return {n: (A + da.to(A.dtype), B + db.to(B.dtype))
                 for (n, (A, B)), da, db in zip(factors.items(), self.delta_a, self.delta_b, strict=True)}
 
+    def _tensors(self):
+        out = []
+        for da, db in zip(self.delta_a, self.delta_b, strict=True):
+            out += [da, db]
+        return out
 
-def topk_budget(old: Factors, keep: int, bits_per_value: int = 32) -> tuple[int, int]:
-    """(k, bits): entries affordable within SOFT's budget S(keep), positions counted.
+    def encode(self) -> bytes:
+        """The payload; 8·len(bytes) == :attr:`bits` (the budget :func:`topk_budget` chose)."""
+        if self.k == 0:
+            return b""
+        flat = torch.cat([d.reshape(-1) for d in self._tensors()])
+        pos = torch.nonzero(flat != 0).reshape(-1).numpy()
+        if len(pos) < self.k:  # a selected increment that is exactly 0: send it anyway, as a 0
+            rest = np.setdiff1d(np.arange(len(flat)), pos)[: self.k - len(pos)]
+            pos = np.sort(np.concatenate([pos, rest]))
+        n = len(flat)
+        if self.coding == _TK_BITMAP:
+            bitmap = np.zeros(n, dtype=np.uint8)
+            bitmap[pos] = 1
+            positions = np.packbits(bitmap).tobytes()
+        else:
+            ib = _index_bits(n)
+            bits = ((pos[:, None].astype(np.uint64) >> np.arange(ib - 1, -1, -1, dtype=np.uint64)) & 1)
+            positions = np.packbits(bits.astype(np.uint8).reshape(-1)).tobytes()
+        code = 1 if self.dtype == torch.float16 else 0
+        values = flat[torch.as_tensor(pos)].to(self.dtype).numpy().astype("<f2" if code else "<f4").tobytes()
+        head = _TK_HEAD.pack(b"TK", 1, code, self.coding, 0, len(self._tensors()), self.k)
+        body = positions + values
+        out = head + struct.pack("<I", zlib.crc32(body, zlib.crc32(head))) + body
+        assert 8 * len(out) == self.bits, (8 * len(out), self.bits)
+        return out
 
-    Positions cost either an N-bit bitmap over all N = r·M factor entries or ⌈log2 N⌉ bits
-    per entry, whichever lets more entries fit; plus the same header H.
+
+def _index_bits(n_total: int) -> int:
+    return max(1, math.ceil(math.log2(n_total)))
+
+
+def decode_topk(data: bytes, shape) -> TopKUpdate:
+    """Parse :meth:`TopKUpdate.encode`'s bytes for a :class:`tsfa.LoraShape`; raises
+    :class:`soft.WireFormatError` naming the problem (magic, version, length, checksum)."""
+    from soft.update import WireFormatError
+
+    if len(data) < 16:
+        raise WireFormatError(f"top-k payload truncated: {len(data)} bytes, shorter than the 16-byte header")
+    magic, version, code, coding, _, tensors, k = _TK_HEAD.unpack_from(data, 0)
+    (crc,) = struct.unpack_from("<I", data, 12)
+    if magic != b"TK" or version != 1 or code not in (0, 1) or coding not in (0, 1):
+        raise WireFormatError(f"not a top-k payload (magic {magic!r}, version {version}, dtype {code}, "
+                              f"coding {coding})")
+    sizes = []
+    for m in shape.modules:
+        sizes += [shape.rank * m.in_features, m.out_features * shape.rank]
+    if tensors != len(sizes):
+        raise WireFormatError(f"payload has {tensors} tensors; the adapter has {len(sizes)}")
+    n = sum(sizes)
+    q = 2 if code else 4
+    pos_bytes = -(-n // 8) if coding == _TK_BITMAP else -(-(k * _index_bits(n)) // 8)
+    if len(data) != 16 + pos_bytes + k * q:
+        raise WireFormatError(f"top-k payload length {len(data)} bytes, expected {16 + pos_bytes + k * q}")
+    if zlib.crc32(data[16:], zlib.crc32(data[:12])) != crc:
+        raise WireFormatError("checksum mismatch: the top-k payload is corrupted")
+    raw = np.frombuffer(data, np.uint8, pos_bytes, 16)
+    if coding == _TK_BITMAP:
+        pos = np.flatnonzero(np.unpackbits(raw)[:n])
+    else:
+        ib = _index_bits(n)
+        bits = np.unpackbits(raw)[: k * ib].reshape(k, ib).astype(np.uint64)
+        pos = (bits << np.arange(ib - 1, -1, -1, dtype=np.uint64)).sum(axis=1).astype(np.int64)
+    if len(pos) != k or (len(pos) and (pos.max() >= n or np.any(np.diff(pos) <= 0))):
+        raise WireFormatError("top-k positions are inconsistent with k or the adapter size")
+    values = np.frombuffer(data, "<f2" if code else "<f4", k, 16 + pos_bytes).astype(np.float32)
+    flat = torch.zeros(n)
+    flat[torch.as_tensor(pos)] = torch.from_numpy(values)
+    out, off = [], 0
+    dims = []
+    for m in shape.modules:
+        dims += [(shape.rank, m.in_features), (m.out_features, shape.rank)]
+    for size, dim in zip(sizes, dims, strict=True):
+        out.append(flat[off:off + size].reshape(dim))
+        off += size
+    bits = 8 * len(data)
+    return TopKUpdate(out[0::2], out[1::2], k, bits, coding, torch.float16 if code else torch.float32)
+
+
+def topk_budget(old: Factors, keep: int, bits_per_value: int = 32) -> tuple[int, int, int]:
+    """(k, bits, coding): entries affordable within SOFT's budget S(keep), positions counted.
+
+    The payload (:meth:`TopKUpdate.encode`) is a 16-byte header, the positions — an N-bit
+    bitmap over all N = r·M factor entries, or k indices of ⌈log2 N⌉ bits — padded to whole
+    bytes, and k values; the coding that lets more entries fit is used. ``bits`` is the
+    payload's exact size.
     """
     shape = shape_of(old, bits_per_value)
     if keep == 0:
-        return 0, 0
-    budget = shape.payload_bits(keep) - shape.header_bits
-    n_total = shape.num_parameters
-    idx_bits = max(1, math.ceil(math.log2(n_total)))
-    k_index = budget // (bits_per_value + idx_bits)
-    k_bitmap = max(0, (budget - n_total) // bits_per_value)
+        return 0, 0, _TK_BITMAP
+    budget = shape.payload_bits(keep) // 8  # bytes
+    n = shape.num_parameters
+    qb = bits_per_value // 8
+    k_bitmap = max(0, (budget - 16 - (-(-n // 8))) // qb)
+    ib = _index_bits(n)
+    k_index = max(0, (budget - 16) * 8 // (ib + 8 * qb))
+    while k_index and 16 + (-(-(k_index * ib) // 8)) + k_index * qb > budget:
+        k_index -= 1
     if k_bitmap >= k_index:
-        k, bits = k_bitmap, n_total + k_bitmap * bits_per_value
+        k, coding = min(k_bitmap, n), _TK_BITMAP
+        size = 16 + (-(-n // 8)) + k * qb
     else:
-        k, bits = k_index, k_index * (bits_per_value + idx_bits)
-    k = int(min(k, n_total))
-    return k, int(shape.header_bits + bits)
+        k, coding = min(k_index, n), _TK_INDEX
+        size = 16 + (-(-(k * ib) // 8)) + k * qb
+    return int(k), int(8 * size) if k else 0, coding
 
 
 def topk_elementwise(old: Factors, new: Factors, keep: int, bits_per_value: int = 32, *,
@@ -94,7 +198,7 @@ def topk_elementwise(old: Factors, new: Factors, keep: int, bits_per_value: int 
     """
     r = check_same_layout(old, new)
     keep = _check_keep(keep, r)
-    k, bits = topk_budget(old, keep, bits_per_value)
+    k, bits, coding = topk_budget(old, keep, bits_per_value)
     if bits_per_value not in (16, 32):
         raise ValueError(f"bits_per_value must be 16 or 32; got bits_per_value = {bits_per_value!r}")
     wire = torch.float16 if bits_per_value == 16 else torch.float32
@@ -125,7 +229,7 @@ def topk_elementwise(old: Factors, new: Factors, keep: int, bits_per_value: int 
             if kt:
                 mask[torch.topk(flat.abs(), int(kt), sorted=False).indices] = True
             out.append(torch.where(mask.reshape(d.shape), d, torch.zeros_like(d)))
-    return TopKUpdate(out[0::2], out[1::2], k, bits)
+    return TopKUpdate(out[0::2], out[1::2], k, bits, coding, wire)
 
 
 def _two_sided(A0, B0, A1, B1):

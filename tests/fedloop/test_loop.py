@@ -16,6 +16,18 @@ def lin(tmp_path, **kw):
     return RunConfig(**base)
 
 
+def test_topk_ledger_bits_are_its_encoded_bytes(tmp_path):
+    from soft.baselines import topk_budget
+
+    cfg = lin(tmp_path, strategy="topk", rounds=2, keep=2)
+    h = run(cfg, progress=False)
+    r = _Run(cfg)
+    _, bits, _ = topk_budget(r.glob, 2)
+    for row in h.clients:
+        assert row["uplink_bits"] == bits + r.head_bits  # 8·len(TopKUpdate.encode()), within SOFT's budget
+        assert bits <= r.soft_shape.payload_bits(2)
+
+
 @pytest.mark.parametrize("strategy", ["tsfa", "fixed", "random", "fedit", "ideal"])
 def test_ledger_bits_are_the_encoded_bytes(tmp_path, strategy):
     cfg = lin(tmp_path, strategy=strategy, rounds=2)

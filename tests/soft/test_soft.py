@@ -268,7 +268,7 @@ def test_baselines_respect_the_bit_budget():
     shape = shape_of(old)
     for keep in (1, 3):
         tk = topk_elementwise(old, new, keep)
-        k, bits = topk_budget(old, keep)
+        k, bits, _ = topk_budget(old, keep)
         assert 0 < tk.k == k and bits <= shape.payload_bits(keep)
         nz = sum(int((d != 0).sum()) for d in tk.delta_a + tk.delta_b)
         assert nz == k
@@ -343,3 +343,26 @@ def test_tensorwise_adam_first_step_and_convergence():
     torch.testing.assert_close(x.detach(), torch.tensor([1.0, 2.0], dtype=torch.float64), rtol=0, atol=1e-2)
     with pytest.raises(ValueError, match="lr"):
         TensorwiseAdam([x], lr=0)
+
+
+@pytest.mark.parametrize("keep,shapes,r", [(1, ((24, 20), (16, 30)), 6), (3, ((24, 20), (16, 30)), 6),
+                                          (1, ((400, 300),), 16)])
+@pytest.mark.parametrize("dtype_bits", [32, 16])
+def test_topk_codec_round_trips_within_softs_bits(keep, shapes, r, dtype_bits):
+    from soft.baselines import decode_topk
+
+    old = rand_factors(30, shapes, r, dtype=torch.float32)
+    new = {k: (A + torch.randn_like(A), B + torch.randn_like(B)) for k, (A, B) in old.items()}
+    tk = topk_elementwise(old, new, keep, bits_per_value=dtype_bits)
+    data = tk.encode()
+    shape = shape_of(old, bits_per_value=dtype_bits)
+    assert 8 * len(data) == tk.bits <= shape.payload_bits(keep)
+    back = decode_topk(data, shape)
+    for a, b in zip(back.delta_a + back.delta_b, tk.delta_a + tk.delta_b, strict=True):
+        assert torch.equal(a, b.float())
+    flipped = bytearray(data)
+    flipped[-1] ^= 1
+    with pytest.raises(soft.WireFormatError, match="checksum"):
+        decode_topk(bytes(flipped), shape)
+    with pytest.raises(soft.WireFormatError, match="length"):
+        decode_topk(data[:-1], shape)
