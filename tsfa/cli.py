@@ -115,6 +115,38 @@ def _allocate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedloop.history import History
+    from fedloop.plots import plot_run
+
+    try:
+        h = History.load(args.run_dir)
+    except FileNotFoundError as exc:
+        raise UserError(f"{exc} (is {args.run_dir} a run folder written by tsfa run?)") from None
+    out = plot_run(h, args.out or Path(args.run_dir) / "run.png")
+    print(f"wrote {out}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from fedloop.plots import compare_runs
+
+    try:
+        rows, path = compare_runs(args.run_dirs, args.out)
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
+    metric = rows[0]["metric"].replace("_", " ")
+    print(f"{'run':<24} {'strategy':>8} {'final ' + metric:>16} {'uplink Mbit':>12} {'sim time s':>10} "
+          f"{'latency/τ̄':>10}")
+    for r in rows:
+        print(f"{r['run'][:24]:<24} {r['strategy']:>8} {r['final']:>16.4f} {r['uplink_mbit']:>12.2f} "
+              f"{r['simulated_s']:>10.2f} {r['latency_over_budget']:>10.2f}")
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tsfa", description="Wireless federated LoRA fine-tuning solvers.")
     p.add_argument("--version", action="version", version=f"tsfa {__version__}")
@@ -140,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--output", help="write the allocation JSON here (default: standard output)")
     a.add_argument("--indent", type=int, default=1, help="JSON indent (default 1)")
     a.set_defaults(func=_allocate)
+    pl = sub.add_parser("plot", help="figures of one run folder (metric vs rounds and bits, latency, queue)")
+    pl.add_argument("run_dir")
+    pl.add_argument("--out", help="PNG path (default RUN_DIR/run.png)")
+    pl.set_defaults(func=_plot)
+    c = sub.add_parser("compare", help="table and figure across run folders")
+    c.add_argument("run_dirs", nargs="+")
+    c.add_argument("--out", default="runs/compare_cli", help="folder for compare.png")
+    c.set_defaults(func=_compare)
     return p
 
 

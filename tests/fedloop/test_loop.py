@@ -172,3 +172,18 @@ def test_tsfa_tracks_the_latency_budget_and_saves_bits(tmp_path):
     dense = run(cfg.replace(strategy="fedit", out=str(tmp_path / "dense")), progress=False)
     assert h.total_uplink_bits < 0.9 * dense.total_uplink_bits
     assert dense.column("latency_s").mean() > 1.5 * h.meta["latency_budget_s"]  # dense does not fit τ̄
+
+
+def test_cli_plot_and_compare(tmp_path, capsys):
+    from tsfa.cli import main
+
+    a = run(lin(tmp_path, strategy="tsfa", rounds=3, out=str(tmp_path / "a")), progress=False)
+    run(lin(tmp_path, strategy="fedit", rounds=3, out=str(tmp_path / "b")), progress=False)
+    assert main(["plot", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "run.png").stat().st_size > 10_000
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "tsfa" in out and "fedit" in out and (tmp_path / "c" / "compare.png").is_file()
+    assert f"{a.total_uplink_bits / 1e6:.2f}" in out
+    assert main(["plot", str(tmp_path / "nothing")]) == 2
+    assert "no history.json" in capsys.readouterr().err
