@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tsfa._validate import as_int_array
+
 __all__ = ["rank_term", "check_spectrum", "covariance_weighted_spectrum"]
 
 
@@ -42,12 +44,7 @@ def rank_term(spectrum, rank, *, weight: float = 0.5):
     0..len(spectrum).
     """
     s = check_spectrum(spectrum)
-    r = np.asarray(rank)
-    if r.dtype.kind not in "iu" and not (r.dtype.kind == "f" and np.all(r == np.round(r))):
-        raise ValueError(f"rank must be integers; got rank = {rank!r}")
-    r = r.astype(np.int64)
-    if np.any((r < 0) | (r > s.size)):
-        raise ValueError(f"rank must lie in 0..{s.size} (the spectrum's length); got rank = {rank!r}")
+    r = as_int_array("rank", rank, 0, s.size, " (the spectrum's length)")
     if not np.isfinite(weight) or weight < 0:
         raise ValueError(f"weight must be finite and >= 0; got weight = {weight!r}")
     tail = np.concatenate([np.cumsum(s[::-1])[::-1], [0.0]])

@@ -93,3 +93,17 @@ def check_same_length(**arrays: Sequence) -> int:
         desc = ", ".join(f"len({k}) = {n}" for k, n in lengths.items())
         raise ValueError(f"mismatched lengths: {desc}")
     return next(iter(lengths.values()))
+
+
+def as_int_array(name: str, value, lower: int, upper: int, what: str = "") -> np.ndarray:
+    """Integers (int or integer-valued float, any shape) in lower..upper, as int64.
+
+    Errors name the argument: "<name> must be integers ..." / "<name> must lie in lower..upper".
+    """
+    a = np.asarray(value)
+    if a.dtype.kind not in "iu" and not (a.dtype.kind == "f" and np.all(np.isfinite(a)) and np.all(a == np.round(a))):
+        raise ValueError(f"{name} must be integers in {lower}..{upper}; got {name} = {value!r}")
+    a = a.astype(np.int64)
+    if np.any((a < lower) | (a > upper)):
+        raise ValueError(f"{name} must lie in {lower}..{upper}{what}; got {name} = {value!r}")
+    return a

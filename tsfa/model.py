@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tsfa._validate import as_array, as_scalar
+from tsfa._validate import as_array, as_int_array, as_scalar
 
 __all__ = [
     "ModuleShape",
@@ -153,12 +153,7 @@ class LoraShape:
         ``keep`` is an int or an integer array with entries in 0..rank (vectorised over
         clients). Returns an int for an int, else an int64 array of the same shape.
         """
-        k = np.asarray(keep)
-        if k.dtype.kind not in "iu" and not (k.dtype.kind == "f" and np.all(k == np.round(k))):
-            raise ValueError(f"keep must be integers in 0..{self.rank}; got keep = {keep!r}")
-        k = k.astype(np.int64)
-        if np.any((k < 0) | (k > self.rank)):
-            raise ValueError(f"keep must lie in 0..{self.rank}; got keep = {keep!r}")
+        k = as_int_array("keep", keep, 0, self.rank)
         bits = np.where(
             k > 0,
             k * (self.values_per_component * self.bits_per_value) + self.mask_bits + self.header_bits,

@@ -49,7 +49,7 @@ def test_rank_term_with_the_linear_task_population():
     ([1.0, float("nan")], 1, "finite"),
     ([], 0, "non-empty"),
     ([2.0, 1.0], 3, "rank must lie in 0..2"),
-    ([2.0, 1.0], 1.5, "integers"),
+    ([2.0, 1.0], 1.5, "rank must be integers"),
 ])
 def test_bad_input(spectrum, rank, match):
     with pytest.raises(ValueError, match=match):
