@@ -359,31 +359,27 @@ def _quiet_transformers(transformers) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _mean_pool_classifier_class():
+def _mean_pool_classifier(encoder, num_labels: int):
+    """BERT encoder, attention-masked mean of the last hidden states (how all-MiniLM-L6-v2
+    was trained as a sentence encoder), and a linear head. Defined here so that torch is
+    imported only when a model is built."""
+    from types import SimpleNamespace
+
     import torch
 
-    class _MeanPoolClassifier(torch.nn.Module):
-        """BERT encoder, attention-masked mean of the last hidden states (how all-MiniLM-L6-v2
-        was trained as a sentence encoder), and a linear head."""
-
-        def __init__(self, encoder, num_labels: int):
+    class MeanPoolClassifier(torch.nn.Module):
+        def __init__(self):
             super().__init__()
             self.bert = encoder
             self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels)
 
         def forward(self, input_ids=None, attention_mask=None, **kwargs):
-            from types import SimpleNamespace
-
             h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             m = attention_mask.unsqueeze(-1).to(h.dtype)
             pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
             return SimpleNamespace(logits=self.classifier(pooled))
 
-    return _MeanPoolClassifier
-
-
-def _MeanPoolClassifier(encoder, num_labels):  # noqa: N802 - a factory standing in for the class
-    return _mean_pool_classifier_class()(encoder, num_labels)
+    return MeanPoolClassifier()
 
 
 def build_minilm_lora(rank: int, *, alpha: float | None = None, dropout: float = 0.0,
@@ -439,7 +435,7 @@ def build_minilm_lora(rank: int, *, alpha: float | None = None, dropout: float =
                 str(path), num_labels=num_labels, local_files_only=True)
         else:
             encoder = transformers.AutoModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False)
-            model = _MeanPoolClassifier(encoder, num_labels)
+            model = _mean_pool_classifier(encoder, num_labels)
         config = peft.LoraConfig(
             r=rank,
             lora_alpha=float(alpha) if alpha is not None else float(rank),

@@ -32,7 +32,7 @@ import soft
 from fedloop.config import RunConfig
 from fedloop.history import History
 from fedloop.tasks import make_task
-from soft.baselines import decode_topk, ffa_update, svd_truncation_qr, topk_elementwise
+from soft.baselines import decode_topk, ffa_bits, ffa_update, svd_truncation_qr, topk_elementwise
 from soft.optim import TensorwiseAdam
 from tsfa import Cell, min_latency_bandwidth
 from tsfa.allocator import DensePolicy, FixedPolicy, OnlineAllocator
@@ -207,8 +207,7 @@ class _Run:
         snr = self.cell.sample_snr_hz(self.clients, rng=_rng(cfg.seed, 31, t))
         t0 = time.perf_counter()
         if self.policy is None:  # ffa
-            _, bits_one = ffa_update(self.glob, self.glob)
-            bits = np.full(K, bits_one + self.head_bits)
+            bits = np.full(K, ffa_bits(self.glob) + self.head_bits)
             keep = np.full(K, r)
             bw = min_latency_bandwidth(bits, snr, self.compute_s, cfg.bandwidth_hz, downlink_s=self.downlink_s)
             bandwidth, upload, latency, fallback = bw.bandwidth_hz, bw.upload_time_s, bw.latency_s, ""

@@ -32,6 +32,7 @@ __all__ = [
     "svd_truncation_qr",
     "svd_truncation_dense",
     "ffa_update",
+    "ffa_bits",
     "product_error",
     "product_error_dense",
 ]
@@ -264,13 +265,17 @@ def svd_truncation_dense(old: Factors, new: Factors, keep: int) -> list[tuple[to
     return out
 
 
+def ffa_bits(factors: Factors, bits_per_value: int = 32) -> int:
+    """Uplink bits of an FFA-LoRA update: every module's dense ΔB (r·Σm values) plus the header."""
+    shape = shape_of(factors, bits_per_value)
+    return int(shape.rank * sum(m.out_features for m in shape.modules) * bits_per_value + shape.header_bits)
+
+
 def ffa_update(old: Factors, new: Factors, bits_per_value: int = 32) -> tuple[list[torch.Tensor], int]:
     """FFA-LoRA: the dense ΔB of every module (A stays frozen) and its bits (header included)."""
     check_same_layout(old, new)
-    shape = shape_of(old, bits_per_value)
     db = [(B1 - B0).detach() for (_, B0), (_, B1) in zip(old.values(), new.values(), strict=True)]
-    bits = shape.rank * sum(m.out_features for m in shape.modules) * bits_per_value + shape.header_bits
-    return db, int(bits)
+    return db, ffa_bits(old, bits_per_value)
 
 
 def product_error(old: Factors, new: Factors, approx_factors: Factors | None = None,

@@ -349,7 +349,7 @@ class _Search:
         self.points: dict[float, _Point] = {}
         self.best_obj, self.best_keep, self.best_alloc = math.inf, None, None
         self.cands: dict[bytes, tuple[float, np.ndarray]] = {}  # unpolished: key → (upper bound, keep)
-        self.polished: set[bytes] = set()
+        self.polished: dict[bytes, object] = {}  # key → its least-latency BandwidthAllocation
         self.evals = 0
         self.relaxed_best = math.inf
         self.heap: list = []
@@ -373,14 +373,14 @@ class _Search:
             self.polish(keep)
 
     def polish(self, keep: np.ndarray):
+        """The exact least-latency split of ``keep`` (cached); updates the incumbent."""
         key = keep.astype(np.int8).tobytes()
         self.cands.pop(key, None)
         if key in self.polished:
-            return None
-        self.polished.add(key)
-        res = _polish(self.p, keep)
+            return self.polished[key]
+        res = self.polished[key] = _polish(self.p, keep)
         if not res.success:
-            return None
+            return res
         obj = float(self.C[np.arange(self.K), keep].sum()) + self.Q * res.latency_s
         if obj < self.best_obj:
             self.best_obj, self.best_keep, self.best_alloc = obj, keep.copy(), res
@@ -422,8 +422,6 @@ class _Search:
             choice = np.asarray(choice, dtype=np.int64)
             cost = float(self.C[np.arange(self.K), choice].sum())
             res = self.polish(choice)
-            if res is None:  # already polished: find its latency again
-                res = _polish(self.p, choice)
             if res.success and cost <= pt.exact + 1e-12 * max(abs(cost), 1.0):
                 pt.resolved_from = min(pt.resolved_from, res.latency_s)
 
