@@ -1,12 +1,52 @@
-"""convergence: the convergence bound of SPEC §5 (one pure function per term).
+"""convergence: the convergence bound of SPEC §5 (docs/theory.md), one pure function per term.
 
-So far: the rank term ε(r) (`convergence.rank`) and its spectrum estimated from a pilot
-gradient (`convergence.spectrum`); the bound itself is tracked by the issue
-"convergence: the bound as a calculator".
+* :func:`bound` (``convergence.bound``): every term of the loss-gap bound per round,
+  vectorised over candidate ranks and keep ratios; :class:`BoundConstants`, :class:`Schedule`.
+* :func:`rank_term` and :func:`covariance_weighted_spectrum` (``convergence.rank``): ε(r).
+* :func:`estimate_spectrum` (torch, imported lazily): ε(r)'s spectrum from a pilot gradient.
+* :func:`exact_constants` (``convergence.linear``): the constants on the linear task.
+* :func:`calibrate` (``convergence.calibration``): constants from a short pilot run.
+* :func:`plot_bound_vs_empirical` (``convergence.plot``): the figure.
+
 Importable without torch and pyomo.
 """
 
-from convergence.rank import covariance_weighted_spectrum, rank_term
+from convergence.bound import (
+    TERMS,
+    BoundConstants,
+    BoundTerms,
+    Schedule,
+    bound,
+    contraction_factor,
+    covariance_term,
+    drift_term,
+    noise_term,
+    sparsification_term,
+)
+from convergence.rank import covariance_weighted_spectrum, rank_term, stack_spectra
 from convergence.spectrum import estimate_spectrum
 
-__all__ = ["rank_term", "covariance_weighted_spectrum", "estimate_spectrum"]
+
+def __getattr__(name):  # torch-side or matplotlib-side helpers, imported on first use
+    if name in ("exact_constants", "linear_optimum", "measured_along_run"):
+        from convergence import linear
+
+        return getattr(linear, name)
+    if name in ("calibrate", "schedule_from_history", "predict_schedule", "predict_final_loss", "make_predictor",
+                "loss_curve"):
+        from convergence import calibration
+
+        return getattr(calibration, name)
+    if name == "plot_bound_vs_empirical":
+        from convergence.plot import plot_bound_vs_empirical
+
+        return plot_bound_vs_empirical
+    raise AttributeError(f"module 'convergence' has no attribute {name!r}")
+
+
+__all__ = ["TERMS", "BoundConstants", "BoundTerms", "Schedule", "bound", "contraction_factor", "noise_term",
+           "drift_term", "sparsification_term", "covariance_term", "rank_term", "covariance_weighted_spectrum",
+           "stack_spectra", "estimate_spectrum", "exact_constants", "linear_optimum", "measured_along_run",
+           "calibrate", "schedule_from_history", "predict_schedule", "predict_final_loss", "make_predictor",
+           "loss_curve",
+           "plot_bound_vs_empirical"]

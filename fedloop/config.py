@@ -29,7 +29,8 @@ class RunConfig:
     LoRA and training: ``rank`` r, ``alpha`` (None = r), ``local_steps`` E, ``batch_size``,
     ``lr`` (LoRA factors), ``head_lr`` (the dense head, AdamW), ``optimizer`` ("auto":
     TensorwiseAdam for SOFT strategies, AdamW otherwise;
-    or "adamw", "tadam", "sgd"), ``penalty`` λ of R_orth (None = 0.01 for SOFT strategies,
+    or "adamw", "tadam", "sgd"), ``momentum`` (sgd's; 0 gives the plain SGD the bound
+    of docs/theory.md analyses), ``penalty`` λ of R_orth (None = 0.01 for SOFT strategies,
     0 otherwise), ``reorthogonalize`` (None = on for SOFT strategies).
     Strategy: ``strategy`` (see STRATEGIES), ``keep`` (components per module for fixed,
     random, svd, topk's bit budget), ``scope`` ("module" or "global" SOFT selection).
@@ -57,6 +58,7 @@ class RunConfig:
     lr: float = 2e-3
     head_lr: float = 1e-2
     optimizer: str = "auto"
+    momentum: float = 0.9
     penalty: float | None = None
     reorthogonalize: bool | None = None
     split: str = "movie"
@@ -124,6 +126,8 @@ class RunConfig:
             bad("scope", "must be 'module' or 'global'")
         if self.optimizer not in ("auto", "adamw", "tadam", "sgd"):
             bad("optimizer", "must be 'auto', 'adamw', 'tadam' or 'sgd'")
+        if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:
+            bad("momentum", "must be a number in [0, 1)")
         if self.split not in ("movie", "dirichlet"):
             bad("split", "must be 'movie' or 'dirichlet'")
         positive = ("lr", "head_lr", "bandwidth_hz", "budget_factor", "weight_v", "dirichlet_alpha")

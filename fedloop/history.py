@@ -59,7 +59,7 @@ class History:
         return int(sum(r["uplink_bits"] for r in self.rounds))
 
     def to_dict(self) -> dict:
-        return {"config": self.config, "meta": self.meta,
+        return {"config": self.config, "meta": {k: _clean(v) for k, v in self.meta.items()},
                 "rounds": [{k: _clean(v) for k, v in r.items()} for r in self.rounds],
                 "clients": [{k: _clean(v) for k, v in r.items()} for r in self.clients]}
 

@@ -39,7 +39,10 @@ from tsfa.allocator import DensePolicy, FixedPolicy, OnlineAllocator
 from tsfa.model import LoraShape
 from tsfa.simulate import dense_latency_s
 
-__all__ = ["run", "RunFailed", "DOWNLINK_RATE_BPS"]
+__all__ = ["run", "RunFailed", "DOWNLINK_RATE_BPS", "REMOTE_STRATEGIES", "train_client", "encode_update"]
+
+#: Strategies whose clients can run elsewhere (fedloop.flower): SOFT wire payloads, no local factors needed.
+REMOTE_STRATEGIES = ("tsfa", "fixed", "random", "fedit")
 
 #: Broadcast rate of the global adapter, bit/s (the downlink is not the bottleneck studied).
 DOWNLINK_RATE_BPS = 100e6
@@ -110,6 +113,7 @@ class _Run:
                                  payload_bits_dense=self.shape.dense_payload_bits)
         self.round = 0
         self.wallclock = 0.0
+        self._diag: dict = {}
 
     # -- checkpoints -----------------------------------------------------------------------
     def state(self) -> dict:
@@ -144,65 +148,56 @@ class _Run:
 
     # -- one client's local training -----------------------------------------------------------
     def local_train(self, t: int, k: int):
-        cfg, task = self.cfg, self.task
-        _write(task.factors(), self.glob)
-        _write(task.head(), self.ghead)
-        torch.manual_seed(_seed(cfg.seed, 21, t, k))
-        rng = _rng(cfg.seed, 22, t, k)
-        live = task.factors()
-        freeze_a = cfg.strategy == "ffa"
-        for A, _ in live.values():
-            A.requires_grad_(not freeze_a)
-        params = [p for pair in live.values() for p in pair if p.requires_grad]
-        opt_name = cfg.resolved_optimizer
-        if opt_name == "tadam":
-            opt = TensorwiseAdam(params, lr=cfg.lr)
-        elif opt_name == "sgd":
-            opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
-        else:
-            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        head = list(task.head().values())
-        head_opt = torch.optim.AdamW(head, lr=cfg.head_lr, weight_decay=0.0) if head else None
-        lam = cfg.resolved_penalty
-        task.train()
-        losses = []
-        for step in range(cfg.local_steps):
-            loss = task.loss(task.sample(k, cfg.batch_size, rng))
-            if not torch.isfinite(loss):
-                raise RunFailed(f"client {k} produced a non-finite loss ({loss.item()}) at round {t + 1}, "
-                                f"local step {step + 1}; lower lr (now {cfg.lr}) — the last checkpoint is kept")
-            losses.append(loss.item())
-            total = loss + lam * soft.factors_penalty(live) if lam else loss
-            opt.zero_grad()
-            if head_opt:
-                head_opt.zero_grad()
-            total.backward()
-            opt.step()
-            if head_opt:
-                head_opt.step()
-        for A, _ in live.values():
-            A.requires_grad_(True)
-        return soft.clone_factors(live), {n: p.detach().clone() for n, p in task.head().items()}, float(
-            np.mean(losses))
+        diag = self._diag[k] = {"norm_max": 0.0, "grad": None, "grad_sq_max": math.nan, "noise_max": math.nan}
+        stats = getattr(self.task, "client_statistics", None)
+
+        def on_step(kind, live, lam):  # measurements for the bound's constants (convergence)
+            if stats is not None:  # at x_0 (kind "gradient") and after every step
+                g2, var = stats(k, self.cfg.batch_size)
+                diag["grad_sq_max"] = np.fmax(diag["grad_sq_max"], g2)
+                diag["noise_max"] = np.fmax(diag["noise_max"], var)
+            if kind == "iterate":
+                diag["norm_max"] = max(diag["norm_max"], _spectral_norm_max(live))
+                return
+            params = [p for pair in live.values() for p in pair if p.requires_grad]
+            grads = [p.grad.detach().double().clone() for p in params]
+            if lam:  # the task loss's gradient alone: take the penalty's gradient away
+                pen = torch.autograd.grad(lam * soft.factors_penalty(live), params, allow_unused=True)
+                grads = [g - (0 if q is None else q.double()) for g, q in zip(grads, pen, strict=True)]
+            diag["grad"] = torch.cat([g.flatten() for g in grads])
+
+        return train_client(self.cfg, self.task, self.glob, self.ghead, t, k, on_step=on_step)
 
     # -- one round -----------------------------------------------------------------------------
-    def step(self) -> dict:
+    def step(self, clients=None) -> dict:
+        """One round. ``clients=None``: the K clients train here, in this process. Otherwise the
+        clients are remote (:mod:`fedloop.flower`) and ``clients`` is a pool with
+        ``train(t) -> (profiles K×(r+1), losses K, status K)`` (phase 1 done elsewhere) and
+        ``upload(t, sent, keep, bandwidth_hz) -> {k: (payload bytes, head) or error text}``;
+        this method then runs only the server's part (policy, aggregation, ledger)."""
         cfg, K, t = self.cfg, self.K, self.round
         local, heads, losses, status = [None] * K, [None] * K, np.full(K, np.nan), ["ok"] * K
-        for k in range(K):
-            try:
-                if self.hook is not None:
-                    self.hook(t + 1, k)
-                local[k], heads[k], losses[k] = self.local_train(t, k)
-            except RunFailed:
-                raise
-            except Exception as exc:  # a failing client is dropped from this round, the run goes on
-                status[k] = f"error: {type(exc).__name__}: {exc}"[:200]
-        ok = [k for k in range(K) if local[k] is not None]
         r = self.shape.rank
-        profiles = np.zeros((K, r + 1))
-        for k in ok:
-            profiles[k] = soft.error_profile(self.glob, local[k], scope=cfg.scope)
+        self._diag = {}
+        start = self._start_diagnostics()
+        if clients is None:
+            for k in range(K):
+                try:
+                    if self.hook is not None:
+                        self.hook(t + 1, k)
+                    local[k], heads[k], losses[k] = self.local_train(t, k)
+                except RunFailed:
+                    raise
+                except Exception as exc:  # a failing client is dropped from this round, the run goes on
+                    status[k] = f"error: {type(exc).__name__}: {exc}"[:200]
+            ok = [k for k in range(K) if local[k] is not None]
+            profiles = np.zeros((K, r + 1))
+            for k in ok:
+                profiles[k] = soft.error_profile(self.glob, local[k], scope=cfg.scope)
+        else:
+            profiles, losses, status = clients.train(t)
+            profiles, losses, status, local = np.asarray(profiles, dtype=float), np.asarray(losses), list(status), None
+            ok = [k for k in range(K) if status[k] == "ok"]
         # A failed client reports nothing: it is not scheduled (zero error profile, keep 0 allowed).
         snr = self.cell.sample_snr_hz(self.clients, rng=_rng(cfg.seed, 31, t))
         t0 = time.perf_counter()
@@ -235,7 +230,12 @@ class _Run:
             latency = deadline
         # -- uplink: real bytes for the SOFT wire format; aggregation ---------------------------
         bits_k = np.zeros(K, dtype=np.int64)
-        self.aggregate(sent, local, keep, bits_k, t)
+        if clients is None:
+            folded_before = {n: None if v is None else v.clone() for n, v in self.folded.items()}
+            self.aggregate(sent, local, keep, bits_k, t)
+            start.update(self._aggregation_diagnostics(ok, local, folded_before))
+        else:
+            sent = self.aggregate_remote(clients, sent, keep, bandwidth, bits_k, status, heads, t)
         for k in sent:
             bits_k[k] += self.head_bits
         if sent:
@@ -249,7 +249,9 @@ class _Run:
         else:
             queue_before = math.nan
         self.wallclock += latency
-        cov = soft.factors_covariance_norm([local[k] for k in sent], self.p[sent]) if len(sent) > 1 else 0.0
+        # Remote clients send only their kept components: the server cannot form C (NaN).
+        cov = (soft.factors_covariance_norm([local[k] for k in sent], self.p[sent]) if local is not None
+               else math.nan) if len(sent) > 1 else 0.0
         dropped_energy = float(sum(self.p[k] * profiles[k, keep[k]] for k in ok)) if ok else math.nan
         test_loss, acc = math.nan, math.nan
         if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.rounds:
@@ -262,6 +264,16 @@ class _Run:
                "dropped": sum(1 for s in status if s not in ("ok", "skipped")), "dropped_energy": dropped_energy,
                "covariance_norm": cov, "train_loss": float(np.nanmean(losses)) if ok else math.nan,
                "test_loss": test_loss, "accuracy": acc, "solve_time_s": solve_time, "fallback": fallback}
+        row.update(start)
+        if ok:  # the dense update energy Σ p̃ e_k(0) and the mean normalised error profile (offline prediction)
+            w_ok = self.p[ok] / self.p[ok].sum()
+            mean_profile = w_ok @ profiles[ok]
+            row["update_energy"] = float(mean_profile[0])
+            row["profile"] = [float(x) for x in (mean_profile / mean_profile[0] if mean_profile[0] > 0
+                                                 else mean_profile)]
+        if hasattr(self.task, "objective"):  # f(θ_{t+1}), the point the bound at round t+1 speaks of
+            _write(self.task.factors(), self.glob)
+            row["objective_after"] = self.task.objective(self.p)[0]
         self.history.rounds.append(row)
         for k in range(K):
             self.history.clients.append({
@@ -273,24 +285,72 @@ class _Run:
         self.round += 1
         return row
 
+    # -- measurements for the convergence bound (docs/theory.md) --------------------------------
+    def _start_diagnostics(self) -> dict:
+        """At the round's start point θ_t: the global training objective f(θ_t) and ‖∇f(θ_t)‖²
+        where the task can compute them (linear: exact full-batch; NaN otherwise), and the
+        largest spectral norm of the global factors."""
+        out = {"objective": math.nan, "gradient_norm_sq": math.nan,
+               "factor_norm_max": _spectral_norm_max(self.glob)}
+        if hasattr(self.task, "objective"):
+            _write(self.task.factors(), self.glob)
+            out["objective"], out["gradient_norm_sq"] = self.task.objective(self.p)
+        return out
+
+    def _aggregation_diagnostics(self, ok, local, folded_before) -> dict:
+        """What aggregation lost this round, in product units of B·A (divide folded deltas by γ):
+        product_error ‖W_{t+1} − Σ p̃_k B_k A_k‖², sparsification_error ‖W_{t+1} − B̄Ā‖² (B̄, Ā the
+        plain weighted means of all trained clients' factors) and covariance_sq ‖C‖² =
+        ‖Σ p̃_k B_k A_k − B̄Ā‖², with p̃ the data weights renormalised over the trained clients;
+        plus the mean squared first-step gradient Σ p̃‖g_k‖², its mean's square ‖Σ p̃ g_k‖², and
+        the largest factor spectral norm seen along the local iterates."""
+        nan = {"product_error": math.nan, "sparsification_error": math.nan, "covariance_sq": math.nan,
+               "grad_sq_mean": math.nan, "grad_mean_sq": math.nan, "local_norm_max": math.nan,
+               "client_grad_sq_max": math.nan, "client_noise_max": math.nan}
+        if not ok:
+            return nan
+        w = self.p[ok] / self.p[ok].sum()
+        gamma = self.task.scaling
+        pe = se = cs = 0.0
+        for name in self.names:
+            prods = [local[k][name][1].double() @ local[k][name][0].double() for k in ok]
+            mean_prod = sum(wk * P for wk, P in zip(w, prods, strict=True))
+            Bb = sum(wk * local[k][name][1].double() for wk, k in zip(w, ok, strict=True))
+            Ab = sum(wk * local[k][name][0].double() for wk, k in zip(w, ok, strict=True))
+            A1, B1 = self.glob[name]
+            new = B1.double() @ A1.double()
+            after, before = self.folded[name], folded_before[name]
+            if after is not None:
+                new = new + (after.double() - (0 if before is None else before.double())) / gamma
+            pe += float(((new - mean_prod) ** 2).sum())
+            se += float(((new - Bb @ Ab) ** 2).sum())
+            cs += float(((mean_prod - Bb @ Ab) ** 2).sum())
+        out = {"product_error": pe, "sparsification_error": se, "covariance_sq": cs}
+        grads = [self._diag.get(k, {}).get("grad") for k in ok]
+        if all(g is not None for g in grads):
+            out["grad_sq_mean"] = float(sum(wk * float(g @ g) for wk, g in zip(w, grads, strict=True)))
+            gm = sum(wk * g for wk, g in zip(w, grads, strict=True))
+            out["grad_mean_sq"] = float(gm @ gm)
+        else:
+            out["grad_sq_mean"] = out["grad_mean_sq"] = math.nan
+        out["local_norm_max"] = max(self._diag.get(k, {}).get("norm_max", 0.0) for k in ok)
+        out["client_grad_sq_max"] = float(np.nanmax([self._diag.get(k, {}).get("grad_sq_max", math.nan)
+                                                     for k in ok] + [-np.inf]))
+        out["client_noise_max"] = float(np.nanmax([self._diag.get(k, {}).get("noise_max", math.nan)
+                                                   for k in ok] + [-np.inf]))
+        for key in ("client_grad_sq_max", "client_noise_max"):
+            if not np.isfinite(out[key]):
+                out[key] = math.nan
+        return out
+
     def aggregate(self, sent, local, keep, bits_k, t):
         cfg, s = self.cfg, self.cfg.strategy
         if not sent:
             return
         w = self.p[sent]
         if s in ("tsfa", "fixed", "random", "fedit", "ideal"):
-            updates = []
-            for k in sent:
-                if s == "random":
-                    gen = torch.Generator().manual_seed(_seed(cfg.seed, 41, t, k))
-                    upd = soft.random_components(self.glob, local[k], int(keep[k]), gen)
-                else:
-                    upd = soft.sparsify(self.glob, local[k], int(keep[k]), scope=cfg.scope if s != "fedit" else
-                                        "module")
-                data = upd.encode()
-                bits_k[k] = 8 * len(data)
-                updates.append(soft.decode(data, self.soft_shape))
-            new = soft.aggregate(self.glob, updates, w)
+            payloads = {k: encode_update(cfg, self.glob, local[k], int(keep[k]), t, k) for k in sent}
+            new = self.aggregate_payloads(sent, payloads, bits_k)
             if s == "ideal":  # fold Σ p B_k A_k − B̄Ā into the frozen weights (FedEx-LoRA)
                 wn = torch.as_tensor(w / w.sum())
                 for name in self.names:
@@ -332,10 +392,127 @@ class _Run:
             self.glob = {n: (A, sum(wk * local[k][n][1] for wk, k in zip(wn, sent, strict=True)))
                          for n, (A, B) in self.glob.items()}
 
+    def aggregate_payloads(self, sent, payloads, bits_k) -> dict:
+        """New global factors from the SOFT payload bytes of the clients in ``sent`` (decoded
+        against this run's adapter shape, rank-wise average with the data weights); records
+        each payload's bits in ``bits_k``."""
+        updates = []
+        for k in sent:
+            bits_k[k] = 8 * len(payloads[k])
+            updates.append(soft.decode(payloads[k], self.soft_shape))
+        return soft.aggregate(self.glob, updates, self.p[sent])
+
+    def aggregate_remote(self, clients, sent, keep, bandwidth, bits_k, status, heads, t) -> list:
+        """Uplink of remote clients: ask the scheduled ones for their payloads; a client that
+        fails to deliver (no reply, an error, an undecodable payload) is dropped from the round
+        with its reason in ``status``. Returns the clients aggregated."""
+        if self.cfg.strategy not in REMOTE_STRATEGIES:
+            raise ValueError(f"strategy {self.cfg.strategy!r} cannot run with remote clients; "
+                             f"use one of {REMOTE_STRATEGIES}")
+        if not sent:
+            return []
+        replies = clients.upload(t, list(sent), {k: int(keep[k]) for k in sent},
+                                 {k: float(bandwidth[k]) for k in sent})
+        got, payloads = [], {}
+        for k in sent:
+            rep = replies.get(k, "no reply")
+            if isinstance(rep, str):
+                status[k] = f"error: {rep}"[:200]
+                continue
+            data, head = rep
+            try:
+                upd = soft.decode(data, self.soft_shape)
+                if upd.keep != int(keep[k]):
+                    raise soft.WireFormatError(f"payload keeps {upd.keep} components, {int(keep[k])} were allocated")
+                if set(head) != set(self.ghead):
+                    raise ValueError(f"head tensors {sorted(head)} != {sorted(self.ghead)}")
+            except ValueError as exc:  # WireFormatError is a ValueError
+                status[k] = f"error: bad payload: {exc}"[:200]
+                continue
+            payloads[k], heads[k] = data, head
+            got.append(k)
+        if got:
+            self.glob = self.aggregate_payloads(got, payloads, bits_k)
+        return got
+
     def _fold(self, name, delta):
         delta = delta.float()
         self.task.fold(name, delta)
         self.folded[name] = delta.clone() if self.folded[name] is None else self.folded[name] + delta
+
+
+def train_client(cfg: RunConfig, task, glob: dict, ghead: dict, t: int, k: int, on_step=None):
+    """Client k's local training in round t (0-based) from the global factors ``glob`` and head
+    ``ghead``: E steps of task loss + λ·R_orth with a fresh optimiser, seeded from (seed, t, k).
+
+    ``on_step(kind, live, penalty)``, if given, is called after the first backward pass
+    (kind "gradient": the ``.grad`` of the factors hold that step's gradient) and after every
+    optimiser step (kind "iterate"); the loop uses it to measure the bound's constants.
+
+    Returns (local factors, local head, mean training loss). Module-level so that a Flower
+    node (:mod:`fedloop.flower`) runs exactly the code of the in-process loop.
+    """
+    _write(task.factors(), glob)
+    _write(task.head(), ghead)
+    torch.manual_seed(_seed(cfg.seed, 21, t, k))
+    rng = _rng(cfg.seed, 22, t, k)
+    live = task.factors()
+    freeze_a = cfg.strategy == "ffa"
+    for A, _ in live.values():
+        A.requires_grad_(not freeze_a)
+    params = [p for pair in live.values() for p in pair if p.requires_grad]
+    opt_name = cfg.resolved_optimizer
+    if opt_name == "tadam":
+        opt = TensorwiseAdam(params, lr=cfg.lr)
+    elif opt_name == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    head = list(task.head().values())
+    head_opt = torch.optim.AdamW(head, lr=cfg.head_lr, weight_decay=0.0) if head else None
+    lam = cfg.resolved_penalty
+    task.train()
+    losses = []
+    for step in range(cfg.local_steps):
+        loss = task.loss(task.sample(k, cfg.batch_size, rng))
+        if not torch.isfinite(loss):
+            raise RunFailed(f"client {k} produced a non-finite loss ({loss.item()}) at round {t + 1}, "
+                            f"local step {step + 1}; lower lr (now {cfg.lr}) — the last checkpoint is kept")
+        losses.append(loss.item())
+        total = loss + lam * soft.factors_penalty(live) if lam else loss
+        opt.zero_grad()
+        if head_opt:
+            head_opt.zero_grad()
+        total.backward()
+        if on_step is not None and step == 0:
+            on_step("gradient", live, lam)
+        opt.step()
+        if head_opt:
+            head_opt.step()
+        if on_step is not None:
+            on_step("iterate", live, lam)
+    for A, _ in live.values():
+        A.requires_grad_(True)
+    return soft.clone_factors(live), {n: p.detach().clone() for n, p in task.head().items()}, float(
+        np.mean(losses))
+
+
+def encode_update(cfg: RunConfig, glob: dict, local: dict, keep: int, t: int, k: int) -> bytes:
+    """Client k's uplink payload in round t for the SOFT wire strategies: the ``keep`` components
+    SOFT selects (``random``: seeded random ones; ``fedit``/``ideal``: keep = r), as bytes."""
+    if cfg.strategy == "random":
+        gen = torch.Generator().manual_seed(_seed(cfg.seed, 41, t, k))
+        upd = soft.random_components(glob, local, int(keep), gen)
+    else:
+        upd = soft.sparsify(glob, local, int(keep), scope=cfg.scope if cfg.strategy != "fedit" else "module")
+    return upd.encode()
+
+
+def _spectral_norm_max(factors: dict) -> float:
+    """max over modules of ‖A_ℓ‖₂ and ‖B_ℓ‖₂ (the ball the bound's constants hold on)."""
+    with torch.no_grad():
+        return max(float(torch.linalg.matrix_norm(X.detach().double(), ord=2)) for pair in factors.values()
+                   for X in pair)
 
 
 def _write(live: dict, values: dict) -> None:
@@ -374,6 +551,12 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True, clien
         if not (out / "checkpoint.pt").is_file():
             raise FileNotFoundError(f"cannot resume: no checkpoint.pt in {out}")
         r.load_checkpoint(out)
+    if r.round == 0 and "initial_test_loss" not in r.history.meta:  # the start point, for the bound's curves
+        _write(r.task.factors(), r.glob)
+        _write(r.task.head(), r.ghead)
+        r.history.meta["initial_test_loss"], r.history.meta["initial_accuracy"] = r.task.evaluate()
+        if hasattr(r.task, "objective"):
+            r.history.meta["initial_objective"] = r.task.objective(r.p)[0]
     bar = tqdm(range(r.round, cfg.rounds), initial=r.round, total=cfg.rounds, disable=not progress,
                desc=f"{cfg.strategy}/{cfg.task}", unit="round", leave=False)
     for _ in bar:

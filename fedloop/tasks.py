@@ -153,6 +153,7 @@ class LinearTask(Task):
             raise ValueError(f"unknown linear-task settings {unknown}; known: {sorted(s)}")
         s.update(cfg.linear)
         self.settings = s
+        self.config = cfg
         L, d, tr = int(s["modules"]), int(s["dim"]), int(s["true_rank"])
         if not 1 <= tr <= d:
             raise ValueError(f"linear.true_rank must lie in 1..dim ({d}); got {tr}")
@@ -208,6 +209,39 @@ class LinearTask(Task):
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
         return float(0.5 * ((self._predict(self.x_test) - self.y_test) ** 2).sum(1).mean()), math.nan
+
+    @torch.no_grad()
+    def client_statistics(self, k: int, batch_size: int) -> tuple[float, float]:
+        """At the live factors, client k's full-batch gradient norm² ‖∇f_k‖² and the variance of
+        its minibatch gradient (``batch_size`` samples drawn without replacement, as the loop
+        draws them) — in closed form from per-sample gradients γ e_i (A x_i)ᵀ and γ (Bᵀe_i) x_iᵀ."""
+        x, y = self.xs[k].double(), self.ys[k].double()
+        n, b = len(x), min(batch_size, len(x))
+        per_sample, mean_sq, off = 0.0, 0.0, 0
+        for m in self.model.values():
+            d_out = m.weight.shape[0]
+            A, B, g = m.lora_A.double(), m.lora_B.double(), m.scaling
+            Ax = x @ A.T
+            e = x @ m.weight.double().T + g * Ax @ B.T - y[:, off:off + d_out]
+            off += d_out
+            Bte = e @ B
+            per_sample = per_sample + g**2 * ((e**2).sum(1) * (Ax**2).sum(1) + (Bte**2).sum(1) * (x**2).sum(1))
+            mean_sq += float(((g * e.T @ Ax / n) ** 2).sum() + ((g * Bte.T @ x / n) ** 2).sum())
+        var = (float(per_sample.mean()) - mean_sq) * (n - b) / (b * (n - 1)) if n > 1 else 0.0
+        return mean_sq, max(var, 0.0)
+
+    def objective(self, weights) -> tuple[float, float]:
+        """The global training objective f(θ) = Σ_k p_k f_k(θ) (full batch, every client's data)
+        at the live factors, and ‖∇f(θ)‖² over all LoRA factors (A and B)."""
+        params = [p for pair in self.factors().values() for p in pair]
+        flags = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(True)
+        f = sum(float(w) * self.loss((x, y)) for w, x, y in zip(weights, self.xs, self.ys, strict=True))
+        grads = torch.autograd.grad(f, params)
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+        return float(f.detach()), float(sum((g.double() ** 2).sum() for g in grads))
 
 
 def make_task(cfg: RunConfig) -> Task:

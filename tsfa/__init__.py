@@ -52,3 +52,23 @@ __all__ = [
     "FixedPolicy",
     "DensePolicy",
 ]
+
+from tsfa.offline import (  # noqa: E402  (TSFA stage 1, SPEC §6)
+    DEFAULT_V_GRID,
+    Candidate,
+    LatencyEstimate,
+    OfflinePlan,
+    VPoint,
+    design_offline,
+    expected_latency,
+)
+
+__all__ += [
+    "design_offline",
+    "expected_latency",
+    "OfflinePlan",
+    "Candidate",
+    "LatencyEstimate",
+    "VPoint",
+    "DEFAULT_V_GRID",
+]

@@ -1,0 +1,166 @@
+"""Calibrate the bound from a short pilot run and predict other configurations (SPEC §5(b)).
+
+Method (docs/theory.md §5). The theorem's recursion, written for the loss ℓ_t itself, is
+
+    ℓ_{t+1} = ρ ℓ_t + k + w (e_t + c_t),    k = (1−ρ)(F* + ε(r)) + β ε(r) + (1+β)(n + d),
+
+linear in (ρ, k, w) given the pilot's measured losses ℓ_t, sparsification errors e_t and
+covariances c_t. :func:`calibrate` fits it by bounded least squares (0 ≤ ρ ≤ 1, w ≥ 0) over
+the pilot's rounds and maps the three numbers back onto :class:`BoundConstants`:
+
+* ρ → a from (1 + a/2)(1 − a) = ρ (β = a/2), then μ = a / (2ηE) with the pilot's η and E;
+* w → L_W = w / ((1 + 1/β) γ²) with κ = 1;
+* k → noise and drift from the pilot's measured first-step gradients (σ² ≈ Σp‖g_k‖² −
+  ‖Σp g_k‖², G² ≈ max_t Σp‖g_k‖²) with L = L_W, and F* takes the rest;
+* ε(r) from the given spectrum (e.g. :func:`convergence.estimate_spectrum`), weight ½.
+
+To predict another (rank, keep ratio) before training, :func:`predict_schedule` builds its
+per-round e_t from the pilot's dense update energy U_t = Σ p_k e_k(0) times the share of
+the rank-r' energy beyond s' components, taken from the spectrum (SOFT's near-orthogonal
+components follow the principal directions): Σ_{s'<i≤r'} λ_i / Σ_{i≤r'} λ_i; c_t is the
+pilot's. Rounds beyond the pilot repeat the mean of its second half.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from convergence.bound import BoundConstants, Schedule, bound
+from convergence.rank import check_spectrum, rank_term
+
+__all__ = ["calibrate", "schedule_from_history", "predict_schedule", "predict_final_loss", "loss_curve",
+           "make_predictor"]
+
+
+def loss_curve(history) -> tuple[np.ndarray, str]:
+    """The empirical loss at rounds 0..T the bound speaks of: the training objective where the
+    run recorded it (linear), else the test loss (with the start point from the run's meta)."""
+    obj = history.column("objective_after")
+    if len(obj) and np.all(np.isfinite(obj)):
+        start = history.meta.get("initial_objective", history.column("objective")[0])
+        return np.concatenate([[start], obj]), "training objective"
+    test = history.column("test_loss")
+    start = history.meta.get("initial_test_loss", math.nan)
+    return np.concatenate([[math.nan if start is None else start], test]), "test loss"
+
+
+def schedule_from_history(history, rank: int | None = None) -> Schedule:
+    """The realised schedule of a run: its rounds, rank, e_t (``dropped_energy``) and c_t
+    (``covariance_sq``; rounds with no measurement count 0)."""
+    e = np.nan_to_num(history.column("dropped_energy"), nan=0.0)
+    c = np.nan_to_num(history.column("covariance_sq"), nan=0.0)
+    r = int(history.config.get("rank", 1)) if rank is None else rank
+    return Schedule(rounds=len(history.rounds), rank=r, sparsification=e, covariance=c)
+
+
+def calibrate(history, spectrum, *, rank_weight: float = 0.5, skip: int = 0) -> BoundConstants:
+    """Fit the bound's constants to a pilot run (method in the module docstring).
+
+    Args:
+        history: the pilot's :class:`fedloop.History` (any task; ≥ 3 evaluated rounds).
+        spectrum: ε(r)'s spectrum (1-D, or 2-D with one row per module).
+        rank_weight: ε(r) = rank_weight · tail of the spectrum.
+        skip: leading rounds left out of the fit (transients).
+    """
+    from scipy.optimize import lsq_linear
+
+    spectrum = check_spectrum(spectrum)
+    cfg = history.config
+    loss, _ = loss_curve(history)
+    sch = schedule_from_history(history)
+    x = np.asarray(sch.sparsification) + np.asarray(sch.covariance)
+    T = len(history.rounds)
+    idx = [t for t in range(skip, T) if np.isfinite(loss[t]) and np.isfinite(loss[t + 1])]
+    if len(idx) < 3:
+        raise ValueError(f"calibrate needs >= 3 consecutive evaluated rounds in the pilot; got {len(idx)}")
+    X = np.array([[loss[t], 1.0, x[t]] for t in idx])
+    y = np.array([loss[t + 1] for t in idx])
+    scale = np.maximum(np.abs(X).max(0), 1e-300)
+    lo = np.array([0.0, -np.inf, 0.0]) * scale
+    hi = np.array([1.0, np.inf, np.inf]) * scale
+    fit = lsq_linear(X / scale, y, bounds=(lo, hi))
+    rho, k, w = fit.x / scale
+    rho = min(max(rho, 0.0), 1.0 - 1e-9)
+    a = -0.5 + math.sqrt(0.25 + 2.0 * (1.0 - rho))
+    a = min(max(a, 1e-12), 1.0)
+    beta = a / 2.0
+    eta, E = float(cfg.get("lr", 1.0)), int(cfg.get("local_steps", 1))
+    gamma = float(cfg.get("alpha") or cfg.get("rank", 1)) / float(cfg.get("rank", 1))
+    L_W = w / ((1.0 + 1.0 / beta) * gamma**2)
+    gsq, gmean = history.column("grad_sq_mean"), history.column("grad_mean_sq")
+    ok = np.isfinite(gsq) & np.isfinite(gmean)
+    sigma2 = float(np.mean(np.maximum(gsq[ok] - gmean[ok], 0.0))) if np.any(ok) else 0.0
+    G2 = float(np.max(gsq[ok])) if np.any(ok) else 0.0
+    base = dict(step_size=eta, local_steps=E, smoothness=L_W, product_smoothness=L_W, noise=sigma2,
+                gradient_bound=G2, pl=a / (2 * eta * E), initial_gap=1.0, spectrum=spectrum, scaling=gamma,
+                sparsification_factor=1.0, rank_weight=rank_weight, split=beta)
+    probe = BoundConstants(**base)
+    from convergence.bound import drift_term, noise_term
+
+    nd = noise_term(probe) + drift_term(probe)
+    eps = rank_term(spectrum, int(cfg.get("rank", 1)), weight=rank_weight)
+    floor = (k - beta * eps - nd) / (1.0 - rho) - eps
+    resid = float(np.sqrt(np.mean((X @ np.array([rho, k, w]) - y) ** 2)))
+    return BoundConstants(**{**base, "initial_gap": max(float(loss[0]) - floor, 0.0) if np.isfinite(loss[0])
+                             else max(float(loss[idx[0]]) - floor, 0.0)}, floor=float(floor),
+                          source=f"calibrated on a {T}-round pilot (rank {cfg.get('rank')}, keep {cfg.get('keep')}, "
+                                 f"strategy {cfg.get('strategy')}): rho = {rho:.4f}, k = {k:.4g}, w = {w:.4g}, "
+                                 f"rms residual {resid:.3g}")
+
+
+def _dropped_share(spectrum, rank, keep):
+    s = check_spectrum(spectrum)
+    flat = s.reshape(-1, s.shape[-1])
+    csum = np.concatenate([np.zeros((len(flat), 1)), np.cumsum(flat, axis=1)], axis=1).sum(0)
+    r = np.asarray(rank, dtype=int)
+    k = np.clip(np.asarray(keep, dtype=int), 0, r)
+    tot = csum[r]
+    return np.where(tot > 0, (tot - csum[k]) / np.where(tot > 0, tot, 1.0), 0.0)
+
+
+def predict_schedule(pilot, spectrum, rank, keep_ratio, rounds: int) -> Schedule:
+    """The schedule of a configuration not yet run, from a pilot (module docstring): shapes
+    broadcast over ``rank`` and ``keep_ratio``; keep s' = max(1, round(ρ r'))."""
+    r = np.asarray(rank, dtype=int)
+    kr = np.asarray(keep_ratio, dtype=float)
+    if np.any(~np.isfinite(kr)) or np.any(kr <= 0) or np.any(kr > 1):
+        raise ValueError(f"keep_ratio must lie in (0, 1]; got {kr}")
+    r, kr = np.broadcast_arrays(r, kr)
+    keep = np.maximum(1, np.rint(kr * r).astype(int))
+    share = _dropped_share(spectrum, r, keep)
+    U = np.nan_to_num(pilot.column("update_energy"), nan=0.0)
+    c = np.nan_to_num(pilot.column("covariance_sq"), nan=0.0)
+    U, c = _extend(U, rounds), _extend(c, rounds)
+    return Schedule(rounds=rounds, rank=r, sparsification=share[..., None] * U, covariance=np.broadcast_to(
+        c, (*r.shape, rounds)))
+
+
+def _extend(x, T):
+    x = np.asarray(x, dtype=float)
+    if len(x) >= T:
+        return x[:T]
+    tail = float(np.mean(x[len(x) // 2:])) if len(x) else 0.0
+    return np.concatenate([x, np.full(T - len(x), tail)])
+
+
+def predict_final_loss(constants: BoundConstants, pilot, rank, keep_ratio, rounds: int):
+    """Predicted :class:`BoundTerms` for candidate (rank, keep ratio) pairs over ``rounds``."""
+    return bound(constants, predict_schedule(pilot, constants.spectrum, rank, keep_ratio, rounds))
+
+
+def make_predictor(constants: BoundConstants, pilot):
+    """A ``predict(rank, keep_ratio, rounds) -> {term: array, "total": predicted loss}`` callable
+    for :func:`tsfa.design_offline`; "total" is the predicted final *loss* (gap + F*)."""
+
+    def predict(rank, keep_ratio, rounds):
+        r, kr, T = np.broadcast_arrays(np.asarray(rank), np.asarray(keep_ratio, dtype=float), np.asarray(rounds))
+        Tmax = int(T.max()) if T.size else 0
+        terms = predict_final_loss(constants, pilot, r, kr, Tmax)
+        Ti = T.astype(int)[..., None]
+        out = {name: np.take_along_axis(v, Ti, axis=-1)[..., 0] for name, v in terms.as_dict().items()}
+        out["total"] = out["total"] + constants.floor
+        return out
+
+    return predict
