@@ -27,3 +27,15 @@ def test_bad_input_one_line_exit_2():
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "--clients" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_design_prints_the_plan_table(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'task = "linear"\nstrategy = "tsfa"\nrounds = 6\nclients = 4\nrank = 4\nkeep = 1\n'
+                   f'lr = 0.05\nout = "{tmp_path / "plan"}"\n[linear]\ndim = 16\n')
+    out = run("design", str(cfg), "--pilot-rounds", "4", "--ranks", "1", "2", "4", "--draws", "40", "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert "rank" in out.stdout and "lat mean" in out.stdout and "*" in out.stdout
+    assert (tmp_path / "plan" / "plan.csv").is_file() and (tmp_path / "plan" / "plan.json").is_file()
+    bad = run("design", str(tmp_path / "missing.toml"))
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr

@@ -93,6 +93,46 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _design(args: argparse.Namespace) -> int:
+    import csv
+    import json
+    from pathlib import Path
+
+    from fedloop import RunConfig
+    from fedloop.data import TaskUnavailable
+    from fedloop.design import plan_for
+    from fedloop.history import History
+
+    try:
+        cfg = RunConfig.from_toml(args.config)
+        pilot = History.load(args.pilot) if args.pilot else None
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
+    if args.out:
+        cfg = cfg.replace(out=args.out)
+    try:
+        plan, pilot, constants = plan_for(cfg, pilot=pilot, ranks=args.ranks, keep_ratios=args.keep_ratios,
+                                          pilot_rounds=args.pilot_rounds, draws=args.draws, progress=not args.quiet)
+    except (TaskUnavailable, FileNotFoundError) as exc:
+        raise UserError(str(exc)) from None
+    print(plan.message)
+    print(plan.format_table())
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = plan.table_rows()
+    with open(out / "plan.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (out / "plan.json").write_text(json.dumps({
+        "status": plan.status.value, "message": plan.message, "rank": plan.rank, "keep": plan.keep,
+        "keep_ratio": plan.keep_ratio, "rounds": plan.rounds, "weight_v": plan.weight_v,
+        "predicted_loss": plan.predicted_loss, "latency_budget_s": plan.latency_budget_s,
+        "binding": list(plan.binding), "constants": constants.to_dict()}, indent=1, default=float))
+    print(f"wrote {out / 'plan.csv'} and {out / 'plan.json'}")
+    return 0 if plan.success else 1
+
+
 def _allocate(args: argparse.Namespace) -> int:
     import json
 
@@ -167,6 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--strategy", help="override the strategy")
     r.add_argument("--out", help="override the run folder")
     r.set_defaults(func=_run)
+    g = sub.add_parser("design", help="offline plan (rank, keep ratio, V) for a TOML config, from a calibrated bound")
+    g.add_argument("config", help="TOML file whose keys are RunConfig fields")
+    g.add_argument("--pilot", help="calibrate on this run folder instead of running a pilot")
+    g.add_argument("--pilot-rounds", type=int, default=8, help="rounds of the pilot run (default 8)")
+    g.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="candidate ranks")
+    g.add_argument("--keep-ratios", type=float, nargs="+", default=[0.25, 0.5, 1.0], help="candidate keep ratios")
+    g.add_argument("--draws", type=int, default=200, help="channel draws of the latency SAA (default 200)")
+    g.add_argument("--out", help="override the folder for plan.csv / plan.json (default: the config's out)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar for the pilot")
+    g.set_defaults(func=_design)
     a = sub.add_parser("allocate", help="one round's allocation, JSON in and out (docs/allocate_json.md)")
     a.add_argument("--input", required=True, help="round JSON file, or - for standard input")
     a.add_argument("--output", help="write the allocation JSON here (default: standard output)")

@@ -26,3 +26,46 @@ def test_strategy_comparison_short(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "comparison.csv")))
     assert len(rows) == 4
     assert (tmp_path / "comparison.png").stat().st_size > 10_000
+
+
+def test_bound_vs_empirical_short(tmp_path):
+    import json
+
+    ex = load("06_bound_vs_empirical.py")
+    assert ex.main(["--quick", "--tasks", "linear", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "bound_spearman.json").read_text())
+    assert summary["linear"]["exact_bound_holds_every_round"] is True
+    assert summary["linear"]["tightness_median"] >= 1.0
+    rows = list(csv.DictReader(open(tmp_path / "bound_vs_empirical.csv")))
+    assert len(rows) == 4 and all(float(r["predicted_final"]) > 0 for r in rows)
+    assert (tmp_path / "bound_linear.png").stat().st_size > 20_000
+
+
+def test_bound_vs_empirical_rt_minilm_short(tmp_path):
+    import json
+
+    import pytest
+
+    from fedloop.data import TaskUnavailable, load_rotten_tomatoes
+
+    try:
+        load_rotten_tomatoes()
+    except TaskUnavailable as exc:
+        pytest.skip(str(exc))
+    ex = load("06_bound_vs_empirical.py")
+    assert ex.main(["--quick", "--tasks", "rt-minilm", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "bound_spearman.json").read_text())
+    assert -1.0 <= summary["rt-minilm"]["spearman_predicted_vs_empirical"] <= 1.0
+    assert (tmp_path / "bound_rt_minilm.png").stat().st_size > 20_000
+
+
+def test_offline_rank_design_short(tmp_path):
+    import json
+
+    ex = load("01_offline_rank_design.py")
+    assert ex.main(["--quick", "--tasks", "linear", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "offline_summary.json").read_text())["linear"]
+    assert summary["status"] == "optimal" and summary["chosen_rank"] in (1, 2, 3)
+    sweep = list(csv.DictReader(open(tmp_path / "offline_sweep.csv")))
+    assert [int(r["rank"]) for r in sweep] == [1, 2, 3]
+    assert (tmp_path / "offline_linear.png").stat().st_size > 20_000

@@ -1,0 +1,83 @@
+"""Offline design for a fedloop task (TSFA stage 1 wired to the calibrated bound).
+
+``plan_for(config)`` builds exactly the system ``fedloop.run(config)`` would face (adapter
+shape with the dense head in the header, the cell, the clients' large-scale gains and
+compute times, the downlink, τ̄ and the per-round cap), takes ε(r)'s spectrum from the task
+(exact on ``linear``; a pilot gradient of each adapted module on ``rt-minilm``), calibrates
+the bound on a short pilot run (``convergence.calibrate``), and calls
+:func:`tsfa.design_offline` with that predictor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from fedloop.config import RunConfig
+
+__all__ = ["plan_for", "task_spectrum", "pilot_config", "DEFAULT_RANKS", "DEFAULT_KEEP_RATIOS"]
+
+DEFAULT_RANKS = (1, 2, 4, 8, 16)
+DEFAULT_KEEP_RATIOS = (0.25, 0.5, 1.0)
+
+
+def task_spectrum(task, *, batch: int = 64) -> np.ndarray:
+    """ε(r)'s spectrum, one row per adapted module: exact on the linear task, from a pilot
+    gradient of every adapted module's frozen weight otherwise (convergence.estimate_spectrum)."""
+    from convergence import estimate_spectrum, stack_spectra
+
+    if task.name == "linear":
+        from convergence import linear_optimum
+
+        return linear_optimum(task)["spectrum"]
+    layers = {name: mod.base_layer for name, mod in task._lora_modules()}
+    per = max(1, batch // len(task.client_indices))
+    idx = np.concatenate([c[:per] for c in task.client_indices])[:batch]
+    b = task.batch(idx)
+    return stack_spectra(estimate_spectrum(lambda: task.loss(b), layers, num_samples=len(idx)))
+
+
+def pilot_config(cfg: RunConfig, rounds: int = 8) -> RunConfig:
+    """The pilot: the same configuration, fewer rounds, its own folder."""
+    return cfg.replace(rounds=min(rounds, cfg.rounds), out=str(Path(cfg.out) / "pilot"))
+
+
+def plan_for(cfg: RunConfig, *, pilot=None, ranks: Sequence[int] = DEFAULT_RANKS,
+             keep_ratios: Sequence[float] = DEFAULT_KEEP_RATIOS, rounds=None, pilot_rounds: int = 8,
+             draws: int = 200, method: str = "milp", progress: bool = False, **design_kw):
+    """The offline plan for ``cfg``'s system.
+
+    Args:
+        cfg: the run configuration (task, clients, seed, wireless settings, τ̄ …).
+        pilot: a :class:`fedloop.History` to calibrate on (None: run a ``pilot_rounds`` pilot
+            of ``cfg`` first).
+        ranks, keep_ratios: the candidate grid (ranks above the task's module size are dropped).
+        rounds: rounds to plan for (default ``cfg.rounds``).
+        draws, method, design_kw: passed to :func:`tsfa.design_offline`.
+
+    Returns:
+        (plan, pilot history, calibrated constants).
+    """
+    from convergence import calibrate, make_predictor
+    from fedloop.loop import DOWNLINK_RATE_BPS, _Run, run
+    from tsfa import design_offline
+
+    system = _Run(cfg)
+    spectrum = task_spectrum(system.task)
+    if pilot is None:
+        pilot = run(pilot_config(cfg, pilot_rounds), progress=progress)
+    constants = calibrate(pilot, spectrum)
+    max_rank = min(min(m.in_features, m.out_features) for m in system.shape.modules)
+    ranks = [int(r) for r in ranks if int(r) <= min(max_rank, spectrum.shape[-1])]
+    if not ranks:
+        raise ValueError(f"no candidate rank fits the task's modules (largest rank {max_rank})")
+    cap = None if cfg.cap_factor is None else cfg.cap_factor * system.tau_bar
+    plan = design_offline(
+        system.shape, cell=system.cell, clients=system.clients, compute_s=system.compute_s,
+        latency_budget_s=system.tau_bar, ranks=ranks, keep_ratios=keep_ratios,
+        predict=make_predictor(constants, pilot), rounds=cfg.rounds if rounds is None else rounds,
+        downlink_rate_bps=DOWNLINK_RATE_BPS, max_latency_s=cap, draws=draws, method=method,
+        rng=cfg.seed, **design_kw)
+    return plan, pilot, constants
