@@ -77,7 +77,8 @@ def sweep(task: str, base: dict, cells, seeds, out: Path, pilot_cell, spectrum_f
     rows, runs = [], {}
     for r, keep in cells:
         for seed in seeds:
-            cfg = RunConfig(**base, rank=r, keep=keep, seed=seed, out=str(out / "runs" / f"{task}_r{r}_k{keep}_s{seed}"))
+            folder = out / "runs" / f"{task}_r{r}_k{keep}_s{seed}"
+            cfg = RunConfig(**base, rank=r, keep=keep, seed=seed, out=str(folder))
             t0 = time.perf_counter()
             h = run(cfg, progress=False)
             runs[(r, keep, seed)] = (cfg, h)
