@@ -561,8 +561,8 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True, clien
                desc=f"{cfg.strategy}/{cfg.task}", unit="round", leave=False)
     for _ in bar:
         row = r.step()
-        bar.set_postfix(acc=f"{row['accuracy']:.3f}" if cfg.task != "linear" else f"{row['test_loss']:.4f}",
-                        Mbit=f"{r.history.total_uplink_bits / 1e6:.1f}",
+        metric = {"acc": f"{row['accuracy']:.3f}"} if cfg.task != "linear" else {"loss": f"{row['test_loss']:.4f}"}
+        bar.set_postfix(**metric, Mbit=f"{r.history.total_uplink_bits / 1e6:.1f}",
                         Q=f"{row['queue_s']:.2f}" if not math.isnan(row["queue_s"]) else "-")
         if r.round % cfg.checkpoint_every == 0 or r.round == cfg.rounds:
             r.save_checkpoint(out)

@@ -13,8 +13,8 @@ def test_version():
     assert out.returncode == 0 and out.stdout.strip() == f"tsfa {tsfa.__version__}"
 
 
-def test_demo_prints_table():
-    out = run("demo", "--clients", "6", "--seed", "3")
+def test_bandwidth_demo_prints_table():
+    out = run("bandwidth-demo", "--clients", "6", "--seed", "3")
     assert out.returncode == 0, out.stderr
     assert "round latency, optimal split" in out.stdout
     assert out.stdout.count("\n") > 10
@@ -23,7 +23,7 @@ def test_demo_prints_table():
 
 
 def test_bad_input_one_line_exit_2():
-    out = run("demo", "--clients", "0")
+    out = run("bandwidth-demo", "--clients", "0")
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "--clients" in out.stderr
     assert "Traceback" not in out.stderr
@@ -39,3 +39,17 @@ def test_design_prints_the_plan_table(tmp_path):
     assert (tmp_path / "plan" / "plan.csv").is_file() and (tmp_path / "plan" / "plan.json").is_file()
     bad = run("design", str(tmp_path / "missing.toml"))
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_main_job_quick(tmp_path):
+    import json
+
+    out = run("demo", "--quick", "--quiet", "--out", str(tmp_path / "demo"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "bit savings" in out.stdout and "latency/τ̄" in out.stdout
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    table = {r["strategy"]: r for r in summary["table"]}
+    assert set(table) == {"tsfa", "fedit", "ideal"}
+    assert table["tsfa"]["uplink_mbit"] < table["fedit"]["uplink_mbit"]
+    for name in ("compare.png", "bound.png", "tsfa/run.png", "plan.csv", "summary.csv"):
+        assert (tmp_path / "demo" / name).is_file(), name

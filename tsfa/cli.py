@@ -15,6 +15,17 @@ class UserError(Exception):
     """An input problem the user can fix; printed as one line, exit code 2."""
 
 
+def _main_job(args: argparse.Namespace) -> int:
+    from fedloop.data import TaskUnavailable
+    from fedloop.demo import main_job
+
+    try:
+        main_job(args.out, quick=args.quick, seed=args.seed, progress=not args.quiet)
+    except TaskUnavailable as exc:
+        raise UserError(str(exc)) from None
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -191,7 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tsfa", description="Wireless federated LoRA fine-tuning solvers.")
     p.add_argument("--version", action="version", version=f"tsfa {__version__}")
     sub = p.add_subparsers(dest="command")
-    d = sub.add_parser("demo", help="run the main job on embedded defaults")
+    m = sub.add_parser("demo", help="the main job on embedded defaults: offline design, then TSFA, fedit and "
+                                    "ideal on rt-minilm, a table and figures (--quick: the linear task, seconds)")
+    m.add_argument("--quick", action="store_true", help="the linear task instead of rt-minilm (seconds)")
+    m.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    m.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    m.add_argument("--quiet", action="store_true", help="no progress bars")
+    m.set_defaults(func=_main_job)
+    d = sub.add_parser("bandwidth-demo", help="one round's bandwidth split on the default cell, every backend")
     d.add_argument("--clients", type=int, default=20, help="number of clients (default 20)")
     d.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
