@@ -122,7 +122,9 @@ def _dropped_share(spectrum, rank, keep):
 
 def predict_schedule(pilot, spectrum, rank, keep_ratio, rounds: int) -> Schedule:
     """The schedule of a configuration not yet run, from a pilot (module docstring): shapes
-    broadcast over ``rank`` and ``keep_ratio``; keep s' = max(1, round(ρ r'))."""
+    broadcast over ``rank`` and ``keep_ratio``; keep s' = max(1, round(ρ r')). ``pilot`` is a
+    History, or a mapping {"update_energy": U, "covariance_sq": c} (scalars or per-round
+    arrays) when planning from shapes alone."""
     r = np.asarray(rank, dtype=int)
     kr = np.asarray(keep_ratio, dtype=float)
     if np.any(~np.isfinite(kr)) or np.any(kr <= 0) or np.any(kr > 1):
@@ -130,11 +132,23 @@ def predict_schedule(pilot, spectrum, rank, keep_ratio, rounds: int) -> Schedule
     r, kr = np.broadcast_arrays(r, kr)
     keep = np.maximum(1, np.rint(kr * r).astype(int))
     share = _dropped_share(spectrum, r, keep)
-    U = np.nan_to_num(pilot.column("update_energy"), nan=0.0)
-    c = np.nan_to_num(pilot.column("covariance_sq"), nan=0.0)
+    U, c = _pilot_series(pilot, "update_energy"), _pilot_series(pilot, "covariance_sq")
     U, c = _extend(U, rounds), _extend(c, rounds)
     return Schedule(rounds=rounds, rank=r, sparsification=share[..., None] * U, covariance=np.broadcast_to(
         c, (*r.shape, rounds)))
+
+
+def _pilot_series(pilot, key):
+    """A pilot's per-round series: a History's column, or a value/array from a mapping (planning
+    without a pilot run, e.g. from module shapes alone)."""
+    if hasattr(pilot, "column"):
+        return np.nan_to_num(pilot.column(key), nan=0.0)
+    if isinstance(pilot, dict) and key in pilot:
+        x = np.atleast_1d(np.asarray(pilot[key], dtype=float))
+        if np.any(~np.isfinite(x)) or np.any(x < 0):
+            raise ValueError(f"pilot[{key!r}] must be finite and >= 0; got {pilot[key]!r}")
+        return x
+    raise ValueError(f"pilot must be a fedloop History or a mapping with {key!r}; got {type(pilot).__name__}")
 
 
 def _extend(x, T):
