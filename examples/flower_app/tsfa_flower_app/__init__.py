@@ -1,0 +1,1 @@
+"""Flower app wrapper around fedloop.flower (TSFA + SOFT)."""

@@ -1,0 +1,318 @@
+"""TSFA + SOFT on Flower: Ray simulation against the in-process loop, resume, faults, and a real
+SuperLink with SuperNodes as separate processes on 127.0.0.1."""
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="needs the [flower] extra")
+
+from flwr.app import Context, Message  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+from fedloop import History, RunConfig, run  # noqa: E402
+from fedloop import flower as fl  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+APP = ROOT / "examples" / "flower_app"
+BIN = Path(sys.executable).parent
+
+
+def lin(out, **kw):
+    base = dict(task="linear", strategy="tsfa", rounds=3, clients=4, rank=4, keep=1, lr=0.02, checkpoint_every=1,
+                out=str(out), linear={"dim": 16, "samples": 64, "test_samples": 256})
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def glob_of(folder):
+    return torch.load(Path(folder) / "checkpoint.pt", weights_only=False)
+
+
+def assert_same_adapter(a, b, atol=1e-5):
+    assert a.keys() == b.keys()
+    for name in a:
+        for i in range(2):
+            torch.testing.assert_close(a[name][i], b[name][i], rtol=0, atol=atol)
+
+
+def ledger(h: History):
+    """The bits ledger: per client and round (status kind, keep, bits), per round the totals."""
+    clients = [(c["round"], c["client"], c["status"].split(":")[0], c["keep"], c["uplink_bits"]) for c in h.clients]
+    rounds = [(r["round"], r["uplink_bits"], r["scheduled"], r["dropped"]) for r in h.rounds]
+    return clients, rounds
+
+
+# -- fast: configuration -------------------------------------------------------------------------
+def test_run_config_maps_to_run_config():
+    cfg, st = fl.config_from_run_config({
+        "task": "linear", "rounds": 7, "local-steps": 3, "lr": 1, "cap-factor": "none", "linear.dim": 8,
+        "linear.test-samples": 64, "round-timeout": 5.0, "min-nodes": 2, "resume": True, "strategy": "fixed"})
+    assert cfg.rounds == 7 and cfg.local_steps == 3 and cfg.lr == 1.0 and cfg.cap_factor is None
+    assert cfg.linear == {"dim": 8, "test_samples": 64} and cfg.strategy == "fixed"
+    assert st == fl.FlowerSettings(round_timeout=5.0, min_nodes=2, resume=True)
+    with pytest.raises(ValueError, match="unknown config keys"):
+        fl.config_from_run_config({"rouns": 3})
+
+
+def test_strategy_rejects_what_flower_cannot_run(tmp_path):
+    with pytest.raises(ValueError, match="not supported on Flower"):
+        fl.TsfaStrategy(lin(tmp_path, strategy="svd"))
+    with pytest.raises(FileNotFoundError, match="cannot resume"):
+        fl.TsfaStrategy(lin(tmp_path / "none"), fl.FlowerSettings(resume=True))
+    s = fl.TsfaStrategy(lin(tmp_path))
+    assert isinstance(s, fl.FedAvg) and s.remaining_rounds == 3 and s.min_available_nodes == 4
+
+
+def test_the_app_layout_is_what_flwr_run_accepts():
+    from flwr.cli.config_utils import load_and_validate
+
+    config, warnings = load_and_validate(APP / "pyproject.toml")
+    comps = config["tool"]["flwr"]["app"]["components"]
+    assert comps == {"serverapp": "tsfa_flower_app.server_app:app", "clientapp": "tsfa_flower_app.client_app:app"}
+    from flwr.common.config import flatten_dict
+
+    flat = flatten_dict(config["tool"]["flwr"]["app"]["config"])
+    cfg, st = fl.config_from_run_config(flat)
+    assert cfg.task == "linear" and cfg.strategy == "tsfa" and not st.resume
+    # `flwr run -c` can override only listed keys: every RunConfig field and linear setting is listed
+    listed = {k.replace("-", "_") for k in flat}
+    assert {f for f in RunConfig().to_dict() if f != "linear"} <= listed
+    from fedloop.tasks import LinearTask
+
+    assert set(cfg.linear) == set(LinearTask(cfg).settings)
+
+
+# -- Ray simulation ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sim3(tmp_path_factory):
+    """A 3-round Flower simulation (Ray, 4 virtual SuperNodes) and the same run in-process."""
+    d = tmp_path_factory.mktemp("sim")
+    t0 = time.perf_counter()
+    h = fl.run_flower(lin(d / "flower"))
+    seconds = time.perf_counter() - t0
+    ref = run(lin(d / "fedloop"), progress=False)
+    return d, h, ref, seconds
+
+
+@pytest.mark.slow
+def test_simulation_matches_fedloop(sim3):
+    d, h, ref, seconds = sim3
+    assert h.meta["engine"] == "flower" and len(h.rounds) == 3
+    assert ledger(h) == ledger(ref)  # same keep counts, same encoded bytes, same statuses
+    assert any(c["keep"] < 4 for c in h.clients)  # TSFA really sparsified
+    a, b = glob_of(d / "flower"), glob_of(d / "fedloop")
+    assert_same_adapter(a["glob"], b["glob"])
+    assert a["policy"] == b["policy"] and a["round"] == b["round"] == 3  # the Lyapunov queue too
+    for x, y in zip(h.rounds, ref.rounds, strict=True):
+        assert x["test_loss"] == pytest.approx(y["test_loss"], rel=1e-6)
+        assert x["latency_s"] == pytest.approx(y["latency_s"], rel=1e-9)
+        assert math.isnan(x["covariance_norm"]) or x["scheduled"] < 2  # the server never sees full local factors
+    assert seconds < 120
+
+
+@pytest.mark.slow
+def test_simulation_resumes_from_its_checkpoint(sim3, tmp_path):
+    d, _, _, _ = sim3
+    shutil.copytree(d / "flower", tmp_path / "flower")
+    h = fl.run_flower(lin(tmp_path / "flower", rounds=5), settings=fl.FlowerSettings(resume=True))
+    full = run(lin(tmp_path / "full", rounds=5), progress=False)
+    assert len(h.rounds) == 5 and ledger(h) == ledger(full)
+    assert_same_adapter(glob_of(tmp_path / "flower")["glob"], glob_of(tmp_path / "full")["glob"])
+    # the in-process loop resumes a Flower checkpoint as well (one format)
+    shutil.copytree(d / "flower", tmp_path / "mixed")
+    run(lin(tmp_path / "mixed", rounds=5), resume=True, progress=False)
+    assert_same_adapter(glob_of(tmp_path / "mixed")["glob"], glob_of(tmp_path / "full")["glob"])
+
+
+def _faulty_client_app(faults):
+    """The real ClientApp, except that partition k raises in (phase, round index) listed in faults."""
+    app = ClientApp()
+
+    def check(phase, msg: Message, context: Context):
+        k = int(context.node_config["partition-id"])
+        if (phase, int(msg.content["config"]["round-index"]), k) in faults:
+            raise RuntimeError(f"radio link lost ({phase})")
+
+    @app.train()
+    def train(msg, context):
+        check("train", msg, context)
+        return fl.client_train(msg, context)
+
+    @app.train("upload")
+    def upload(msg, context):
+        check("upload", msg, context)
+        return fl.client_upload(msg, context)
+
+    return app
+
+
+@pytest.mark.slow
+def test_simulation_drops_failing_nodes(tmp_path, monkeypatch):
+    """Partition 1 fails while training in round 2 (as fedloop's client_hook does); partition 0
+    fails to upload in round 3, after it reported its profile and got its allocation."""
+    monkeypatch.setattr(fl, "client_app", _faulty_client_app({("train", 1, 1), ("upload", 2, 0)}))
+    cfg = lin(tmp_path / "flower", strategy="fixed")
+    h = fl.run_flower(cfg)
+
+    def hook(rnd, k):
+        if (rnd, k) == (2, 1):
+            raise RuntimeError("radio link lost")
+
+    ref = run(lin(tmp_path / "ref", strategy="fixed"), progress=False, client_hook=hook)
+    c_h, r_h = ledger(h)
+    c_r, r_r = ledger(ref)
+    assert c_h[:8] == c_r[:8] and r_h[:2] == r_r[:2]  # rounds 1 and 2 as in-process
+    assert h.rounds[1]["test_loss"] == pytest.approx(ref.rounds[1]["test_loss"], rel=1e-6)
+    bad = [c for c in h.clients if c["round"] == 2 and c["client"] == 1][0]
+    assert bad["status"].startswith("error: flower error") and "radio link lost" in bad["status"]
+    lost = [c for c in h.clients if c["round"] == 3 and c["client"] == 0][0]
+    assert lost["status"].startswith("error:") and "radio link lost" in lost["status"]
+    assert lost["uplink_bits"] == 0 and lost["keep"] == 1  # allocated, never delivered
+    assert h.rounds[2]["scheduled"] == 3 and h.rounds[2]["dropped"] == 1 and len(h.rounds) == 3
+    assert h.rounds[2]["uplink_bits"] == sum(c["uplink_bits"] for c in h.clients if c["round"] == 3)
+    final = glob_of(tmp_path / "flower")["glob"]
+    assert all(torch.isfinite(x).all() for pair in final.values() for x in pair)
+
+
+# -- deployment: a real SuperLink and SuperNodes -----------------------------------------------
+def _free_ports(n):
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class _Procs:
+    """Processes this test starts; teardown kills each one and its descendants, by pid."""
+
+    def __init__(self, folder, env):
+        self.folder, self.env, self.procs = folder, env, {}
+
+    def start(self, name, args):
+        log = open(self.folder / f"{name}.log", "w")
+        p = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                             cwd=self.folder, start_new_session=True)
+        self.procs[name] = p
+        return p
+
+    def kill(self, name):
+        import psutil
+
+        p = self.procs[name]
+        try:
+            family = psutil.Process(p.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            family = []
+        for proc in [p, *family]:
+            try:
+                os.kill(proc.pid, 9)
+            except ProcessLookupError:
+                pass
+        p.wait(timeout=10)
+
+    def kill_all(self):
+        for name in list(self.procs):
+            self.kill(name)
+
+    def logs(self):
+        return "\n".join(f"== {f.name}\n" + f.read_text()[-3000:] for f in sorted(self.folder.glob("*.log")))
+
+
+def _wait(predicate, timeout, what, procs, runner=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if runner is not None and runner.poll() not in (None, 0):
+            pytest.fail(f"`flwr run` failed while waiting for {what}\n{procs.logs()}")
+        time.sleep(0.3)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}\n{procs.logs()}")
+
+
+def _rounds_done(out):
+    try:
+        return len(json.loads((out / "history.json").read_text())["rounds"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+@pytest.mark.slow
+def test_deployment_superlink_and_supernodes_survive_a_killed_node(tmp_path):
+    import httpx
+
+    K = 3
+    link_port, *node_ports = _free_ports(1 + K)
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
+                                      f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
+    env = dict(os.environ, FLWR_HOME=str(home), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+               PYTHONUNBUFFERED="1")
+    out = tmp_path / "run"
+    procs = _Procs(tmp_path, env)
+    try:
+        procs.start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link_port),
+                                  "--disable-runtime-dependency-installation"])
+
+        def link_up():
+            try:
+                return httpx.get(f"http://127.0.0.1:{link_port}/health", timeout=1).is_success
+            except httpx.HTTPError:
+                return False
+
+        _wait(link_up, 60, "the SuperLink", procs)
+        for k, port in enumerate(node_ports):
+            procs.start(f"supernode{k}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+                                          "--port", str(port), "--node-config",
+                                          f"partition-id={k} num-partitions={K}"])
+        overrides = {"out": str(out), "rounds": 3, "clients": K, "checkpoint-every": 1, "round-timeout": 20.0,
+                     "wait-timeout": 120.0, "strategy": "tsfa"}
+        t0 = time.perf_counter()
+        runner = procs.start("flwr-run", ["flwr", "run", str(APP), "test", "--stream", "-c",
+                                          " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())])
+        _wait(lambda: _rounds_done(out) >= 1, 240, "round 1", procs, runner)
+        procs.kill(f"supernode{K - 1}")  # the last node dies mid-run
+        _wait(lambda: _rounds_done(out) >= 3, 240, "rounds 2 and 3", procs, runner)
+        runner.wait(timeout=60)
+        seconds = time.perf_counter() - t0
+    finally:
+        procs.kill_all()
+    h = History.load(out)
+    assert len(h.rounds) == 3, procs.logs()
+    status = {(c["round"], c["client"]): c["status"] for c in h.clients}
+    assert all(status[(1, k)] in ("ok", "skipped") for k in range(K))
+    assert status[(2, K - 1)].startswith("error:") and status[(3, K - 1)].startswith("error:")
+    for t in (2, 3):  # the survivors carry on
+        assert all(status[(t, k)] in ("ok", "skipped") for k in range(K - 1))
+        assert h.rounds[t - 1]["dropped"] == 1
+    assert sum(c["uplink_bits"] for c in h.clients if c["client"] == K - 1 and c["round"] > 1) == 0
+    # round 1 is exactly the in-process loop's round 1
+    from flwr.cli.config_utils import load_and_validate
+    from flwr.common.config import flatten_dict
+
+    app_config = flatten_dict(load_and_validate(APP / "pyproject.toml")[0]["tool"]["flwr"]["app"]["config"])
+    cfg, _ = fl.config_from_run_config({**app_config, **overrides, "out": str(tmp_path / "ref")})
+    ref = run(cfg, progress=False)
+    assert ledger(h)[0][:K] == ledger(ref)[0][:K]
+    assert h.rounds[0]["test_loss"] == pytest.approx(ref.rounds[0]["test_loss"], rel=1e-6)
+    ck = glob_of(out)
+    assert ck["round"] == 3 and ck["policy"]["round"] == 3
+    assert all(torch.isfinite(x).all() for pair in ck["glob"].values() for x in pair)
+    assert np.isfinite(h.rounds[-1]["test_loss"]) and h.rounds[-1]["test_loss"] < h.rounds[0]["test_loss"] * 1.5
+    print(f"deployment: 3 rounds, {K} SuperNodes, one killed, {seconds:.0f} s")
