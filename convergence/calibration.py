@@ -5,13 +5,16 @@ Method (docs/theory.md §5). The theorem's recursion, written for the loss ℓ_t
     ℓ_{t+1} = ρ ℓ_t + k + w (e_t + c_t),    k = (1−ρ)(F* + ε(r)) + β ε(r) + (1+β)(n + d),
 
 linear in (ρ, k, w) given the pilot's measured losses ℓ_t, sparsification errors e_t and
-covariances c_t. :func:`calibrate` fits it by bounded least squares (0 ≤ ρ ≤ 1, w ≥ 0) over
-the pilot's rounds and maps the three numbers back onto :class:`BoundConstants`:
+covariances c_t. :func:`calibrate` fits it in two stages over the pilot's rounds: the trend
+(ρ, k) by bounded least squares (0 ≤ ρ ≤ 1), then w ≥ 0 from the residuals against
+x_t = e_t + c_t (e_t decays with the loss, so a joint fit would let w absorb the trend),
+and maps the three numbers back onto :class:`BoundConstants`:
 
 * ρ → a from (1 + a/2)(1 − a) = ρ (β = a/2), then μ = a / (2ηE) with the pilot's η and E;
 * w → L_W = w / ((1 + 1/β) γ²) with κ = 1;
 * k → noise and drift from the pilot's measured first-step gradients (σ² ≈ Σp‖g_k‖² −
-  ‖Σp g_k‖², G² ≈ max_t Σp‖g_k‖²) with L = L_W, and F* takes the rest;
+  ‖Σp g_k‖², G² ≈ max_t Σp‖g_k‖²) with L = L_W, and F* takes the rest (held ≥ ``floor_min``
+  by scaling L down);
 * ε(r) from the given spectrum (e.g. :func:`convergence.estimate_spectrum`), weight ½.
 
 To predict another (rank, keep ratio) before training, :func:`predict_schedule` builds its
@@ -55,7 +58,8 @@ def schedule_from_history(history, rank: int | None = None) -> Schedule:
     return Schedule(rounds=len(history.rounds), rank=r, sparsification=e, covariance=c)
 
 
-def calibrate(history, spectrum, *, rank_weight: float = 0.5, skip: int = 0) -> BoundConstants:
+def calibrate(history, spectrum, *, rank_weight: float = 0.5, skip: int = 0,
+              floor_min: float | None = 0.0) -> BoundConstants:
     """Fit the bound's constants to a pilot run (method in the module docstring).
 
     Args:
@@ -63,6 +67,8 @@ def calibrate(history, spectrum, *, rank_weight: float = 0.5, skip: int = 0) -> 
         spectrum: ε(r)'s spectrum (1-D, or 2-D with one row per module).
         rank_weight: ε(r) = rank_weight · tail of the spectrum.
         skip: leading rounds left out of the fit (transients).
+        floor_min: a lower bound on the loss (0 for squared error and cross-entropy; None: none);
+            if the fit puts F* below it, noise and drift are scaled down to keep F* there.
     """
     from scipy.optimize import lsq_linear
 
@@ -75,13 +81,19 @@ def calibrate(history, spectrum, *, rank_weight: float = 0.5, skip: int = 0) -> 
     idx = [t for t in range(skip, T) if np.isfinite(loss[t]) and np.isfinite(loss[t + 1])]
     if len(idx) < 3:
         raise ValueError(f"calibrate needs >= 3 consecutive evaluated rounds in the pilot; got {len(idx)}")
-    X = np.array([[loss[t], 1.0, x[t]] for t in idx])
+    X = np.array([[loss[t], 1.0] for t in idx])
     y = np.array([loss[t + 1] for t in idx])
+    xe = np.array([x[t] for t in idx])
+    # Stage 1: the contraction trend (ρ, k). Stage 2: w from what the trend leaves. e_t decays
+    # with the loss itself, so a joint fit lets w absorb the trend (it overestimated w 60× on
+    # the linear task); the two stages identify w from e_t's variation around the trend only.
     scale = np.maximum(np.abs(X).max(0), 1e-300)
-    lo = np.array([0.0, -np.inf, 0.0]) * scale
-    hi = np.array([1.0, np.inf, np.inf]) * scale
-    fit = lsq_linear(X / scale, y, bounds=(lo, hi))
-    rho, k, w = fit.x / scale
+    fit = lsq_linear(X / scale, y, bounds=(np.array([0.0, -np.inf]) * scale, np.array([1.0, np.inf]) * scale))
+    rho, k = fit.x / scale
+    resid_trend = y - X @ np.array([rho, k])
+    xc = xe - xe.mean()  # the trend's intercept absorbs the mean of x_t
+    w = max(0.0, float(xc @ resid_trend / (xc @ xc))) if float(xc @ xc) > 0 else 0.0
+    k -= w * float(np.mean(xe))  # keep the fitted mean level: the trend's intercept held w·ē
     rho = min(max(rho, 0.0), 1.0 - 1e-9)
     a = -0.5 + math.sqrt(0.25 + 2.0 * (1.0 - rho))
     a = min(max(a, 1e-12), 1.0)
@@ -102,7 +114,13 @@ def calibrate(history, spectrum, *, rank_weight: float = 0.5, skip: int = 0) -> 
     nd = noise_term(probe) + drift_term(probe)
     eps = rank_term(spectrum, int(cfg.get("rank", 1)), weight=rank_weight)
     floor = (k - beta * eps - nd) / (1.0 - rho) - eps
-    resid = float(np.sqrt(np.mean((X @ np.array([rho, k, w]) - y) ** 2)))
+    if floor_min is not None and floor < floor_min:  # a loss bounded below by floor_min: the noise and drift take less of k
+        floor = floor_min
+        nd_left = k - beta * eps - (1.0 - rho) * (floor + eps)
+        scale_nd = max(nd_left, 0.0) / nd if nd > 0 else 0.0
+        base["smoothness"] = base["smoothness"] * scale_nd
+        floor = (k - beta * eps - nd * scale_nd) / (1.0 - rho) - eps
+    resid = float(np.sqrt(np.mean((X @ np.array([rho, k]) + w * xe - y) ** 2)))
     return BoundConstants(**{**base, "initial_gap": max(float(loss[0]) - floor, 0.0) if np.isfinite(loss[0])
                              else max(float(loss[idx[0]]) - floor, 0.0)}, floor=float(floor),
                           source=f"calibrated on a {T}-round pilot (rank {cfg.get('rank')}, keep {cfg.get('keep')}, "

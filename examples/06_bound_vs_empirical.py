@@ -73,14 +73,26 @@ def rt_spectrum(cfg: RunConfig, batch: int = 64) -> np.ndarray:
     return stack_spectra(spec)
 
 
-def sweep(task: str, base: dict, cells, seeds, out: Path, pilot_cell, spectrum_fn, log):
+def reuse(cfg: RunConfig):
+    """The finished run in cfg.out if it was made with this very configuration (``--reuse``)."""
+    from fedloop.history import History
+
+    try:
+        h = History.load(cfg.out)
+    except FileNotFoundError:
+        return None
+    return h if h.config == cfg.to_dict() and len(h.rounds) == cfg.rounds else None
+
+
+def sweep(task: str, base: dict, cells, seeds, out: Path, pilot_cell, spectrum_fn, log, reuse_runs=False):
     rows, runs = [], {}
     for r, keep in cells:
         for seed in seeds:
             folder = out / "runs" / f"{task}_r{r}_k{keep}_s{seed}"
             cfg = RunConfig(**base, rank=r, keep=keep, seed=seed, out=str(folder))
             t0 = time.perf_counter()
-            h = run(cfg, progress=False)
+            h = reuse(cfg) if reuse_runs else None
+            h = h if h is not None else run(cfg, progress=False)
             runs[(r, keep, seed)] = (cfg, h)
             log(f"{task} r={r} keep={keep} seed={seed}: final {loss_curve(h)[0][-1]:.4f} "
                 f"({time.perf_counter() - t0:.0f} s)")
@@ -157,6 +169,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="docs/figures")
     ap.add_argument("--tasks", nargs="+", default=["linear", "rt-minilm"], choices=["linear", "rt-minilm"])
     ap.add_argument("--quick", action="store_true", help="tiny grid, few rounds (for tests)")
+    ap.add_argument("--reuse", action="store_true", help="load finished runs of the same configuration from <out>/runs")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,7 +192,7 @@ def main(argv=None) -> int:
                 base.update(rounds=3, clients=3, test_size=40)
                 cells = [(2, 1), (4, 2), (4, 4)]
             spec_fn = rt_spectrum
-        rows, runs, cal, rho = sweep(task, base, cells, seeds, out, pilot, spec_fn, log)
+        rows, runs, cal, rho = sweep(task, base, cells, seeds, out, pilot, spec_fn, log, reuse_runs=args.reuse)
         figure(task, rows, runs, cal, seeds, pilot, base, out / f"bound_{task.replace('-', '_')}.png")
         summary[task] = {"spearman_predicted_vs_empirical": rho, "configs": len(cells), "seeds": len(seeds),
                          "rounds": base["rounds"], "pilot": {"rank": pilot[0], "keep": pilot[1]},

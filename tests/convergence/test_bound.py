@@ -113,13 +113,10 @@ def test_constants_round_trip():
     assert BoundConstants.from_dict(c.to_dict()).to_dict() == c.to_dict()
 
 
-def test_calibrate_recovers_a_synthetic_recursion():
-    from convergence import calibrate
+def synthetic_pilot(rho, k, w, T=40, seed=1):
     from fedloop.history import History
 
-    rho, k, w = 0.9, 0.03, 5.0
-    T = 25
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     e = rng.uniform(0, 0.01, T)
     loss = [2.0]
     for t in range(T):
@@ -128,10 +125,27 @@ def test_calibrate_recovers_a_synthetic_recursion():
                "update_energy": 0.05, "grad_sq_mean": 1.0, "grad_mean_sq": 0.5} for t in range(T)]
     h = History(config={"rank": 2, "keep": 1, "lr": 0.01, "local_steps": 2, "alpha": None, "strategy": "tsfa"},
                 rounds=rounds, meta={"initial_test_loss": loss[0]})
-    c = calibrate(h, [1.0, 0.3, 0.1])
-    b = bound(c, Schedule(rounds=T, rank=2, sparsification=e))
+    return h, e, np.array(loss)
+
+
+def test_calibrate_recovers_a_synthetic_recursion():
+    from convergence import calibrate
+
+    # without sparsification the trend is recovered exactly, and w = 0
+    h, e, loss = synthetic_pilot(0.9, 0.03, 0.0)
+    c = calibrate(h, [1.0, 0.3, 0.1], floor_min=None)
+    b = bound(c, Schedule(rounds=len(e), rank=2, sparsification=e))
     np.testing.assert_allclose(b.loss(), loss, rtol=1e-6, atol=1e-8)
-    assert b.rate == pytest.approx(rho, rel=1e-6)
+    assert b.rate == pytest.approx(0.9, rel=1e-6) and b.sparsification[-1] == pytest.approx(0.0, abs=1e-9)
+    # with sparsification that varies independently of the trend, w is found from the residuals
+    h, e, loss = synthetic_pilot(0.9, 0.03, 5.0)
+    c = calibrate(h, [1.0, 0.3, 0.1], floor_min=None)
+    b = bound(c, Schedule(rounds=len(e), rank=2, sparsification=e))
+    np.testing.assert_allclose(b.loss(), loss, rtol=0.02)
+    w_fit = (1 + 1 / c.split) * c.product_smoothness * c.scaling**2
+    assert w_fit == pytest.approx(5.0, rel=0.15)
+    # the floor: a loss cannot go below floor_min
+    assert calibrate(h, [1.0, 0.3, 0.1], floor_min=0.0).floor >= 0.0
 
 
 def test_plot_writes_a_figure(tmp_path):
