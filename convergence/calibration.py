@@ -114,7 +114,7 @@ def calibrate(history, spectrum, *, rank_weight: float = 0.5, skip: int = 0,
     nd = noise_term(probe) + drift_term(probe)
     eps = rank_term(spectrum, int(cfg.get("rank", 1)), weight=rank_weight)
     floor = (k - beta * eps - nd) / (1.0 - rho) - eps
-    if floor_min is not None and floor < floor_min:  # a loss bounded below by floor_min: the noise and drift take less of k
+    if floor_min is not None and floor < floor_min:  # a loss bounded below: noise and drift take less of k
         floor = floor_min
         nd_left = k - beta * eps - (1.0 - rho) * (floor + eps)
         scale_nd = max(nd_left, 0.0) / nd if nd > 0 else 0.0

@@ -69,3 +69,24 @@ def test_offline_rank_design_short(tmp_path):
     sweep = list(csv.DictReader(open(tmp_path / "offline_sweep.csv")))
     assert [int(r["rank"]) for r in sweep] == [1, 2, 3]
     assert (tmp_path / "offline_linear.png").stat().st_size > 20_000
+
+
+def test_soft_vs_naive_short(tmp_path):
+    ex = load("03_soft_vs_naive.py")
+    assert ex.main(["--keep", "1", "--seeds", "0", "--rounds", "3", "--clients", "3", "--out", str(tmp_path)]) == 0
+    rows = {r["strategy"]: r for r in csv.DictReader(open(tmp_path / "soft_vs_naive.csv"))}
+    assert set(rows) == {"fixed", "random", "topk", "svd", "fedit"}
+    # equal bits for SOFT, random and SVD (same wire format); dense sends more; dense loses nothing
+    assert rows["fixed"]["uplink_mbit"] == rows["random"]["uplink_mbit"]
+    assert float(rows["fedit"]["uplink_mbit"]) > float(rows["fixed"]["uplink_mbit"])
+    assert float(rows["fedit"]["relative_product_error"]) < 1e-9
+    assert (tmp_path / "soft_vs_naive.png").stat().st_size > 20_000
+
+
+def test_latency_budget_short(tmp_path):
+    ex = load("05_latency_budget.py")
+    assert ex.main(["--factors", "0.5", "--rounds", "8", "--clients", "4", "--out", str(tmp_path)]) == 0
+    rows = {r["strategy"]: r for r in csv.DictReader(open(tmp_path / "latency_budget.csv"))}
+    ratio = {k: float(v["mean_latency_over_dense_median"]) for k, v in rows.items()}
+    assert ratio["tsfa"] < ratio["fedit"]
+    assert (tmp_path / "latency_budget.png").stat().st_size > 20_000
