@@ -139,7 +139,7 @@ def figure(task, rows, runs, cal, seeds, pilot_cell, base, path: Path):
         axes[0].plot(np.arange(exact.total.shape[-1]), exact.loss(), "k--", lw=1.5,
                      label=f"exact-constant bound (seed {seeds[0]})")
         axes[0].set_yscale("log")
-        axes[0].legend(fontsize=7, loc="upper right", ncol=2)
+        axes[0].legend(fontsize=7, loc="lower left", ncol=2)
     ax = axes[1]
     emp = np.array([x["empirical_final_mean"] for x in rows])
     prd = np.array([x["predicted_final"] for x in rows])
