@@ -245,7 +245,10 @@ def bound(constants: BoundConstants, schedule: Schedule) -> BoundTerms:
         a, _ = _a_beta(c)
         best = None
         for beta in sorted({*SPLIT_GRID.tolist(), *([a / 2] if a > 0 else [])}):
-            b = _bound(c.replace(split=float(beta)), schedule)
+            if (1.0 + beta) * (1.0 - a) > 1.0 + 1e-12 and best is not None:
+                continue  # ρ > 1: the bound grows without limit; never the least
+            with np.errstate(over="ignore", invalid="ignore"):
+                b = _bound(c.replace(split=float(beta)), schedule)
             if best is None:
                 best = b
                 continue

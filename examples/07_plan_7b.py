@@ -7,14 +7,18 @@ can fine-tune a 7B model (50–400 TFLOP/s, a stated assumption), 8 samples × 2
 local training per round, a 1 Gbit/s downlink broadcast, τ̄ = 15 s, a per-round cap of
 45 s (clients that cannot make it skip the round) and a 4-hour training budget.
 
-**Predicted loss: an assumed stand-in.** The convergence bound (``convergence``) will supply
-the real predictor; until then this script states its own, monotone in each argument:
+**Predicted loss: the convergence bound with assumed constants.** No 7B model can be
+trained here, so the bound's constants are stated, not calibrated (on a real deployment,
+calibrate them with ``convergence.calibrate`` on a short pilot and estimate the spectrum
+with ``convergence.estimate_spectrum``):
 
-* rank term ε(r) = ½ Σ_{i>r} λ_i with an assumed power-law spectrum λ_i = 0.5 · i^(−1.3),
-  i = 1..4096 (SPEC §5's form, the spectrum assumed rather than estimated);
-* contraction of the initial gap, 2 · exp(−rounds / 150);
-* sparsification, 0.1 × the share of the rank-r update energy in the dropped components,
-  Σ_{s<i≤r} λ_i / Σ_{i≤r} λ_i, at keep s.
+* ε(r) from an assumed power-law spectrum per module, λ_i = (0.5/64) · i^(−1.3), i = 1..4096,
+  for each of the 64 modules (so Σ over modules of ½ Σ_{i>r} λ_i is the rank term);
+* η = 1e-4, E = 8 local steps, μ = 4 (the initial gap of 2 halves every ~90 rounds),
+  L = L_W = 1, σ² = 0.1, G² = 1, κ = 1, γ = 1, F* = 0;
+* a per-round dense update energy of 2e-5 (units of B·A) and covariance 1e-8; the
+  sparsification error at keep s is that energy times the spectrum's share beyond s
+  (``convergence.predict_schedule``).
 
 The script prints the plan and the table of every candidate and writes ``plan_7b.csv``
 and ``plan_7b.png`` to ``--out``.
@@ -35,6 +39,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+import convergence  # noqa: E402
 import tsfa  # noqa: E402
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
@@ -43,20 +48,11 @@ LATENCY_BUDGET_S = 15.0
 MAX_LATENCY_S = 45.0
 TIME_BUDGET_S = 4 * 3600.0
 DOWNLINK_RATE_BPS = 1e9
-SPECTRUM = 0.5 * np.arange(1, 4097, dtype=float) ** -1.3  # assumed, stated in the docstring
-_TAIL = np.concatenate([np.cumsum(SPECTRUM[::-1])[::-1], [0.0]])  # _TAIL[r] = Σ_{i>r} λ_i
-_HEAD = np.concatenate([[0.0], np.cumsum(SPECTRUM)])  # _HEAD[s] = Σ_{i≤s} λ_i
-
-
-def predict(rank, keep_ratio, rounds):
-    """The stand-in predictor of the module docstring (arrays broadcast)."""
-    rank = np.asarray(rank)
-    keep = np.rint(np.asarray(keep_ratio) * rank).astype(int)
-    rank_term = 0.5 * _TAIL[rank]
-    contraction = 2.0 * np.exp(-np.asarray(rounds) / 150.0)
-    sparsification = 0.1 * (_HEAD[rank] - _HEAD[keep]) / _HEAD[rank]
-    return {"rank_term": rank_term, "contraction": contraction, "sparsification": sparsification,
-            "total": rank_term + contraction + sparsification}
+SPECTRUM = np.tile((0.5 / 64) * np.arange(1, 4097, dtype=float) ** -1.3, (64, 1))  # assumed, see the docstring
+CONSTANTS = convergence.BoundConstants(step_size=1e-4, local_steps=8, smoothness=1.0, product_smoothness=1.0,
+                                       noise=0.1, gradient_bound=1.0, pl=4.0, initial_gap=2.0, spectrum=SPECTRUM,
+                                       source="assumed for a 7B plan (examples/07_plan_7b.py)")
+predict = convergence.make_predictor(CONSTANTS, {"update_energy": 2e-5, "covariance_sq": 1e-8})
 
 
 def plan(*, draws: int = 200, v_rounds: int = 100, v_grid=tsfa.DEFAULT_V_GRID, seed: int = 0) -> tsfa.OfflinePlan:
@@ -85,7 +81,7 @@ def figure(result: tsfa.OfflinePlan, path: pathlib.Path) -> None:
         ax.plot(c.latency_mean_s, c.predicted_loss, "r*", ms=16, label=f"chosen (r = {c.rank}, s = {c.keep})")
     ax.axvline(result.latency_budget_s, color="k", ls="--", lw=1, label="τ̄")
     ax.set_xlabel("expected round latency, s (SAA mean, 95% CI)")
-    ax.set_ylabel("predicted final loss (stand-in)")
+    ax.set_ylabel("predicted final loss (bound, assumed constants)")
     ax.set_title(f"Llama-2-7B q/v, 20 MHz, K = 20: {len(result.table)} candidates, {result.draws} draws")
     ax.legend(fontsize=8)
     if result.v_sweep:
