@@ -35,7 +35,7 @@ from fedloop.design import plan_for  # noqa: E402
 LINEAR = dict(task="linear", strategy="tsfa", clients=10, rounds=30, rank=4, local_steps=4, batch_size=16, lr=0.05,
               budget_factor=0.5)
 RT = dict(task="rt-minilm", strategy="tsfa", clients=10, rounds=15, rank=4, local_steps=2, batch_size=8,
-          max_length=32, test_size=300, budget_factor=0.5)
+          max_length=32, test_size=300, budget_factor=1.0)
 SETTINGS = {
     "linear": dict(base=LINEAR, ranks=(1, 2, 3, 4, 6, 8), seeds=(0, 1, 2), pilot_rounds=15),
     "rt-minilm": dict(base=RT, ranks=(2, 4, 8, 16), seeds=(0,), pilot_rounds=6),
