@@ -26,8 +26,10 @@ from fedloop.config import RunConfig
 __all__ = ["main_job", "DEMO", "QUICK"]
 
 #: The embedded defaults: the whole job takes a few minutes on a 2-core CPU.
+#: τ̄ is the median dense latency: dense uploads still miss it on average (fading's heavy tail), and
+#: the offline stage's nominal plan (every client uploads at one keep) can meet it.
 DEMO = dict(task="rt-minilm", clients=10, rounds=20, local_steps=2, batch_size=8, max_length=32, test_size=300,
-            budget_factor=0.4, seed=0)
+            budget_factor=1.0, seed=0)
 #: ``--quick``: the linear task, seconds.
 QUICK = dict(task="linear", clients=8, rounds=20, local_steps=4, batch_size=16, lr=0.05, budget_factor=0.4, seed=0)
 
@@ -65,7 +67,7 @@ def main_job(out="runs/demo", *, quick: bool = False, seed: int | None = None, p
         w.writeheader()
         w.writerows(rows)
     if not plan.success:
-        raise RuntimeError(f"offline design failed: {plan.message}")
+        raise ValueError(f"offline design failed: {plan.message}")
     tau = plan.latency_budget_s
     runs = {}
     for i, strategy in enumerate(("tsfa", "fedit", "ideal")):
