@@ -55,7 +55,8 @@ def plan_for(cfg: RunConfig, *, pilot=None, ranks: Sequence[int] = DEFAULT_RANKS
             of ``cfg`` first).
         ranks, keep_ratios: the candidate grid (ranks above the task's module size are dropped).
         rounds: rounds to plan for (default ``cfg.rounds``).
-        draws, method, design_kw: passed to :func:`tsfa.design_offline`.
+        draws, method, design_kw: passed to :func:`tsfa.design_offline`; ``max_latency_factor``
+            sets its per-round cap as a multiple of τ̄ (default: the config's ``cap_factor``).
 
     Returns:
         (plan, pilot history, calibrated constants).
@@ -74,6 +75,9 @@ def plan_for(cfg: RunConfig, *, pilot=None, ranks: Sequence[int] = DEFAULT_RANKS
     if not ranks:
         raise ValueError(f"no candidate rank fits the task's modules (largest rank {max_rank})")
     cap = None if cfg.cap_factor is None else cfg.cap_factor * system.tau_bar
+    if "max_latency_factor" in design_kw:  # the SAA's per-round cap, in units of τ̄ (clients that miss it skip)
+        f = design_kw.pop("max_latency_factor")
+        cap = None if f is None else f * system.tau_bar
     plan = design_offline(
         system.shape, cell=system.cell, clients=system.clients, compute_s=system.compute_s,
         latency_budget_s=system.tau_bar, ranks=ranks, keep_ratios=keep_ratios,
