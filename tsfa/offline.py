@@ -741,13 +741,17 @@ def _sweep_v(shape, cell, clients, compute_s, *, latency_budget, downlink_s, v_g
 
     points = [run(float(v)) for v in np.sort(v_grid)]
     for _ in range(refine):
-        best = _pick_v(tuple(points))
-        if best is None:
+        # Bracket the budget's edge: the largest V that meets τ̄ and the next larger V that does
+        # not (at small V the dropped energy is flat up to simulation noise, so bisecting from
+        # the least-energy point could stall there).
+        meets = [p.weight_v for p in points if p.meets_budget]
+        if not meets:
             break
-        above = [p.weight_v for p in points if not p.meets_budget and p.weight_v > best.weight_v]
+        lo = max(meets)
+        above = [p.weight_v for p in points if not p.meets_budget and p.weight_v > lo]
         if not above:
             break
-        points.append(run(math.sqrt(best.weight_v * min(above))))
+        points.append(run(math.sqrt(lo * min(above))))
     return tuple(sorted(points, key=lambda p: p.weight_v))
 
 
