@@ -58,13 +58,14 @@ def schedule_from_history(history, rank: int | None = None) -> Schedule:
     return Schedule(rounds=len(history.rounds), rank=r, sparsification=e, covariance=c)
 
 
-def calibrate(history, spectrum, *, rank_weight: float = 0.5, skip: int = 0,
+def calibrate(history, spectrum=None, *, rank_weight: float = 0.5, skip: int = 0,
               floor_min: float | None = 0.0) -> BoundConstants:
     """Fit the bound's constants to a pilot run (method in the module docstring).
 
     Args:
         history: the pilot's :class:`fedloop.History` (any task; ≥ 3 evaluated rounds).
-        spectrum: ε(r)'s spectrum (1-D, or 2-D with one row per module).
+        spectrum: ε(r)'s spectrum (1-D, or 2-D with one row per module); None: no rank term
+            (a zero spectrum as long as the pilot's rank — predictions then ignore ε(r)).
         rank_weight: ε(r) = rank_weight · tail of the spectrum.
         skip: leading rounds left out of the fit (transients).
         floor_min: a lower bound on the loss (0 for squared error and cross-entropy; None: none);
@@ -72,8 +73,8 @@ def calibrate(history, spectrum, *, rank_weight: float = 0.5, skip: int = 0,
     """
     from scipy.optimize import lsq_linear
 
-    spectrum = check_spectrum(spectrum)
     cfg = history.config
+    spectrum = check_spectrum(np.zeros(int(cfg.get("rank", 1))) if spectrum is None else spectrum)
     loss, _ = loss_curve(history)
     sch = schedule_from_history(history)
     x = np.asarray(sch.sparsification) + np.asarray(sch.covariance)

@@ -169,6 +169,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="docs/figures")
     ap.add_argument("--tasks", nargs="+", default=["linear", "rt-minilm"], choices=["linear", "rt-minilm"])
     ap.add_argument("--quick", action="store_true", help="tiny grid, few rounds (for tests)")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: 5 on linear, 1 on rt-minilm)")
     ap.add_argument("--reuse", action="store_true", help="load finished runs of the same configuration from <out>/runs")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -192,6 +193,8 @@ def main(argv=None) -> int:
                 base.update(rounds=3, clients=3, test_size=40)
                 cells = [(2, 1), (4, 2), (4, 4)]
             spec_fn = rt_spectrum
+        if args.seeds is not None:
+            seeds = list(range(args.seeds))
         rows, runs, cal, rho = sweep(task, base, cells, seeds, out, pilot, spec_fn, log, reuse_runs=args.reuse)
         figure(task, rows, runs, cal, seeds, pilot, base, out / f"bound_{task.replace('-', '_')}.png")
         summary[task] = {"spearman_predicted_vs_empirical": rho, "configs": len(cells), "seeds": len(seeds),

@@ -146,6 +146,10 @@ def test_calibrate_recovers_a_synthetic_recursion():
     assert w_fit == pytest.approx(5.0, rel=0.15)
     # the floor: a loss cannot go below floor_min
     assert calibrate(h, [1.0, 0.3, 0.1], floor_min=0.0).floor >= 0.0
+    # no spectrum: no rank term, same fit
+    assert calibrate(h).spectrum.sum() == 0.0
+    with pytest.raises(ValueError, match="needs >= 3"):
+        calibrate(type(h)(config=h.config, rounds=h.rounds[:2], meta=h.meta))
 
 
 def test_plot_writes_a_figure(tmp_path):
