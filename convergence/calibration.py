@@ -30,7 +30,7 @@ import math
 
 import numpy as np
 
-from convergence.bound import BoundConstants, Schedule, bound
+from convergence.bound import BoundConstants, Schedule, bound, drift_term, noise_term
 from convergence.rank import check_spectrum, rank_term
 
 __all__ = ["calibrate", "schedule_from_history", "predict_schedule", "predict_final_loss", "loss_curve",
@@ -110,8 +110,6 @@ def calibrate(history, spectrum=None, *, rank_weight: float = 0.5, skip: int = 0
                 gradient_bound=G2, pl=a / (2 * eta * E), initial_gap=1.0, spectrum=spectrum, scaling=gamma,
                 sparsification_factor=1.0, rank_weight=rank_weight, split=beta)
     probe = BoundConstants(**base)
-    from convergence.bound import drift_term, noise_term
-
     nd = noise_term(probe) + drift_term(probe)
     eps = rank_term(spectrum, int(cfg.get("rank", 1)), weight=rank_weight)
     floor = (k - beta * eps - nd) / (1.0 - rho) - eps
@@ -130,13 +128,12 @@ def calibrate(history, spectrum=None, *, rank_weight: float = 0.5, skip: int = 0
 
 
 def _dropped_share(spectrum, rank, keep):
-    s = check_spectrum(spectrum)
-    flat = s.reshape(-1, s.shape[-1])
-    csum = np.concatenate([np.zeros((len(flat), 1)), np.cumsum(flat, axis=1)], axis=1).sum(0)
+    """Σ_{keep<i≤rank} λ_i / Σ_{i≤rank} λ_i (summed over module rows), through ε's tail sums."""
     r = np.asarray(rank, dtype=int)
     k = np.clip(np.asarray(keep, dtype=int), 0, r)
-    tot = csum[r]
-    return np.where(tot > 0, (tot - csum[k]) / np.where(tot > 0, tot, 1.0), 0.0)
+    tail_r = rank_term(spectrum, r, weight=1.0)
+    tot = rank_term(spectrum, 0, weight=1.0) - tail_r
+    return np.where(tot > 0, (rank_term(spectrum, k, weight=1.0) - tail_r) / np.where(tot > 0, tot, 1.0), 0.0)
 
 
 def predict_schedule(pilot, spectrum, rank, keep_ratio, rounds: int) -> Schedule:

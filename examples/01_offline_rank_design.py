@@ -16,7 +16,6 @@ and offline_summary.json.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -31,6 +30,7 @@ import numpy as np  # noqa: E402
 from convergence.calibration import loss_curve  # noqa: E402
 from fedloop import RunConfig, run  # noqa: E402
 from fedloop.design import plan_for  # noqa: E402
+from fedloop.history import write_csv  # noqa: E402
 
 LINEAR = dict(task="linear", strategy="tsfa", clients=10, rounds=30, rank=4, local_steps=4, batch_size=16, lr=0.05,
               budget_factor=0.5)
@@ -82,11 +82,7 @@ def study(task: str, out: Path, quick: bool, log):
                "measured_final_at_chosen": next((x["measured_final_mean"] for x in sweep if x["chosen"]), None),
                "empirical_best_two": top2, "chosen_in_best_two": plan.rank in top2,
                "latency_budget_s": tau, "status": plan.status.value, "calibration": constants.source}
-    with open(out / f"offline_{task.replace('-', '_')}.csv", "w", newline="") as f:
-        rows = plan.table_rows()
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / f"offline_{task.replace('-', '_')}.csv", plan.table_rows())
     figure(task, plan, sweep, summary, out / f"offline_{task.replace('-', '_')}.png")
     return sweep, summary
 
@@ -141,10 +137,7 @@ def main(argv=None) -> int:
     for task in args.tasks:
         sweep, summary[task] = study(task, out, args.quick, log)
         all_sweep += sweep
-    with open(out / "offline_sweep.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(all_sweep[0]))
-        w.writeheader()
-        w.writerows(all_sweep)
+    write_csv(out / "offline_sweep.csv", all_sweep)
     (out / "offline_summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return 0

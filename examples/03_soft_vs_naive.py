@@ -17,7 +17,6 @@ Writes <out>/soft_vs_naive.png and soft_vs_naive.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np  # noqa: E402
 
 from convergence.calibration import loss_curve  # noqa: E402
 from fedloop import RunConfig, run  # noqa: E402
+from fedloop.history import write_csv  # noqa: E402
 
 STRATEGIES = ("fixed", "random", "topk", "svd", "fedit")
 LABELS = {"fixed": "SOFT (top-s components)", "random": "random components", "topk": "element-wise top-k",
@@ -113,10 +113,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = measure(args.task, args.keep, args.seeds, out, rounds=args.rounds, clients=args.clients)
-    with open(out / "soft_vs_naive.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "soft_vs_naive.csv", rows)
     figure(rows, out / "soft_vs_naive.png", args.task)
     for (strategy, keep), v in sorted(summarise(rows).items()):
         print(f"{strategy:>6} keep {keep}: {v['uplink_mbit']:.2f} Mbit, relative product error "

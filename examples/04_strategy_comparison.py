@@ -11,13 +11,13 @@ round of every run) and ``comparison.png`` to ``--out``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 
 from fedloop import RunConfig, run
+from fedloop.history import write_csv
 
 
 def compare(strategies, seeds, base: RunConfig, out: Path, progress=False, log=print):
@@ -34,10 +34,7 @@ def compare(strategies, seeds, base: RunConfig, out: Path, progress=False, log=p
     rows = [{"strategy": s, "seed": seed, "final": _final(h, base.task), "uplink_mbit": h.total_uplink_bits / 1e6,
              "simulated_s": h.rounds[-1]["wallclock_s"], "mean_latency_s": float(np.mean(h.column("latency_s"))),
              "latency_budget_s": h.meta["latency_budget_s"]} for (s, seed), h in results.items()]
-    with open(out / "comparison.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "comparison.csv", rows)
     (out / "comparison.json").write_text(json.dumps(
         {f"{s}/{seed}": h.to_dict()["rounds"] for (s, seed), h in results.items()}, indent=1))
     summary = summarise(rows, strategies)

@@ -15,7 +15,6 @@ uplink bits against the budget) and latency_budget.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fedloop import RunConfig, run  # noqa: E402
+from fedloop.history import write_csv  # noqa: E402
 
 BASE = {"linear": dict(task="linear", clients=10, rounds=60, rank=4, keep=2, local_steps=4, batch_size=16, lr=0.02),
         "rt-minilm": dict(task="rt-minilm", clients=10, rounds=20, rank=8, keep=2, local_steps=2, batch_size=8,
@@ -104,10 +104,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs, rows = measure(args.task, args.factors, out, rounds=args.rounds, clients=args.clients)
-    with open(out / "latency_budget.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "latency_budget.csv", rows)
     figure(runs, out / "latency_budget.png", args.task)
     print(f"wrote {out / 'latency_budget.png'} and {out / 'latency_budget.csv'}")
     return 0

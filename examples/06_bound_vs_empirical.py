@@ -20,7 +20,6 @@ bound_spearman.json. ``--quick`` runs a tiny grid (for the test suite).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -36,15 +35,14 @@ from scipy.stats import spearmanr  # noqa: E402
 from convergence import (  # noqa: E402
     bound,
     calibrate,
-    estimate_spectrum,
     exact_constants,
-    linear_optimum,
     plot_bound_vs_empirical,
     predict_final_loss,
-    stack_spectra,
 )
 from convergence.calibration import loss_curve, schedule_from_history  # noqa: E402
 from fedloop import RunConfig, run  # noqa: E402
+from fedloop.design import task_spectrum  # noqa: E402
+from fedloop.history import write_csv  # noqa: E402
 from fedloop.tasks import LinearTask, make_task  # noqa: E402
 
 LINEAR = dict(task="linear", strategy="fixed", clients=10, rounds=30, local_steps=4, batch_size=16, lr=0.05,
@@ -63,16 +61,6 @@ def grid(ranks, ratios):
     return out
 
 
-def rt_spectrum(cfg: RunConfig, batch: int = 64) -> np.ndarray:
-    """ε(r)'s spectrum for rt-minilm: a pilot gradient of every adapted module's frozen weight."""
-    task = make_task(cfg)
-    layers = {name: mod.base_layer for name, mod in task._lora_modules()}
-    idx = np.concatenate([c[: max(1, batch // len(task.client_indices))] for c in task.client_indices])[:batch]
-    b = task.batch(idx)
-    spec = estimate_spectrum(lambda: task.loss(b), layers, num_samples=len(idx))
-    return stack_spectra(spec)
-
-
 def reuse(cfg: RunConfig):
     """The finished run in cfg.out if it was made with this very configuration (``--reuse``)."""
     from fedloop.history import History
@@ -84,7 +72,7 @@ def reuse(cfg: RunConfig):
     return h if h.config == cfg.to_dict() and len(h.rounds) == cfg.rounds else None
 
 
-def sweep(task: str, base: dict, cells, seeds, out: Path, pilot_cell, spectrum_fn, log, reuse_runs=False):
+def sweep(task: str, base: dict, cells, seeds, out: Path, pilot_cell, log, reuse_runs=False):
     rows, runs = [], {}
     for r, keep in cells:
         for seed in seeds:
@@ -97,7 +85,7 @@ def sweep(task: str, base: dict, cells, seeds, out: Path, pilot_cell, spectrum_f
             log(f"{task} r={r} keep={keep} seed={seed}: final {loss_curve(h)[0][-1]:.4f} "
                 f"({time.perf_counter() - t0:.0f} s)")
     pilot_cfg, pilot = runs[(*pilot_cell, seeds[0])]
-    spectrum = spectrum_fn(pilot_cfg)
+    spectrum = task_spectrum(make_task(pilot_cfg))  # exact on linear, a pilot gradient on rt-minilm
     cal = calibrate(pilot, spectrum)
     log(f"{task}: {cal.source}")
     for r, keep in cells:
@@ -183,19 +171,15 @@ def main(argv=None) -> int:
             if args.quick:
                 base.update(rounds=6, clients=4)
                 cells, seeds = [(2, 1), (4, 2), (4, 4), (6, 3)], [0, 1]
-
-            def spec_fn(cfg):
-                return linear_optimum(LinearTask(cfg))["spectrum"]
         else:
             base = dict(RT)
             cells, seeds, pilot = grid((2, 4, 8), (0.25, 0.5, 1.0)), [0], (4, 2)
             if args.quick:
                 base.update(rounds=3, clients=3, test_size=40)
                 cells = [(2, 1), (4, 2), (4, 4)]
-            spec_fn = rt_spectrum
         if args.seeds is not None:
             seeds = list(range(args.seeds))
-        rows, runs, cal, rho = sweep(task, base, cells, seeds, out, pilot, spec_fn, log, reuse_runs=args.reuse)
+        rows, runs, cal, rho = sweep(task, base, cells, seeds, out, pilot, log, reuse_runs=args.reuse)
         figure(task, rows, runs, cal, seeds, pilot, base, out / f"bound_{task.replace('-', '_')}.png")
         summary[task] = {"spearman_predicted_vs_empirical": rho, "configs": len(cells), "seeds": len(seeds),
                          "rounds": base["rounds"], "pilot": {"rank": pilot[0], "keep": pilot[1]},
@@ -210,11 +194,7 @@ def main(argv=None) -> int:
             del ex
         log(f"{task}: Spearman(predicted, measured final loss) over {len(cells) - 1} held-out configs = {rho:.3f}")
         all_rows += rows
-    keys = list(dict.fromkeys(k for r in all_rows for k in r))
-    with open(out / "bound_vs_empirical.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(all_rows)
+    write_csv(out / "bound_vs_empirical.csv", all_rows)
     (out / "bound_spearman.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return 0

@@ -29,7 +29,6 @@ and ``plan_7b.png`` to ``--out``.
 from __future__ import annotations
 
 import argparse
-import csv
 import pathlib
 import time
 
@@ -41,6 +40,7 @@ import numpy as np  # noqa: E402
 
 import convergence  # noqa: E402
 import tsfa  # noqa: E402
+from fedloop.history import write_csv  # noqa: E402
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
 KEEP_RATIOS = (0.125, 0.25, 0.5, 1.0)
@@ -120,10 +120,7 @@ def main(argv=None) -> tsfa.OfflinePlan:
     print(f"design time {elapsed:.2f} s ({result.backend})\n")
     print(result.format_table())
     rows = result.table_rows()
-    with open(out / "plan_7b.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "plan_7b.csv", rows)
     figure(result, out / "plan_7b.png")
     print(f"\nwrote {out / 'plan_7b.csv'} and {out / 'plan_7b.png'}")
     return result

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fedloop.config import RunConfig
+from fedloop.history import write_csv
 
 __all__ = ["main_job", "DEMO", "QUICK"]
 
@@ -64,11 +64,7 @@ def main_job(out="runs/demo", *, quick: bool = False, seed: int | None = None, p
                                       pilot_rounds=pilot_rounds, draws=100, progress=progress, **PLAN)
     log(plan.message)
     log(plan.format_table())
-    with open(out / "plan.csv", "w", newline="") as f:
-        rows = plan.table_rows()
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "plan.csv", plan.table_rows())
     if not plan.success:
         raise ValueError(f"offline design failed: {plan.message}")
     tau = plan.latency_budget_s
@@ -104,10 +100,7 @@ def main_job(out="runs/demo", *, quick: bool = False, seed: int | None = None, p
         lines.append(f"{r['strategy']:<8} {r['final']:>16.4f} {r['uplink_mbit']:>12.2f} "
                      f"{r['bit_savings_vs_fedit']:>11.1%} {r['mean_latency_over_tau']:>10.2f}")
     log("\n".join(lines))
-    with open(out / "summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(table[0]))
-        w.writeheader()
-        w.writerows(table)
+    write_csv(out / "summary.csv", table)
     summary = {"task": cfg.task, "plan": {"rank": plan.rank, "keep": plan.keep, "weight_v": plan.weight_v,
                                           "predicted_loss": plan.predicted_loss, "latency_budget_s": tau},
                "table": table, "figures": [str(compare_png), str(out / "tsfa" / "run.png"), str(out / "bound.png")],

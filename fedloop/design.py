@@ -46,7 +46,8 @@ def pilot_config(cfg: RunConfig, rounds: int = 8) -> RunConfig:
 
 def plan_for(cfg: RunConfig, *, pilot=None, ranks: Sequence[int] = DEFAULT_RANKS,
              keep_ratios: Sequence[float] = DEFAULT_KEEP_RATIOS, rounds=None, pilot_rounds: int = 8,
-             draws: int = 200, method: str = "milp", progress: bool = False, **design_kw):
+             draws: int = 200, method: str = "milp", progress: bool = False, max_latency_factor="config",
+             **design_kw):
     """The offline plan for ``cfg``'s system.
 
     Args:
@@ -55,8 +56,9 @@ def plan_for(cfg: RunConfig, *, pilot=None, ranks: Sequence[int] = DEFAULT_RANKS
             of ``cfg`` first).
         ranks, keep_ratios: the candidate grid (ranks above the task's module size are dropped).
         rounds: rounds to plan for (default ``cfg.rounds``).
-        draws, method, design_kw: passed to :func:`tsfa.design_offline`; ``max_latency_factor``
-            sets its per-round cap as a multiple of τ̄ (default: the config's ``cap_factor``).
+        max_latency_factor: the SAA's per-round cap as a multiple of τ̄ ("config": the config's
+            ``cap_factor``; None: no cap).
+        draws, method, design_kw: passed to :func:`tsfa.design_offline`.
 
     Returns:
         (plan, pilot history, calibrated constants).
@@ -74,10 +76,8 @@ def plan_for(cfg: RunConfig, *, pilot=None, ranks: Sequence[int] = DEFAULT_RANKS
     ranks = [int(r) for r in ranks if int(r) <= min(max_rank, spectrum.shape[-1])]
     if not ranks:
         raise ValueError(f"no candidate rank fits the task's modules (largest rank {max_rank})")
-    cap = None if cfg.cap_factor is None else cfg.cap_factor * system.tau_bar
-    if "max_latency_factor" in design_kw:  # the SAA's per-round cap, in units of τ̄ (clients that miss it skip)
-        f = design_kw.pop("max_latency_factor")
-        cap = None if f is None else f * system.tau_bar
+    factor = cfg.cap_factor if max_latency_factor == "config" else max_latency_factor
+    cap = None if factor is None else factor * system.tau_bar  # the SAA's per-round cap: clients that miss it skip
     plan = design_offline(
         system.shape, cell=system.cell, clients=system.clients, compute_s=system.compute_s,
         latency_budget_s=system.tau_bar, ranks=ranks, keep_ratios=keep_ratios,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["History"]
+__all__ = ["History", "write_csv"]
 
 
 def _clean(v):
@@ -71,14 +71,8 @@ class History:
         tmp.write_text(json.dumps(self.to_dict(), indent=1))
         tmp.replace(out / "history.json")
         for name, rows in (("rounds", self.rounds), ("clients", self.clients)):
-            if not rows:
-                continue
-            keys = list(dict.fromkeys(k for r in rows for k in r))
-            with open(out / f"{name}.csv", "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=keys)
-                w.writeheader()
-                for r in rows:
-                    w.writerow({k: _clean(r.get(k)) for k in keys})
+            if rows:
+                write_csv(out / f"{name}.csv", [{k: _clean(v) for k, v in r.items()} for r in rows])
         return out
 
     @classmethod
@@ -93,3 +87,15 @@ class History:
         """Inverse of :meth:`to_dict` (None back to NaN)."""
         nan = lambda rows: [{k: (math.nan if v is None else v) for k, v in r.items()} for r in rows]  # noqa: E731
         return cls(d.get("config", {}), nan(d.get("rounds", [])), nan(d.get("clients", [])), d.get("meta", {}))
+
+
+def write_csv(path, rows) -> Path:
+    """Write a list of dicts as CSV (columns: every key, in first-seen order); returns the path."""
+    rows = list(rows)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in keys})
+    return Path(path)

@@ -311,10 +311,10 @@ class _Run:
             return nan
         w = self.p[ok] / self.p[ok].sum()
         gamma = self.task.scaling
-        pe = se = cs = 0.0
+        pe = se = 0.0
         for name in self.names:
-            prods = [local[k][name][1].double() @ local[k][name][0].double() for k in ok]
-            mean_prod = sum(wk * P for wk, P in zip(w, prods, strict=True))
+            mean_prod = sum(wk * (local[k][name][1].double() @ local[k][name][0].double())
+                            for wk, k in zip(w, ok, strict=True))
             Bb = sum(wk * local[k][name][1].double() for wk, k in zip(w, ok, strict=True))
             Ab = sum(wk * local[k][name][0].double() for wk, k in zip(w, ok, strict=True))
             A1, B1 = self.glob[name]
@@ -324,7 +324,7 @@ class _Run:
                 new = new + (after.double() - (0 if before is None else before.double())) / gamma
             pe += float(((new - mean_prod) ** 2).sum())
             se += float(((new - Bb @ Ab) ** 2).sum())
-            cs += float(((mean_prod - Bb @ Ab) ** 2).sum())
+        cs = soft.factors_covariance_norm([local[k] for k in ok], w) ** 2 if len(ok) > 1 else 0.0
         out = {"product_error": pe, "sparsification_error": se, "covariance_sq": cs}
         grads = [self._diag.get(k, {}).get("grad") for k in ok]
         if all(g is not None for g in grads):

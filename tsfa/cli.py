@@ -105,14 +105,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _design(args: argparse.Namespace) -> int:
-    import csv
     import json
     from pathlib import Path
 
     from fedloop import RunConfig
     from fedloop.data import TaskUnavailable
     from fedloop.design import plan_for
-    from fedloop.history import History
+    from fedloop.history import History, write_csv
 
     try:
         cfg = RunConfig.from_toml(args.config)
@@ -130,11 +129,7 @@ def _design(args: argparse.Namespace) -> int:
     print(plan.format_table())
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = plan.table_rows()
-    with open(out / "plan.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "plan.csv", plan.table_rows())
     (out / "plan.json").write_text(json.dumps({
         "status": plan.status.value, "message": plan.message, "rank": plan.rank, "keep": plan.keep,
         "keep_ratio": plan.keep_ratio, "rounds": plan.rounds, "weight_v": plan.weight_v,
