@@ -13,27 +13,33 @@ import tomllib
 __all__ = ["RunConfig", "STRATEGIES", "TASKS", "SOFT_STRATEGIES"]
 
 #: Strategies (SPEC §8): what clients send, how the server aggregates, how bandwidth is split.
-STRATEGIES = ("tsfa", "ideal", "fedit", "ffa", "topk", "random", "svd", "fixed")
+STRATEGIES = ("tsfa", "ideal", "fedit", "ffa", "topk", "random", "svd", "fixed", "head", "lowrank")
 #: Strategies whose clients run SOFT's mechanism (penalty, tensorwise optimiser, server re-orthogonalisation).
 SOFT_STRATEGIES = ("tsfa", "fixed", "random", "svd")
-TASKS = ("rt-minilm", "linear")
+TASKS = ("rt-minilm", "rt-distill", "linear")
 
 
 @dataclass
 class RunConfig:
     """Everything a run needs; every field has a default (the embedded demo settings).
 
-    Task and data: ``task`` ("rt-minilm" or "linear"), ``clients`` K, ``split`` ("movie" or
+    Task and data: ``task`` ("rt-minilm", "rt-distill" or "linear"), ``clients`` K, ``split`` ("movie" or
     "dirichlet", rt-minilm), ``dirichlet_alpha``, ``test_fraction`` (held-out share),
-    ``test_size`` (evaluated examples, 0 = all), ``max_length`` (tokens).
+    ``test_size`` (evaluated examples, 0 = all), ``max_length`` (tokens), ``train_head``
+    (rt-minilm: train the classification head with the adapter; False freezes it at its
+    seeded initialisation so only the adapter learns), ``distill`` (rt-distill's settings,
+    see :class:`fedloop.tasks.RTDistillTask`), ``linear`` (the linear task's).
     LoRA and training: ``rank`` r, ``alpha`` (None = r), ``local_steps`` E, ``batch_size``,
     ``lr`` (LoRA factors), ``head_lr`` (the dense head, AdamW), ``optimizer`` ("auto":
     TensorwiseAdam for SOFT strategies, AdamW otherwise;
     or "adamw", "tadam", "sgd"), ``momentum`` (sgd's; 0 gives the plain SGD the bound
     of docs/theory.md analyses), ``penalty`` λ of R_orth (None = 0.01 for SOFT strategies,
     0 otherwise), ``reorthogonalize`` (None = on for SOFT strategies).
-    Strategy: ``strategy`` (see STRATEGIES), ``keep`` (components per module for fixed,
-    random, svd, topk's bit budget), ``scope`` ("module" or "global" SOFT selection).
+    Strategy: ``strategy`` (see STRATEGIES; ``head`` keeps the adapter frozen and sends only
+    the other trainable parameters; ``lowrank`` is dense ``fedit`` at structural rank
+    ``keep``: the bits of keeping ``keep`` of r components spent on a smaller adapter),
+    ``keep`` (components per module for fixed, random, svd, lowrank, topk's bit budget),
+    ``scope`` ("module" or "global" SOFT selection).
     Wireless (SPEC §2, §9): ``bandwidth_hz``, ``budget_factor`` (τ̄ = factor × median dense
     latency, so dense uploads do not fit when < 1), ``latency_budget_s`` (overrides),
     ``weight_v`` V (scale-free: error profiles are divided by the round's mean dense update
@@ -66,6 +72,7 @@ class RunConfig:
     test_fraction: float = 0.1
     test_size: int = 600
     max_length: int = 48
+    train_head: bool = True
     bandwidth_hz: float = 20e6
     budget_factor: float = 0.5
     latency_budget_s: float | None = None
@@ -77,6 +84,7 @@ class RunConfig:
     checkpoint_every: int = 5
     out: str = "runs/run"
     linear: dict = field(default_factory=dict)
+    distill: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.validate()
@@ -145,10 +153,18 @@ class RunConfig:
             bad("penalty", "must be None or a finite number >= 0")
         if not 0 < self.test_fraction < 1:
             bad("test_fraction", "must lie in (0, 1)")
-        if not isinstance(self.allow_skip, bool):
-            bad("allow_skip", "must be true or false")
+        for name in ("allow_skip", "train_head"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be true or false")
         if not isinstance(self.linear, dict):
             bad("linear", "must be a table of linear-task settings")
+        if not isinstance(self.distill, dict):
+            bad("distill", "must be a table of rt-distill settings")
+
+    @property
+    def structural_rank(self) -> int:
+        """The adapter's rank as built: ``keep`` for ``lowrank``, ``rank`` otherwise."""
+        return self.keep if self.strategy == "lowrank" else self.rank
 
     # -- I/O ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -48,6 +48,7 @@ __all__ = [
     "split_dirichlet",
     "minilm_path",
     "build_minilm_lora",
+    "load_minilm_encoder",
     "tokenize",
     "lora_factor_names",
     "get_lora_factors",
@@ -377,7 +378,7 @@ def _mean_pool_classifier(encoder, num_labels: int):
             h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             m = attention_mask.unsqueeze(-1).to(h.dtype)
             pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
-            return SimpleNamespace(logits=self.classifier(pooled))
+            return SimpleNamespace(logits=self.classifier(pooled), pooled=pooled)
 
     return MeanPoolClassifier()
 
@@ -447,6 +448,20 @@ def build_minilm_lora(rank: int, *, alpha: float | None = None, dropout: float =
         model = peft.get_peft_model(model, config)
     model.eval()  # from_pretrained leaves BERT in eval mode but peft's new modules in train mode
     return model, tokenizer
+
+
+def load_minilm_encoder():
+    """all-MiniLM-L6-v2's encoder (no pooler, no adapter, float32, CPU, eval mode) and its
+    tokenizer, loaded offline; ``(encoder, tokenizer)``. Raises :class:`TaskUnavailable`."""
+    path = minilm_path()
+    _, transformers, _ = _import_hf()
+    with _quiet_transformers(transformers):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        encoder = transformers.AutoModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False)
+    encoder.eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    return encoder, tokenizer
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int = 64) -> dict[str, torch.Tensor]:

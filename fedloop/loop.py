@@ -78,10 +78,19 @@ class _Run:
         self.cell = Cell(total_bandwidth_hz=cfg.bandwidth_hz)
         self.clients = self.cell.sample_clients(self.K, rng=_rng(cfg.seed, 11))
         self.compute_s = self.clients.compute_time_s(cfg.local_steps * cfg.batch_size * self.task.flops_per_sample)
-        self.downlink_s = base.downlink_bits / DOWNLINK_RATE_BPS
-        self.dense_median_s = dense_latency_s(self.cell, self.clients, self.shape, self.compute_s,
-                                              downlink_s=self.downlink_s, rng=_rng(cfg.seed, 12))
+        # τ̄ is the system's: the dense latency of the configured rank r, the same for every strategy
+        # (``lowrank`` builds a smaller adapter, ``head`` sends no adapter, both under the same τ̄).
+        nominal = base.with_rank(cfg.rank)
+        self.downlink_s = nominal.downlink_bits / DOWNLINK_RATE_BPS
+        self.dense_median_s = dense_latency_s(self.cell, self.clients, LoraShape(
+            nominal.modules, nominal.rank, nominal.bits_per_value, self.shape.header_bits), self.compute_s,
+            downlink_s=self.downlink_s, rng=_rng(cfg.seed, 12))
         self.tau_bar = cfg.latency_budget_s or cfg.budget_factor * self.dense_median_s
+        # What one client receives per round: the global adapter and head (``head``: the head only,
+        # the adapter never changes).
+        self.broadcast_bits = self.head_bits + (0 if cfg.strategy == "head" else base.downlink_bits)
+        self.downlink_s = (self.broadcast_bits - self.head_bits) / DOWNLINK_RATE_BPS if cfg.strategy != "head" \
+            else self.head_bits / DOWNLINK_RATE_BPS
         cap = None if cfg.cap_factor is None else cfg.cap_factor * self.tau_bar
         kw = dict(total_bandwidth_hz=cfg.bandwidth_hz, downlink_s=self.downlink_s)
         s = cfg.strategy
@@ -95,9 +104,9 @@ class _Run:
             self.policy = FixedPolicy(self.shape, keep=cfg.keep, bandwidth="equal", **kw)
         elif s in ("random", "svd", "topk"):
             self.policy = FixedPolicy(self.shape, keep=cfg.keep, bandwidth="min_latency", **kw)
-        elif s in ("fedit", "ideal"):
+        elif s in ("fedit", "ideal", "lowrank"):
             self.policy = DensePolicy(self.shape, **kw)
-        else:  # ffa: dense B only, latency-optimal split of its own payload
+        else:  # ffa (dense B only), head (the head only): latency-optimal split of their own payload
             self.policy = None
         glob = soft.clone_factors(live)
         if cfg.resolved_reorthogonalize:
@@ -201,11 +210,15 @@ class _Run:
         # A failed client reports nothing: it is not scheduled (zero error profile, keep 0 allowed).
         snr = self.cell.sample_snr_hz(self.clients, rng=_rng(cfg.seed, 31, t))
         t0 = time.perf_counter()
-        if self.policy is None:  # ffa
-            bits = np.full(K, ffa_bits(self.glob) + self.head_bits)
-            keep = np.full(K, r)
+        if self.policy is None:  # ffa, head: every client that trained sends its payload
+            lora_bits = ffa_bits(self.glob) if cfg.strategy == "ffa" else 0
+            bits = np.full(K, lora_bits + self.head_bits)
+            keep = np.full(K, r if cfg.strategy == "ffa" else 0)
             bw = min_latency_bandwidth(bits, snr, self.compute_s, cfg.bandwidth_hz, downlink_s=self.downlink_s)
-            bandwidth, upload, latency, fallback = bw.bandwidth_hz, bw.upload_time_s, bw.latency_s, ""
+            bandwidth, upload, fallback = bw.bandwidth_hz, np.nan_to_num(bw.upload_time_s), ""
+            # a client with nothing to upload still computes: the round lasts until the last one is done
+            latency = max(bw.latency_s, float(np.max(self.downlink_s + self.compute_s[ok] + upload[ok]))) if ok \
+                else bw.latency_s
         else:
             scale = float(np.sum(self.p[ok] * profiles[ok, 0])) if ok else 0.0
             rel = profiles / scale if scale > 0 else profiles
@@ -220,7 +233,7 @@ class _Run:
         for k in range(K):
             if status[k] != "ok":
                 continue
-            if keep[k] == 0:
+            if keep[k] == 0 and self.policy is not None:
                 status[k] = "skipped"
             elif deadline is not None and finish[k] > deadline:
                 status[k] = "deadline"
@@ -260,7 +273,7 @@ class _Run:
             test_loss, acc = self.task.evaluate()
         row = {"round": t + 1, "latency_s": latency, "wallclock_s": self.wallclock, "queue_s": queue_before,
                "latency_budget_s": self.tau_bar, "uplink_bits": int(bits_k.sum()),
-               "downlink_bits": int(self.soft_shape.downlink_bits * K), "scheduled": len(sent),
+               "downlink_bits": int(self.broadcast_bits * K), "scheduled": len(sent),
                "dropped": sum(1 for s in status if s not in ("ok", "skipped")), "dropped_energy": dropped_energy,
                "covariance_norm": cov, "train_loss": float(np.nanmean(losses)) if ok else math.nan,
                "test_loss": test_loss, "accuracy": acc, "solve_time_s": solve_time, "fallback": fallback}
@@ -348,7 +361,9 @@ class _Run:
         if not sent:
             return
         w = self.p[sent]
-        if s in ("tsfa", "fixed", "random", "fedit", "ideal"):
+        if s == "head":  # the adapter stays as it is; the head is averaged in step()
+            return
+        if s in ("tsfa", "fixed", "random", "fedit", "ideal", "lowrank"):
             payloads = {k: encode_update(cfg, self.glob, local[k], int(keep[k]), t, k) for k in sent}
             new = self.aggregate_payloads(sent, payloads, bits_k)
             if s == "ideal":  # fold Σ p B_k A_k − B̄Ā into the frozen weights (FedEx-LoRA)
@@ -457,12 +472,15 @@ def train_client(cfg: RunConfig, task, glob: dict, ghead: dict, t: int, k: int, 
     torch.manual_seed(_seed(cfg.seed, 21, t, k))
     rng = _rng(cfg.seed, 22, t, k)
     live = task.factors()
-    freeze_a = cfg.strategy == "ffa"
-    for A, _ in live.values():
+    freeze_a, freeze_b = cfg.strategy in ("ffa", "head"), cfg.strategy == "head"
+    for A, B in live.values():
         A.requires_grad_(not freeze_a)
+        B.requires_grad_(not freeze_b)
     params = [p for pair in live.values() for p in pair if p.requires_grad]
     opt_name = cfg.resolved_optimizer
-    if opt_name == "tadam":
+    if not params:
+        opt = None
+    elif opt_name == "tadam":
         opt = TensorwiseAdam(params, lr=cfg.lr)
     elif opt_name == "sgd":
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
@@ -480,19 +498,23 @@ def train_client(cfg: RunConfig, task, glob: dict, ghead: dict, t: int, k: int, 
                             f"local step {step + 1}; lower lr (now {cfg.lr}) — the last checkpoint is kept")
         losses.append(loss.item())
         total = loss + lam * soft.factors_penalty(live) if lam else loss
-        opt.zero_grad()
+        if opt:
+            opt.zero_grad()
         if head_opt:
             head_opt.zero_grad()
-        total.backward()
-        if on_step is not None and step == 0:
+        if total.requires_grad:
+            total.backward()
+        if on_step is not None and step == 0 and opt:
             on_step("gradient", live, lam)
-        opt.step()
+        if opt:
+            opt.step()
         if head_opt:
             head_opt.step()
         if on_step is not None:
             on_step("iterate", live, lam)
-    for A, _ in live.values():
+    for A, B in live.values():
         A.requires_grad_(True)
+        B.requires_grad_(True)
     return soft.clone_factors(live), {n: p.detach().clone() for n, p in task.head().items()}, float(
         np.mean(losses))
 

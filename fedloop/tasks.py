@@ -16,6 +16,7 @@ memory grows with K adapters, not with K models.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch
 from fedloop import data as fd
 from fedloop.config import RunConfig
 
-__all__ = ["Task", "RTMiniLMTask", "LinearTask", "make_task"]
+__all__ = ["Task", "RTMiniLMTask", "RTDistillTask", "LinearTask", "make_task", "DISTILL_DEFAULTS"]
 
 
 class Task:
@@ -54,9 +55,10 @@ class RTMiniLMTask(Task):
 
     name = "rt-minilm"
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, *, examples=None, num_labels: int = 2, train_head: bool = True):
         rt = fd.load_rotten_tomatoes()
-        train, test = fd.train_test_split(len(rt.texts), cfg.test_fraction, cfg.seed)
+        pool = np.arange(len(rt.texts)) if examples is None else np.asarray(examples)
+        train, test = (pool[i] for i in fd.train_test_split(len(pool), cfg.test_fraction, cfg.seed))
         if cfg.split == "movie":
             parts = fd.split_by_movie(rt.movies, cfg.clients, cfg.seed, indices=train)
         else:
@@ -64,8 +66,10 @@ class RTMiniLMTask(Task):
         self.client_indices = [np.asarray(p) for p in parts]
         self.client_sizes = np.array([len(p) for p in parts], dtype=float)
         self.test_indices = test[: cfg.test_size] if cfg.test_size else test
-        self.model, tok = fd.build_minilm_lora(cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
+        self.model, tok = fd.build_minilm_lora(cfg.structural_rank, alpha=cfg.alpha, seed=cfg.seed,
+                                               num_labels=num_labels, train_head=cfg.train_head and train_head)
         enc = fd.tokenize(tok, list(rt.texts), cfg.max_length)
+        self.tokenizer = tok
         self.input_ids, self.attention_mask = enc["input_ids"], enc["attention_mask"]
         self.labels = torch.tensor(rt.labels)
         self._factors = fd.get_lora_factors(self.model)
@@ -116,14 +120,225 @@ class RTMiniLMTask(Task):
         return total / n, correct / n
 
 
+#: rt-distill's settings (``RunConfig.distill``) and their defaults.
+DISTILL_DEFAULTS = {"teacher_rank": 16, "decay": 0.0, "scale": 0.5, "subspace": 64, "classes": 10,
+                    "examples": 3000, "teacher_seed": 0}
+
+
+class RTDistillTask(RTMiniLMTask):
+    """Distillation from a realisable teacher on real review text: the discriminating testbed.
+
+    The teacher is all-MiniLM-L6-v2 with a rank-R update ΔW = U diag(σ) Pᵀ added to each of
+    the 12 query and value weights (R = ``teacher_rank``). Its input directions are spread
+    over what the module actually sees: P = E Λ^(−1/2) Q, with E, Λ the top ``subspace``
+    principal directions and variances of the module's input tokens (measured on the base
+    model) and Q a random orthonormal R-frame of that subspace, so each of the R components
+    changes the module's output by an independent unit-variance signal scaled by
+    σ_i = ``scale`` · ρ · i^(−``decay``) / ‖(j^(−decay))_j‖, where ρ² is the module's output
+    energy per token (the update's output energy is ``scale``² times the original's). With
+    random input directions instead, the anisotropy of BERT's hidden states folds any
+    teacher into an effective rank of one or two, and rank stops mattering. U is a random
+    orthonormal frame; everything is drawn from ``teacher_seed``, the same for every run seed.
+
+    The student is the same pre-trained model with LoRA of rank r on the same modules and no
+    trainable head: the adapter carries all the learning, F* = 0, and ``spectrum`` (σ per
+    component, in output-RMS units) says what a rank-r adapter cannot represent.
+
+    Loss: the teacher's last hidden states as per-token targets, ‖s(x)_j − t(x)_j‖² summed
+    over features and averaged over real tokens, divided by D₀ (the same quantity between
+    the base model and the teacher on the test set), so the test loss starts at 1 and is
+    the share of the teacher's change still missing. ``accuracy``: the share of test snippets
+    on which a fixed random ``classes``-way linear head over the mean-pooled embedding
+    gives the student and the teacher the same class (teacher agreement).
+
+    Data: ``examples`` review snippets drawn once from the 12,808 by ``teacher_seed``, split
+    into train and test by the run seed and over clients by movie (or Dirichlet). The
+    teacher's outputs are computed once per process in fixed blocks, so they do not depend
+    on which runs asked for them first (resume stays exact).
+    """
+
+    name = "rt-distill"
+
+    def __init__(self, cfg: RunConfig):
+        s = dict(DISTILL_DEFAULTS)
+        unknown = sorted(set(cfg.distill) - set(s))
+        if unknown:
+            raise ValueError(f"unknown distill settings {unknown}; known: {sorted(s)}")
+        s.update(cfg.distill)
+        for key in ("teacher_rank", "classes", "examples", "subspace"):
+            if isinstance(s[key], bool) or not isinstance(s[key], int) or s[key] < 1:
+                raise ValueError(f"distill.{key} must be an integer >= 1; got {s[key]!r}")
+        for key in ("decay", "scale"):
+            if isinstance(s[key], bool) or not isinstance(s[key], (int, float)) or not math.isfinite(s[key]) \
+                    or s[key] < 0 or (key == "scale" and s[key] == 0):
+                raise ValueError(f"distill.{key} must be a finite number {'> 0' if key == 'scale' else '>= 0'}; "
+                                 f"got {s[key]!r}")
+        if isinstance(s["teacher_seed"], bool) or not isinstance(s["teacher_seed"], int) or s["teacher_seed"] < 0:
+            raise ValueError(f"distill.teacher_seed must be an integer >= 0; got {s['teacher_seed']!r}")
+        if not s["teacher_rank"] <= s["subspace"] <= 384:
+            raise ValueError(f"distill.subspace must lie in teacher_rank..384; got {s['subspace']}")
+        n_all = len(fd.load_rotten_tomatoes().texts)
+        if not 2 <= s["examples"] <= n_all:
+            raise ValueError(f"distill.examples must lie in 2..{n_all}; got {s['examples']}")
+        self.settings = s
+        examples = np.sort(np.random.default_rng(s["teacher_seed"]).choice(n_all, s["examples"], replace=False))
+        super().__init__(cfg, examples=examples, num_labels=s["classes"], train_head=False)
+        teacher = _distill_teacher(s["teacher_rank"], float(s["decay"]), float(s["scale"]), s["subspace"],
+                                   s["classes"], s["teacher_seed"], cfg.max_length, tuple(int(i) for i in examples))
+        self.spectrum = teacher.sigma
+        self._teacher = teacher
+        with torch.no_grad():  # the agreement head is the teacher's, whatever the run seed
+            head = self.model.base_model.model.classifier
+            head.weight.copy_(teacher.head_weight)
+            head.bias.zero_()
+        test = self.test_indices
+        self.normaliser = float(self._distance(teacher.base_hidden(test), teacher.hidden(test),
+                                               self.attention_mask[torch.as_tensor(test)]))
+
+    @staticmethod
+    def _distance(h, target, mask, reduce=True):
+        m = mask.unsqueeze(-1).to(h.dtype)
+        per_token = (((h - target) * m) ** 2).sum((1, 2))
+        return per_token.sum() / m.sum() if reduce else (per_token, m.sum())
+
+    def batch(self, idx):
+        ids, mask, _ = super().batch(idx)
+        return ids, mask, self._teacher.hidden(idx)
+
+    def _hidden(self, ids, mask):
+        return self.model.base_model.model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    def loss(self, batch):
+        ids, mask, target = batch
+        return self._distance(self._hidden(ids, mask), target, mask) / self.normaliser
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        self.model.eval()
+        total, tokens, agree, n = 0.0, 0.0, 0, 0
+        for i in range(0, len(self.test_indices), 128):
+            ids, mask, target = self.batch(self.test_indices[i:i + 128])
+            h = self._hidden(ids, mask)
+            d, m = self._distance(h, target, mask, reduce=False)
+            total, tokens = total + float(d.sum()), tokens + float(m)
+            agree += int((self._teacher.classify(h, mask) == self._teacher.classify(target, mask)).sum())
+            n += len(ids)
+        return total / tokens / self.normaliser, agree / n
+
+
+class _Teacher:
+    """The rt-distill teacher's last hidden states on a fixed set of snippets (see :class:`RTDistillTask`)."""
+
+    BLOCK = 256
+
+    def __init__(self, rank, decay, scale, subspace, classes, seed, max_length, examples):
+        rt = fd.load_rotten_tomatoes()
+        self.encoder, tokenizer = fd.load_minilm_encoder()
+        enc = fd.tokenize(tokenizer, [rt.texts[i] for i in examples], max_length)
+        self.row = {int(i): j for j, i in enumerate(examples)}
+        self.ids, self.mask = enc["input_ids"], enc["attention_mask"]
+        gen = torch.Generator().manual_seed(seed)
+        hidden = self.encoder.config.hidden_size
+        self.head_weight = torch.randn(classes, hidden, generator=gen)
+        modules = {name: mod for name, mod in self.encoder.named_modules()
+                   if name.endswith(("attention.self.query", "attention.self.value"))}
+        inputs = self._input_covariances(modules, min(512, len(examples)))
+        profile = np.arange(1, rank + 1, dtype=float) ** (-decay)
+        profile /= np.linalg.norm(profile)
+        self.base_weights, sigma = {}, []
+        with torch.no_grad():
+            for name, mod in modules.items():
+                cov = inputs[name]
+                lam, E = torch.linalg.eigh(cov)
+                lam, E = lam.flip(0)[:subspace].clamp_min(1e-12), E.flip(1)[:, :subspace]
+                Q, _ = torch.linalg.qr(torch.randn(subspace, rank, generator=gen, dtype=torch.float64))
+                U, _ = torch.linalg.qr(torch.randn(mod.weight.shape[0], rank, generator=gen, dtype=torch.float64))
+                W = mod.weight.detach().double()
+                rho = float(torch.sqrt(torch.trace(W @ cov @ W.T)))
+                s = scale * rho * profile
+                P = E @ (Q / lam.sqrt()[:, None])
+                self.base_weights[name] = mod.weight.detach().clone()
+                mod.weight.add_(((U * torch.as_tensor(s)) @ P.T).float())
+                sigma.append(s)
+        self.sigma = np.array(sigma)
+        self.targets = self._run(np.arange(len(examples)))
+
+    def _input_covariances(self, modules, n):
+        """Second moments of every adapted module's input tokens (real tokens only), on the
+        first ``n`` snippets, in float64."""
+        sums = {name: torch.zeros(self.encoder.config.hidden_size, self.encoder.config.hidden_size,
+                                  dtype=torch.float64) for name in modules}
+        count = [0.0]
+        mask_now = {}
+
+        def hook(name):
+            def fn(mod, args):
+                x = args[0].double()[mask_now["m"]]
+                sums[name].add_(x.T @ x)
+            return fn
+
+        handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in modules.items()]
+        try:
+            with torch.no_grad():
+                for i in range(0, n, self.BLOCK):
+                    ids, mask = self.ids[i:min(i + self.BLOCK, n)], self.mask[i:min(i + self.BLOCK, n)]
+                    mask_now["m"] = mask.bool()
+                    self.encoder(input_ids=ids, attention_mask=mask)
+                    count[0] += float(mask.sum())
+        finally:
+            for h in handles:
+                h.remove()
+        return {name: v / count[0] for name, v in sums.items()}
+
+    @torch.no_grad()
+    def _run(self, rows) -> torch.Tensor:
+        self.encoder.eval()
+        out = []
+        for i in range(0, len(rows), self.BLOCK):
+            r = torch.as_tensor(rows[i:i + self.BLOCK])
+            out.append(self.encoder(input_ids=self.ids[r], attention_mask=self.mask[r]).last_hidden_state)
+        return torch.cat(out)
+
+    def hidden(self, indices) -> torch.Tensor:
+        """The teacher's last hidden states of the given examples (snippet indices)."""
+        return self.targets[torch.as_tensor([self.row[int(i)] for i in np.asarray(indices)])]
+
+    @torch.no_grad()
+    def base_hidden(self, indices) -> torch.Tensor:
+        """The base model's last hidden states (the teacher without its update)."""
+        modules = dict(self.encoder.named_modules())
+        saved = {name: modules[name].weight.detach().clone() for name in self.base_weights}
+        try:
+            for name, w in self.base_weights.items():
+                modules[name].weight.copy_(w)
+            return self._run(np.array([self.row[int(i)] for i in np.asarray(indices)]))
+        finally:
+            for name, w in saved.items():
+                modules[name].weight.copy_(w)
+
+    def classify(self, hidden, mask) -> torch.Tensor:
+        """The fixed random head's class of each snippet's mean-pooled embedding."""
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return (pooled @ self.head_weight.T).argmax(-1)
+
+
+@functools.lru_cache(maxsize=1)
+def _distill_teacher(rank, decay, scale, subspace, classes, seed, max_length, examples) -> _Teacher:
+    return _Teacher(rank, decay, scale, subspace, classes, seed, max_length, examples)
+
+
 class _LoraLinear(torch.nn.Module):
     """y = (W0 + γ B A) x with W0 frozen; A Kaiming-uniform, B = 0 (peft's initialisation)."""
 
-    def __init__(self, m: int, n: int, r: int, alpha: float, gen: torch.Generator):
+    def __init__(self, m: int, n: int, r: int, alpha: float, gen: torch.Generator, draw_rank: int | None = None):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.randn(m, n, generator=gen) / math.sqrt(n), requires_grad=False)
         bound = 1.0 / math.sqrt(n)
-        self.lora_A = torch.nn.Parameter((torch.rand(r, n, generator=gen) * 2 - 1) * bound)
+        # A's first r rows of a draw_rank × n draw: the generator advances the same for every
+        # structural rank, so the task's data do not depend on it (paired ``lowrank`` runs).
+        draw = torch.rand(max(r, draw_rank or r), n, generator=gen)
+        self.lora_A = torch.nn.Parameter(((draw * 2 - 1) * bound)[:r].clone())
         self.lora_B = torch.nn.Parameter(torch.zeros(m, r))
         self.scaling = alpha / r
 
@@ -157,12 +372,13 @@ class LinearTask(Task):
         L, d, tr = int(s["modules"]), int(s["dim"]), int(s["true_rank"])
         if not 1 <= tr <= d:
             raise ValueError(f"linear.true_rank must lie in 1..dim ({d}); got {tr}")
-        if cfg.rank > d:
-            raise ValueError(f"rank must be <= linear.dim ({d}); got rank = {cfg.rank}")
+        r = cfg.structural_rank
+        if r > d:
+            raise ValueError(f"rank must be <= linear.dim ({d}); got rank = {r}")
         gen = torch.Generator().manual_seed(cfg.seed)
-        alpha = cfg.alpha if cfg.alpha is not None else cfg.rank
-        self.model = torch.nn.ModuleDict({f"m{i}": _LoraLinear(d, d, cfg.rank, alpha, gen) for i in range(L)})
-        self.scaling = alpha / cfg.rank
+        alpha = cfg.alpha if cfg.alpha is not None else r
+        self.model = torch.nn.ModuleDict({f"m{i}": _LoraLinear(d, d, r, alpha, gen, cfg.rank) for i in range(L)})
+        self.scaling = alpha / r
         sigma = s["scale"] * np.arange(1, tr + 1, dtype=float) ** (-s["decay"])
         self.target_delta = {}
         for name in self.model:
@@ -247,4 +463,6 @@ class LinearTask(Task):
 def make_task(cfg: RunConfig) -> Task:
     if cfg.task == "rt-minilm":
         return RTMiniLMTask(cfg)
+    if cfg.task == "rt-distill":
+        return RTDistillTask(cfg)
     return LinearTask(cfg)

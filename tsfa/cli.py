@@ -193,6 +193,28 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmark(args: argparse.Namespace) -> int:
+    from fedloop import RunConfig
+    from fedloop.benchmark import benchmark
+    from fedloop.data import TaskUnavailable
+    from fedloop.loop import RunFailed
+
+    try:
+        cfg = RunConfig.from_toml(args.config)
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
+    if args.rounds is not None:
+        cfg = cfg.replace(rounds=args.rounds)
+    seeds = args.seeds if args.seeds is not None else (3 if args.quick else 5)
+    try:
+        b = benchmark(cfg, args.strategies, seeds, out=args.out, delta=args.delta, progress=not args.quiet)
+    except (TaskUnavailable, RunFailed, FileNotFoundError) as exc:
+        raise UserError(str(exc)) from None
+    print(b.format_table())
+    print(f"wrote {b.out / 'summary.csv'}, summary.json, rounds.csv and benchmark.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tsfa", description="Wireless federated LoRA fine-tuning solvers.")
     p.add_argument("--version", action="version", version=f"tsfa {__version__}")
@@ -243,6 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run_dirs", nargs="+")
     c.add_argument("--out", default="runs/compare_cli", help="folder for compare.png")
     c.set_defaults(func=_compare)
+    b = sub.add_parser("benchmark", help="the comparison protocol: strategies paired by seed, mean ± 95 %% CI, "
+                                         "bits- and time-to-target, a figure (fedloop.benchmark)")
+    b.add_argument("config", help="TOML file whose keys are RunConfig fields (strategy and seed are set per run)")
+    b.add_argument("--strategies", nargs="+", default=["ideal", "fedit", "head", "lowrank", "topk", "random", "tsfa"],
+                   help="strategies to compare (default: ideal fedit head lowrank topk random tsfa)")
+    b.add_argument("--seeds", type=int, help="number of paired seeds (default 5; 3 with --quick)")
+    b.add_argument("--quick", action="store_true", help="3 seeds instead of 5")
+    b.add_argument("--rounds", type=int, help="override the number of rounds")
+    b.add_argument("--delta", type=float, help="tolerance of the target (default: 1 point of the task's metric)")
+    b.add_argument("--out", default="runs/benchmark", help="benchmark folder (default runs/benchmark); "
+                                                          "finished runs in it are reused")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_benchmark)
     return p
 
 
