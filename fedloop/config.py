@@ -45,7 +45,12 @@ class RunConfig:
     ``weight_v`` V (scale-free: error profiles are divided by the round's mean dense update
     energy and V is multiplied by τ̄², so the drift-plus-penalty objective over τ̄² reads
     V·Σ p_k e_k,rel + (Q/τ̄)(τ/τ̄)), ``cap_factor`` (hard cap τ_max = factor × τ̄, None = none),
-    ``allow_skip``, ``flops_per_s_scale`` (scales device speeds), ``deadline_factor``
+    ``allow_skip``, ``drift`` ("exact": each round minimises V·penalty + ½Q(t+1)², the exact
+    one-step drift-plus-penalty, which does not alternate between uploading everything and
+    skipping; "linear": the usual V·penalty + Q·τ; see :class:`tsfa.allocator.OnlineAllocator`),
+    ``initial_queue`` (the allocator's Q(0) in seconds, or "auto": the price at which the first
+    round meets τ̄),
+    ``flops_per_s_scale`` (scales device speeds), ``deadline_factor``
     (a client finishing after factor × τ̄ misses the round; None = never).
     Run: ``rounds``, ``seed``, ``eval_every``, ``checkpoint_every``, ``out`` (run folder).
     """
@@ -79,6 +84,8 @@ class RunConfig:
     weight_v: float = 1.0
     cap_factor: float | None = 3.0
     allow_skip: bool = True
+    drift: str = "exact"
+    initial_queue: float | str = 0.0
     deadline_factor: float | None = None
     eval_every: int = 1
     checkpoint_every: int = 5
@@ -148,6 +155,12 @@ class RunConfig:
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
                                   or v <= 0):
                 bad(name, "must be None or a finite number > 0")
+        if self.drift not in ("exact", "linear"):
+            bad("drift", "must be 'exact' or 'linear'")
+        q0 = self.initial_queue
+        if not (q0 == "auto" or (isinstance(q0, (int, float)) and not isinstance(q0, bool) and math.isfinite(q0)
+                                 and q0 >= 0)):
+            bad("initial_queue", "must be 'auto' or a finite number >= 0")
         if self.penalty is not None and (not isinstance(self.penalty, (int, float)) or not math.isfinite(self.penalty)
                                          or self.penalty < 0):
             bad("penalty", "must be None or a finite number >= 0")

@@ -83,5 +83,5 @@ def plan_for(cfg: RunConfig, *, pilot=None, ranks: Sequence[int] = DEFAULT_RANKS
         latency_budget_s=system.tau_bar, ranks=ranks, keep_ratios=keep_ratios,
         predict=make_predictor(constants, pilot), rounds=cfg.rounds if rounds is None else rounds,
         downlink_rate_bps=DOWNLINK_RATE_BPS, max_latency_s=cap, draws=draws, method=method,
-        rng=cfg.seed, **design_kw)
+        rng=cfg.seed, online_drift=cfg.drift, **design_kw)
     return plan, pilot, constants

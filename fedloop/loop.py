@@ -99,7 +99,8 @@ class _Run:
             # units of τ̄² (Q·τ is in s²), so the objective / τ̄² = v·Σp·e_rel + (Q/τ̄)(τ/τ̄).
             self.policy = OnlineAllocator(self.shape, latency_budget_s=self.tau_bar,
                                           weight_v=cfg.weight_v * self.tau_bar**2,
-                                          max_latency_s=cap, allow_skip=cfg.allow_skip, **kw)
+                                          max_latency_s=cap, allow_skip=cfg.allow_skip,
+                                          queue=cfg.initial_queue, drift=cfg.drift, **kw)
         elif s == "fixed":
             self.policy = FixedPolicy(self.shape, keep=cfg.keep, bandwidth="equal", **kw)
         elif s in ("random", "svd", "topk"):

@@ -71,12 +71,28 @@ class OnlineAllocator(_Policy):
             :class:`~tsfa.online.RoundProblem`.
         backend: allocation backend ("fast", "cvxpy", "milp", "pyomo" or a callable).
         fallback: "relax_cap", "skip_round" or "raise" (module docstring).
-        queue: initial Q(0), seconds.
+        drift: ``"linear"``: each round minimises V·Σ p_k e_k(s_k) + Q·τ, the usual
+            drift-plus-penalty bound (the quadratic term bounded by a constant). Its choices
+            are extreme: at Q = 0 latency is free, so every client uploads everything up to
+            the cap, the queue jumps, the next rounds skip, and a small V alternates between
+            the two. ``"exact"``: each round minimises V·Σ p_k e_k(s_k) + ½·max(Q + τ − τ̄, 0)²,
+            the penalty plus the next round's Lyapunov function L = ½Q² exactly (the same
+            drift-plus-penalty guarantees: it is at most the linear bound of any other
+            choice). It prices latency at q = max(Q + τ − τ̄, 0), so a round uses slack
+            but not at any cost; it is solved by a bisection on that price over the linear
+            problem (:meth:`step`).
+        queue: initial Q(0), seconds, or ``"auto"``: at the first step, the smallest Q whose
+            allocation meets τ̄ in that round (:meth:`calibrate_queue`). Starting from Q = 0,
+            latency is free in the first round: every client uploads everything up to the cap,
+            the queue jumps, the next rounds skip, and small V alternates between the two for
+            many rounds. Starting at the price that meets τ̄ avoids that start; Q then moves as
+            usual, so the time-average latency still converges to within τ̄.
     """
 
     def __init__(self, shape: LoraShape, *, latency_budget_s: float, weight_v: float, total_bandwidth_hz: float,
                  downlink_s: float = 0.0, max_latency_s: float | None = None, min_keep: int = 1,
-                 allow_skip: bool = False, backend="fast", fallback: str = "relax_cap", queue: float = 0.0):
+                 allow_skip: bool = False, backend="fast", fallback: str = "relax_cap",
+                 queue: float | str = 0.0, drift: str = "linear"):
         super().__init__(shape, total_bandwidth_hz=total_bandwidth_hz, downlink_s=downlink_s,
                          max_latency_s=max_latency_s, min_keep=min_keep, allow_skip=allow_skip)
         self.latency_budget_s = as_scalar("latency_budget_s", latency_budget_s, lower=0, strict=True)
@@ -85,16 +101,90 @@ class OnlineAllocator(_Policy):
             raise ValueError(f"fallback must be one of {FALLBACKS}; got {fallback!r}")
         self.fallback = fallback
         self.backend = backend
-        self.queue = as_scalar("queue", queue, lower=0)
+        if drift not in ("linear", "exact"):
+            raise ValueError(f"drift must be 'linear' or 'exact'; got drift = {drift!r}")
+        self.drift = drift
+        self.calibrating = isinstance(queue, str) and queue == "auto"
+        self.queue = 0.0 if self.calibrating else as_scalar("queue", queue, lower=0)
         self.last_latency_s: float | None = None
 
     def step(self, snr_hz, compute_s, error_profile, data_weight=None) -> Allocation:
         """Allocate this round (does not update the queue: call :meth:`observe`)."""
+        if self.calibrating:
+            self.queue = self.calibrate_queue(snr_hz, compute_s, error_profile, data_weight)
+            self.calibrating = False
+        if self.drift == "exact":
+            return self._exact_step(snr_hz, compute_s, error_profile, data_weight)
         prob = self.problem(snr_hz, compute_s, error_profile, data_weight, queue=self.queue, weight_v=self.weight_v)
         alloc = allocate(prob, backend=self.backend, tau_hint=self.last_latency_s)
         if alloc.status is Status.INFEASIBLE:
             alloc = self._fall_back(prob, alloc)
         return alloc
+
+    def _exact_step(self, snr_hz, compute_s, error_profile, data_weight, iterations: int = 30) -> Allocation:
+        """min V·P + ½·max(Q + τ − τ̄, 0)²: the linear problem at price q answers τ(q), decreasing in
+        q; the exact objective's price is q = max(Q + τ − τ̄, 0), so bisect φ(q) = q − max(Q + τ(q) − τ̄, 0)
+        on [0, Q + τ(0) − τ̄] and keep the best allocation seen under the exact objective."""
+        queue, budget = self.queue, self.latency_budget_s
+        seen = []
+
+        def solve(q: float) -> Allocation:
+            prob = self.problem(snr_hz, compute_s, error_profile, data_weight, queue=q, weight_v=self.weight_v)
+            alloc = allocate(prob, backend=self.backend, tau_hint=self.last_latency_s)
+            if alloc.status is Status.INFEASIBLE:
+                alloc = self._fall_back(prob, alloc)
+            seen.append(alloc)
+            return alloc
+
+        def exact(a: Allocation) -> float:
+            return self.weight_v * a.dropped_energy + 0.5 * max(queue + a.latency_s - budget, 0.0) ** 2
+
+        lo, hi = 0.0, queue + solve(0.0).latency_s - budget
+        if hi > 0:
+            for _ in range(iterations):
+                mid = 0.5 * (lo + hi)
+                if mid >= max(queue + solve(mid).latency_s - budget, 0.0):
+                    hi = mid
+                else:
+                    lo = mid
+                if hi - lo <= 1e-9 * max(hi, budget):
+                    break
+        best = min((a for a in seen if a.success), key=exact, default=seen[0])
+        return dataclasses.replace(best, objective=exact(best), lower_bound=math.nan, gap=math.nan,
+                                   tau_evaluations=sum(a.tau_evaluations for a in seen))
+
+    def calibrate_queue(self, snr_hz, compute_s, error_profile, data_weight=None, *,
+                              iterations: int = 40) -> float:
+        """The smallest backlog Q (seconds) whose allocation of this round meets τ̄, by bisection;
+        0 when Q = 0 already does. When no Q meets τ̄ (the round cannot), the smallest Q that
+        reaches the least latency any Q gives."""
+
+        def latency(q: float) -> float:
+            prob = self.problem(snr_hz, compute_s, error_profile, data_weight, queue=q, weight_v=self.weight_v)
+            alloc = allocate(prob, backend=self.backend)
+            return alloc.latency_s if alloc.success else math.inf
+
+        goal = self.latency_budget_s
+        if latency(0.0) <= goal:
+            return 0.0
+        hi = self.weight_v / goal  # the scale at which Q·τ matches V times a unit of dropped energy
+        least = latency(hi)
+        for _ in range(60):
+            if least <= goal:
+                break
+            more = latency(hi * 4)
+            if more >= least:  # the latency stopped falling: τ̄ cannot be met this round
+                goal = least
+                break
+            hi, least = hi * 4, more
+        lo = 0.0
+        for _ in range(iterations):
+            mid = 0.5 * (lo + hi)
+            if latency(mid) <= goal:
+                hi = mid
+            else:
+                lo = mid
+        return float(hi)
 
     def _fall_back(self, prob: RoundProblem, failed: Allocation) -> Allocation:
         if self.fallback == "raise":
@@ -122,7 +212,8 @@ class OnlineAllocator(_Policy):
     def state_dict(self) -> dict:
         """JSON-serialisable state: queue, round, last latency and the settings."""
         return {"queue": self.queue, "round": self.round, "last_latency_s": self.last_latency_s,
-                "latency_budget_s": self.latency_budget_s, "weight_v": self.weight_v}
+                "latency_budget_s": self.latency_budget_s, "weight_v": self.weight_v,
+                "calibrating": self.calibrating, "drift": self.drift}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("queue", "round", "latency_budget_s", "weight_v"):
@@ -134,6 +225,14 @@ class OnlineAllocator(_Policy):
         self.weight_v = as_scalar("weight_v", state["weight_v"], lower=0, strict=True)
         last = state.get("last_latency_s")
         self.last_latency_s = None if last is None else as_scalar("last_latency_s", last, lower=0)
+        calibrating = state.get("calibrating", False)
+        if not isinstance(calibrating, bool):
+            raise ValueError(f"calibrating must be true or false; got {calibrating!r}")
+        self.calibrating = calibrating
+        drift = state.get("drift", self.drift)
+        if drift not in ("linear", "exact"):
+            raise ValueError(f"drift must be 'linear' or 'exact'; got {drift!r}")
+        self.drift = drift
 
     def save(self, path) -> None:
         with open(path, "w") as f:

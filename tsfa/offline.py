@@ -721,7 +721,7 @@ class _RelativeProfiles:
 
 
 def _sweep_v(shape, cell, clients, compute_s, *, latency_budget, downlink_s, v_grid, refine, rounds, cap_factor,
-             error_model, data_weight, seed) -> tuple[VPoint, ...]:
+             error_model, data_weight, seed, drift="linear") -> tuple[VPoint, ...]:
     """Simulate the online stage for every V of the grid, then bisect (geometrically, ``refine``
     times) between the best V that meets τ̄ and the next larger V that does not."""
     from tsfa.allocator import OnlineAllocator
@@ -732,7 +732,7 @@ def _sweep_v(shape, cell, clients, compute_s, *, latency_budget, downlink_s, v_g
     def run(v: float) -> VPoint:
         policy = OnlineAllocator(shape, latency_budget_s=latency_budget, weight_v=v * latency_budget**2,
                                  total_bandwidth_hz=cell.total_bandwidth_hz, downlink_s=downlink_s,
-                                 max_latency_s=cap, allow_skip=True)
+                                 max_latency_s=cap, allow_skip=True, drift=drift)
         res = simulate_allocation(_RelativeProfiles(policy), cell, clients, rounds=rounds, compute_s=compute_s,
                                   error_model=error_model, data_weight=data_weight, rng=seed)
         lat = res.time_average_latency_s
@@ -874,6 +874,7 @@ def design_offline(
     v_rounds: int = 100,
     v_refine: int = 2,
     online_cap_factor: float | None = 3.0,
+    online_drift: str = "linear",
     error_model: ErrorModel | None = None,
     data_weight=None,
 ) -> OfflinePlan:
@@ -914,6 +915,8 @@ def design_offline(
             larger one that does not), the online hard
             cap as a multiple of τ̄ (None: no cap), the error-profile model
             (default ``ErrorModel()``) and the data weights p_k (default uniform).
+        online_drift: the online stage's per-round objective, "linear" or "exact"
+            (:class:`~tsfa.allocator.OnlineAllocator`), simulated by the V sweep.
 
     Returns:
         An :class:`OfflinePlan`. No candidate feasible → ``Status.INFEASIBLE`` with the
@@ -962,6 +965,8 @@ def design_offline(
     v_values = as_array("v_grid", v_grid, lower=0, strict=True)
     v_rounds = as_scalar("v_rounds", v_rounds, lower=1, integer=True)
     v_refine = as_scalar("v_refine", v_refine, lower=0, integer=True)
+    if online_drift not in ("linear", "exact"):
+        raise ValueError(f"online_drift must be 'linear' or 'exact'; got online_drift = {online_drift!r}")
     cap_factor = None if online_cap_factor is None else as_scalar("online_cap_factor", online_cap_factor, lower=0,
                                                                   strict=True)
     if error_model is not None and not isinstance(error_model, ErrorModel):
@@ -1064,7 +1069,8 @@ def design_offline(
     if choose_weight_v:
         sweep = _sweep_v(shapes[c.rank], cell, clients, comp[c.rank], latency_budget=latency_budget,
                          downlink_s=c.downlink_s, v_grid=v_values, refine=v_refine, rounds=min(c.rounds, v_rounds),
-                         cap_factor=cap_factor, error_model=error_model, data_weight=data_weight, seed=v_seed)
+                         cap_factor=cap_factor, drift=online_drift, error_model=error_model,
+                         data_weight=data_weight, seed=v_seed)
         best = _pick_v(sweep)
         if best is None:
             v = float(v_values.min())
