@@ -139,6 +139,7 @@ class OnlineAllocator(_Policy):
         def exact(a: Allocation) -> float:
             return self.weight_v * a.dropped_energy + 0.5 * max(queue + a.latency_s - budget, 0.0) ** 2
 
+        solve(queue)  # the linear choice: the exact step is never worse than it under the exact objective
         lo, hi = 0.0, queue + solve(0.0).latency_s - budget
         if hi > 0:
             for _ in range(iterations):

@@ -64,3 +64,55 @@ def test_example_runs_shortened(tmp_path):
     budget, results = mod.run(rounds=30, v_values=(1.0, 100.0))
     assert budget > 0 and set(results) == {1.0, 100.0}
     assert all(len(r.latency_s) == 30 for r in results.values())
+
+
+def _exact(policy_, a, queue):
+    return policy_.weight_v * a.dropped_energy + 0.5 * max(queue + a.latency_s - policy_.latency_budget_s, 0.0) ** 2
+
+
+def test_exact_drift_is_never_worse_than_the_linear_choice_and_does_not_alternate():
+    """drift="exact" minimises V·P + ½Q(t+1)² over the price search's allocations: it is never
+    worse than the linear drift-plus-penalty choice at the same queue, keeps the time-average
+    latency within τ̄, and with a small V does not alternate between everything and nothing."""
+    cell, clients, shape, compute, budget = setup()
+    kw = dict(latency_budget_s=budget, weight_v=0.05 * budget**2, total_bandwidth_hz=20e6, downlink_s=0.02,
+              max_latency_s=3 * budget, allow_skip=True)
+    exact, linear = OnlineAllocator(shape, drift="exact", **kw), OnlineAllocator(shape, **kw)
+    rng = np.random.default_rng(5)
+    em = ErrorModel()
+    scales = em.client_scales(len(clients.distance_m), rng)
+    for _ in range(30):
+        snr = cell.sample_snr_hz(clients, rng=rng)
+        prof = em.sample(8, scales, rng)
+        prof = prof / prof[:, 0].mean()
+        linear.queue = exact.queue
+        a, b = exact.step(snr, compute, prof), linear.step(snr, compute, prof)
+        assert _exact(exact, a, exact.queue) <= _exact(exact, b, exact.queue) * (1 + 1e-9) + 1e-15
+        exact.observe(a.latency_s)
+    res = {d: simulate_allocation(OnlineAllocator(shape, drift=d, **kw), cell, clients, rounds=150,
+                                  compute_s=compute, rng=3) for d in ("exact", "linear")}
+    assert res["exact"].time_average_latency_s <= 1.05 * budget
+    skipped = {d: int(np.sum(r.mean_keep == 0)) for d, r in res.items()}
+    assert skipped["linear"] >= 20 and skipped["exact"] <= 2  # linear alternates: whole rounds skipped
+    assert np.max(res["exact"].latency_s) <= 2.0 * budget < np.max(res["linear"].latency_s)
+
+
+def test_auto_initial_queue_meets_the_budget_in_the_first_round():
+    cell, clients, shape, compute, budget = setup()
+    kw = dict(latency_budget_s=budget, weight_v=0.5 * budget**2, total_bandwidth_hz=20e6, downlink_s=0.02,
+              max_latency_s=3 * budget, allow_skip=True)
+    rng = np.random.default_rng(1)
+    snr = cell.sample_snr_hz(clients, rng=rng)
+    prof = ErrorModel().sample(8, np.ones(len(compute)), rng)
+    auto, zero = OnlineAllocator(shape, queue="auto", **kw), OnlineAllocator(shape, **kw)
+    a, z = auto.step(snr, compute, prof), zero.step(snr, compute, prof)
+    assert z.latency_s > budget  # from Q = 0 latency is free
+    assert a.latency_s <= budget * (1 + 1e-9) and auto.queue > 0
+    q = auto.queue
+    below = OnlineAllocator(shape, queue=0.9 * q, **kw).step(snr, compute, prof)
+    assert below.latency_s > budget  # the smallest such queue, to the bisection's precision
+    state = auto.state_dict()
+    assert state["calibrating"] is False and state["drift"] == "linear"
+    fresh = OnlineAllocator(shape, queue="auto", **kw)
+    fresh.load_state_dict(state)
+    assert fresh.queue == q and not fresh.calibrating
