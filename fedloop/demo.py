@@ -3,12 +3,13 @@
 1. Offline design (TSFA stage 1): a short pilot calibrates the convergence bound; the
    structural rank, nominal keep ratio and V are chosen from channel statistics under τ̄.
 2. A TSFA run on ``rt-minilm`` (``--quick``: ``linear``) at the chosen rank and V.
-3. The same seeds under ``fedit`` (dense, separate averaging) and ``ideal`` (dense, exact
-   aggregation, no latency limit).
+3. The same seed under ``fedit`` (dense, separate averaging), ``ideal`` (dense, exact
+   aggregation, no latency limit) and ``head`` (the adapter frozen: what the head alone learns).
 4. A printed table (final metric, uplink bits, bit savings against fedit, mean latency over
-   τ̄) and figures in the run folder: the metric against uplink bits and simulated
-   wall-clock (compare.png), TSFA's latency and queue per round (tsfa/run.png), and the
-   bound against the empirical curve (bound.png).
+   τ̄, the metric at tsfa's uplink bits and at equal simulated time) and figures in the run
+   folder: the metric against uplink bits and simulated wall-clock (compare.png), TSFA's
+   latency and queue per round (tsfa/run.png), and the bound against the empirical curve
+   (bound.png).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedloop.benchmark import METRICS, metric_within
 from fedloop.config import RunConfig
 from fedloop.history import write_csv
 
@@ -32,6 +34,8 @@ __all__ = ["main_job", "DEMO", "QUICK"]
 DEMO = dict(task="rt-minilm", clients=10, rounds=20, local_steps=2, batch_size=8, max_length=32, test_size=300,
             budget_factor=0.5, seed=0)
 PLAN = dict(max_latency_factor=1.5, min_participation=0.7)
+#: The runs after the plan: TSFA, the two dense references and the frozen-adapter baseline.
+STRATEGIES = ("tsfa", "fedit", "ideal", "head")
 #: ``--quick``: the linear task, seconds.
 QUICK = dict(task="linear", clients=8, rounds=20, local_steps=4, batch_size=16, lr=0.05, budget_factor=0.4, seed=0)
 
@@ -69,10 +73,11 @@ def main_job(out="runs/demo", *, quick: bool = False, seed: int | None = None, p
         raise ValueError(f"offline design failed: {plan.message}")
     tau = plan.latency_budget_s
     runs = {}
-    for i, strategy in enumerate(("tsfa", "fedit", "ideal")):
+    for i, strategy in enumerate(STRATEGIES):
         c = cfg.replace(strategy=strategy, rank=plan.rank, keep=plan.keep, latency_budget_s=tau,
                         weight_v=float(plan.weight_v or cfg.weight_v), out=str(out / strategy))
-        log(f"[{i + 2}/4] {strategy} on {c.task}: rank {c.rank}, {c.clients} clients, {c.rounds} rounds")
+        log(f"[{i + 2}/{len(STRATEGIES) + 1}] {strategy} on {c.task}: rank {c.rank}, {c.clients} clients, "
+            f"{c.rounds} rounds")
         t0 = time.perf_counter()
         runs[strategy] = run(c, progress=progress)
         log(f"      done in {time.perf_counter() - t0:.0f} s")
@@ -87,18 +92,29 @@ def main_job(out="runs/demo", *, quick: bool = False, seed: int | None = None, p
     ax.figure.savefig(out / "bound.png", dpi=120)
     plt.close(ax.figure)
     dense = runs["fedit"].total_uplink_bits
+    # Equal rounds (final), equal uplink bits (tsfa's total) and equal simulated time (the shortest run).
+    metric_spec = METRICS[cfg.task]
+    equal_bits = runs["tsfa"].total_uplink_bits
+    equal_time = min(h.rounds[-1]["wallclock_s"] for h in runs.values())
     table = []
     for s, hist in runs.items():
         r = next(x for x in rows if x["strategy"] == s)
         table.append({"strategy": s, "metric": r["metric"], "final": r["final"], "uplink_mbit": r["uplink_mbit"],
                       "bit_savings_vs_fedit": 1 - hist.total_uplink_bits / dense if dense else math.nan,
                       "mean_latency_over_tau": float(np.mean(hist.column("latency_s")) / tau),
-                      "simulated_s": r["simulated_s"]})
+                      "simulated_s": r["simulated_s"],
+                      "at_equal_bits": metric_within(hist, metric_spec, "uplink_bits", equal_bits),
+                      "at_equal_time": metric_within(hist, metric_spec, "wallclock_s", equal_time)})
     metric = table[0]["metric"].replace("_", " ")
-    lines = [f"{'strategy':<8} {'final ' + metric:>16} {'uplink Mbit':>12} {'bit savings':>12} {'latency/τ̄':>10}"]
+    lines = [f"{'strategy':<8} {'final ' + metric:>16} {'uplink Mbit':>12} {'bit savings':>12} {'latency/τ̄':>10} "
+             f"{'@tsfa bits':>11} {'@' + format(equal_time, '.1f') + ' s':>9}"]
     for r in table:
         lines.append(f"{r['strategy']:<8} {r['final']:>16.4f} {r['uplink_mbit']:>12.2f} "
-                     f"{r['bit_savings_vs_fedit']:>11.1%} {r['mean_latency_over_tau']:>10.2f}")
+                     f"{r['bit_savings_vs_fedit']:>11.1%} {r['mean_latency_over_tau']:>10.2f} "
+                     f"{r['at_equal_bits']:>11.4f} {r['at_equal_time']:>9.4f}")
+    lines.append(f"final: after {cfg.rounds} rounds; @tsfa bits: after the last round within tsfa's "
+                 f"{equal_bits / 1e6:.1f} Mbit of uplink; @{equal_time:.1f} s: within the shortest run's simulated "
+                 f"time; head: the adapter frozen, only the classification head trains and travels")
     log("\n".join(lines))
     write_csv(out / "summary.csv", table)
     summary = {"task": cfg.task, "plan": {"rank": plan.rank, "keep": plan.keep, "weight_v": plan.weight_v,

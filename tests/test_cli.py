@@ -49,7 +49,14 @@ def test_main_job_quick(tmp_path):
     assert "bit savings" in out.stdout and "latency/τ̄" in out.stdout
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     table = {r["strategy"]: r for r in summary["table"]}
-    assert set(table) == {"tsfa", "fedit", "ideal"}
+    assert set(table) == {"tsfa", "fedit", "ideal", "head"}
     assert table["tsfa"]["uplink_mbit"] < table["fedit"]["uplink_mbit"]
+    assert "@tsfa bits" in out.stdout
+    # at tsfa's uplink bits, tsfa's own entry is its final metric; fedit had fewer rounds in that budget
+    assert table["tsfa"]["at_equal_bits"] == table["tsfa"]["final"]
+    assert table["head"]["uplink_mbit"] == 0 and table["head"]["final"] == table["head"]["at_equal_bits"]
+    tsfa_rounds = json.loads((tmp_path / "demo" / "tsfa" / "history.json").read_text())["rounds"]
+    # the first rounds no longer alternate between uploading everything and skipping the round
+    assert all(r["scheduled"] > 0 for r in tsfa_rounds)
     for name in ("compare.png", "bound.png", "tsfa/run.png", "plan.csv", "summary.csv"):
         assert (tmp_path / "demo" / name).is_file(), name
