@@ -14,8 +14,8 @@ interval of:
 * ``time_to_target``: the simulated wall-clock at that round;
 * ``uplink_bits``, ``downlink_bits`` (totals), ``latency_over_budget`` (mean round latency / τ̄);
 * ``at_equal_bits`` / ``at_equal_time``: the metric after the last round that fits in a
-  common uplink budget (the smallest total among strategies that send an adapter) and a
-  common simulated time (the smallest total), the initial metric when no round fits;
+  common uplink budget and a common simulated time (the smallest totals among strategies
+  that send an adapter; ``head`` does not), the initial metric when no round fits;
 * ``paired_difference``: final metric minus the reference strategy's on the same seed.
 
 Runs live in ``out/<strategy>/seed<k>``; a finished run whose saved config equals the
@@ -189,9 +189,9 @@ def summarise(runs: dict, metric: Metric, strategies, seeds, *, delta: float | N
                 reference = s
     target = metric.target(means[reference], delta) if reference else math.nan
     totals_bits = {s: np.mean([runs[(s, k)].total_uplink_bits for k in seeds]) for s in strategies}
-    senders = [b for s, b in totals_bits.items() if s != "head" and b > 0] or list(totals_bits.values())
-    equal_bits = float(min(senders))
-    equal_time = float(min(np.mean([runs[(s, k)].rounds[-1]["wallclock_s"] for k in seeds]) for s in strategies))
+    senders = [s for s in strategies if s != "head" and totals_bits[s] > 0] or list(strategies)
+    equal_bits = float(min(totals_bits[s] for s in senders))
+    equal_time = float(min(np.mean([runs[(s, k)].rounds[-1]["wallclock_s"] for k in seeds]) for s in senders))
     rows = []
     for s in strategies:
         per = []
