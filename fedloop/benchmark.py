@@ -217,13 +217,16 @@ def summarise(runs: dict, metric: Metric, strategies, seeds, *, delta: float | N
 
 
 def _run_or_reuse(cfg: RunConfig, progress: bool) -> History:
-    """A finished run with the same config is reused; an interrupted one resumes."""
+    """A finished run with the same config (wherever its folder was) is reused; an interrupted
+    one resumes from its checkpoint."""
     from fedloop.loop import run
 
     folder = Path(cfg.out)
     if (folder / "history.json").is_file():
         h = History.load(folder)
-        if h.config == cfg.to_dict() and len(h.rounds) == cfg.rounds:
+        same = {k: v for k, v in h.config.items() if k != "out"} == {k: v for k, v in cfg.to_dict().items()
+                                                                      if k != "out"}
+        if same and len(h.rounds) == cfg.rounds:
             return h
     if (folder / "checkpoint.pt").is_file():
         return run(cfg, resume=True, progress=progress)
