@@ -227,7 +227,8 @@ class RTDistillTask(RTMiniLMTask):
 
 
 class _Teacher:
-    """The rt-distill teacher's last hidden states on a fixed set of snippets (see :class:`RTDistillTask`)."""
+    """The rt-distill teacher's last hidden states on a fixed set of snippets (see :class:`RTDistillTask`);
+    ``factors[name] = (A, B)``: its update B·A of each adapted weight, as LoRA factors of rank R."""
 
     BLOCK = 256
 
@@ -245,7 +246,7 @@ class _Teacher:
         inputs = self._input_covariances(modules, min(512, len(examples)))
         profile = np.arange(1, rank + 1, dtype=float) ** (-decay)
         profile /= np.linalg.norm(profile)
-        self.base_weights, sigma = {}, []
+        self.base_weights, self.factors, sigma = {}, {}, []
         with torch.no_grad():
             for name, mod in modules.items():
                 cov = inputs[name]
@@ -258,7 +259,8 @@ class _Teacher:
                 s = scale * rho * profile
                 P = E @ (Q / lam.sqrt()[:, None])
                 self.base_weights[name] = mod.weight.detach().clone()
-                mod.weight.add_(((U * torch.as_tensor(s)) @ P.T).float())
+                self.factors[name] = (P.T.float(), (U * torch.as_tensor(s)).float())  # (A R×n, B m×R)
+                mod.weight.add_(self.factors[name][1] @ self.factors[name][0])
                 sigma.append(s)
         self.sigma = np.array(sigma)
         self.targets = self._run(np.arange(len(examples)))

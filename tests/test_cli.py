@@ -60,3 +60,19 @@ def test_main_job_quick(tmp_path):
     assert all(r["scheduled"] > 0 for r in tsfa_rounds)
     for name in ("compare.png", "bound.png", "tsfa/run.png", "plan.csv", "summary.csv"):
         assert (tmp_path / "demo" / name).is_file(), name
+
+
+def test_benchmark_prints_the_protocol_table(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'task = "linear"\nrounds = 3\nclients = 4\nrank = 4\nkeep = 1\nlr = 0.05\n'
+                   f'out = "{tmp_path / "ignored"}"\n[linear]\ndim = 12\nsamples = 48\ntest_samples = 128\n')
+    out = run("benchmark", str(cfg), "--strategies", "fedit", "head", "tsfa", "--seeds", "2", "--quiet",
+              "--out", str(tmp_path / "bench"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "bits-to-target" in out.stdout and "not reached" in out.stdout  # head never learns on linear
+    assert out.stdout.count("±") >= 3 and "2 paired seeds" in out.stdout
+    for name in ("summary.csv", "summary.json", "rounds.csv", "benchmark.png", "tsfa/seed1/history.json"):
+        assert (tmp_path / "bench" / name).is_file(), name
+    bad = run("benchmark", str(cfg), "--strategies", "fedit", "nope", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "strategies" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -1,8 +1,11 @@
 """Every example runs headless in a shortened form and writes its figure and numbers."""
 
 import csv
+import json
 import importlib.util
 from pathlib import Path
+
+import pytest
 
 from fedloop import RunConfig
 
@@ -90,3 +93,16 @@ def test_latency_budget_short(tmp_path):
     ratio = {k: float(v["mean_latency_over_dense_median"]) for k, v in rows.items()}
     assert ratio["tsfa"] < ratio["fedit"]
     assert (tmp_path / "latency_budget.png").stat().st_size > 20_000
+
+
+def test_testbed_short(tmp_path):
+    ex = load("08_testbed.py")
+    rows = ex.main(["--candidates", "rt-distill", "--seeds", "2", "--rounds", "2", "--runs", str(tmp_path / "runs"),
+                    "--out", str(tmp_path)])
+    row = rows[0]
+    assert row["candidate"] == "rt-distill" and row["metric"] == "test_loss"
+    assert row["head_final"] == pytest.approx(1.0, abs=1e-5) and row["head_sd"] == pytest.approx(0.0, abs=1e-6)
+    assert row["ideal_final"] < 0.99  # two rounds of dense LoRA already move towards the teacher
+    assert isinstance(row["adapter_carries"], bool) and isinstance(row["rank_matters"], bool)
+    saved = json.loads((tmp_path / "testbed.json").read_text())
+    assert saved[0]["r2_final"] == row["r2_final"] and (tmp_path / "testbed.csv").is_file()

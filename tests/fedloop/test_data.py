@@ -359,3 +359,37 @@ def test_build_is_offline_and_quiet():
     assert out.stdout.strip() == "ok 12"
     for noise in ("LOAD REPORT", "newly initialized", "Loading weights", "Warning"):
         assert noise not in out.stderr, out.stderr
+
+
+def test_rt_distill_starts_at_one_and_is_realisable_by_a_rank_r_adapter():
+    """The test loss starts at 1 (normalised by the base model's distance to the teacher), and a
+    rank-16 student whose LoRA factors are the teacher's update reaches it exactly (F* = 0);
+    the same update truncated to rank 2 cannot."""
+    import pathlib
+
+    import torch
+
+    from fedloop import RunConfig
+    from fedloop.tasks import make_task
+
+    cfg = RunConfig.from_toml(pathlib.Path(__file__).parents[2] / "examples" / "configs" / "rt_distill.toml")
+    task = make_task(cfg.replace(rank=16, keep=2, test_size=64))
+    loss, agreement = task.evaluate()
+    assert loss == pytest.approx(1.0, abs=1e-5) and 0 < agreement < 0.9
+    teacher = task._teacher
+    assert task.spectrum.shape == (12, 16) and np.all(task.spectrum > 0)
+    live = task.factors()
+    with torch.no_grad():
+        for name, (A, B) in live.items():
+            (tA, tB), = [v for k, v in teacher.factors.items() if name.endswith(k)]
+            A.copy_(tA)
+            B.copy_(tB / task.scaling)
+    loss, agreement = task.evaluate()
+    assert loss < 1e-6 and agreement == 1.0
+    small = make_task(cfg.replace(rank=2, keep=2, test_size=64))
+    with torch.no_grad():
+        for name, (A, B) in small.factors().items():
+            (tA, tB), = [v for k, v in teacher.factors.items() if name.endswith(k)]
+            A.copy_(tA[:2])
+            B.copy_(tB[:, :2] / small.scaling)
+    assert 0.5 < small.evaluate()[0] < 1.0  # two of sixteen equal components: most of the change is missing
