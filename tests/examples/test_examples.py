@@ -1,8 +1,8 @@
 """Every example runs headless in a shortened form and writes its figure and numbers."""
 
 import csv
-import json
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
