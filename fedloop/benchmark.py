@@ -321,16 +321,19 @@ def plot_benchmark(b: Benchmark, path) -> Path:
         mean = np.array([m for m, _ in stats])
         half = np.nan_to_num(np.array([c for _, c in stats]))
         color = f"C{i}"
-        for ax, x in zip(axes, (xs_round[:n], np.mean([x[:n] for x in xs_bits], 0),
-                                np.mean([x[:n] for x in xs_time], 0)), strict=True):
-            ax.plot(x, mean, color=color, label=s, lw=1.6)
+        bits = np.mean([x[:n] for x in xs_bits], 0)
+        silent = not np.any(bits > 0)  # head on a task without a head: nothing to place on the bits axis
+        for ax, x in zip(axes, (xs_round[:n], bits, np.mean([x[:n] for x in xs_time], 0)), strict=True):
+            if silent and ax is axes[1]:
+                continue
+            ax.plot(x, mean, color=color, label=s if not silent else f"{s} (0 uplink bits)", lw=1.6)
             ax.fill_between(x, mean - half, mean + half, color=color, alpha=0.18, lw=0)
     if np.isfinite(b.target):
         for ax in axes:
             ax.axhline(b.target, color="k", ls=":", lw=1)
     axes[0].set(xlabel="round", ylabel=f"test {label}" if "loss" not in label else label)
-    axes[1].set(xlabel="cumulative uplink (Mbit, mean over seeds)")
-    axes[1].set_xscale("symlog", linthresh=1.0)
+    axes[1].set(xlabel="cumulative uplink (Mbit, mean over seeds; log scale)")
+    axes[1].set_xscale("log")
     axes[2].set(xlabel="simulated wall-clock (s)")
     for ax in axes:
         ax.grid(alpha=0.3)
