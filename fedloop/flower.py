@@ -36,7 +36,7 @@ are used unchanged. Faults, each recorded in the ledger (client status ``error: 
 
 Run config keys (``[tool.flwr.app.config]`` of a Flower app, or ``flwr run -c``, which only
 overrides keys the app lists): every :class:`~fedloop.RunConfig` field, spelled with ``-`` or
-``_`` (``local-steps``), ``linear.*`` for the linear task's table, ``"none"`` for a ``None``
+``_`` (``local-steps``), ``linear.*`` and ``distill.*`` for the tasks' tables, ``"none"`` for a ``None``
 value; and the Flower settings ``round-timeout`` (s, default 300), ``min-nodes`` (nodes to wait
 for before the first round; 0 or absent = ``clients``), ``wait-timeout`` (s to wait for them,
 default 600) and ``resume`` (continue from ``out/checkpoint.pt``). ``out`` should be an absolute
@@ -101,18 +101,18 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, Fl
     """A :class:`RunConfig` and :class:`FlowerSettings` from a Flower run config (flat keys)."""
     data: dict[str, Any] = {}
     settings: dict[str, Any] = {}
-    linear: dict[str, Any] = {}
+    tables: dict[str, dict[str, Any]] = {"linear": {}, "distill": {}}
     for key, value in run_config.items():
         if isinstance(value, str) and value.strip().lower() in ("none", "null"):
             value = None
+        table = key.split(".", 1)[0]
         if key in _FLOWER_KEYS:
             settings[_FLOWER_KEYS[key]] = value
-        elif key.startswith("linear."):
-            linear[key[len("linear."):].replace("-", "_")] = value
+        elif "." in key and table in tables:
+            tables[table][key.split(".", 1)[1].replace("-", "_")] = value
         else:
             data[key.replace("-", "_")] = value
-    if linear:
-        data["linear"] = linear
+    data.update({name: values for name, values in tables.items() if values})
     for name in ("lr", "head_lr", "bandwidth_hz", "budget_factor", "weight_v", "dirichlet_alpha", "test_fraction"):
         if isinstance(data.get(name), int) and not isinstance(data[name], bool):
             data[name] = float(data[name])  # TOML `lr = 1` is an int
