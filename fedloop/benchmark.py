@@ -306,7 +306,7 @@ def plot_benchmark(b: Benchmark, path) -> Path:
     import matplotlib.pyplot as plt
 
     label = b.metric.column.replace("_", " ")
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(17.5, 4.8), sharey=True)
     for i, s in enumerate(b.strategies):
         ys, xs_bits, xs_time, xs_round = [], [], [], None
         for k in b.seeds:
@@ -337,7 +337,7 @@ def plot_benchmark(b: Benchmark, path) -> Path:
     axes[2].set(xlabel="simulated wall-clock (s)")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, ncol=2)
+    axes[2].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # outside the curves
     fig.suptitle(f"{b.config['task']}: {len(b.seeds)} paired seeds, mean ± 95 % CI; dotted: target "
                  f"({b.reference} less δ)", fontsize=10)
     fig.tight_layout()
