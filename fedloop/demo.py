@@ -63,7 +63,7 @@ def main_job(out="runs/demo", *, quick: bool = False, seed: int | None = None, p
     ranks = (2, 4, 8) if not quick else (1, 2, 4, 8)
     cfg = RunConfig(**base, strategy="tsfa", rank=4, keep=2, out=str(out / "tsfa"))
     pilot_rounds = 6 if not quick else 8
-    log(f"[1/4] offline design on {cfg.task}: pilot of {pilot_rounds} rounds, ranks {ranks}")
+    log(f"[1/{len(STRATEGIES) + 1}] offline design on {cfg.task}: pilot of {pilot_rounds} rounds, ranks {ranks}")
     plan, pilot, constants = plan_for(cfg.replace(out=str(out)), ranks=ranks, keep_ratios=(0.25, 0.5, 1.0),
                                       pilot_rounds=pilot_rounds, draws=100, progress=progress, **PLAN)
     log(plan.message)
