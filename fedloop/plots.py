@@ -13,10 +13,16 @@ __all__ = ["plot_run", "compare_runs", "summary_row"]
 
 
 def _metric(h: History) -> tuple[str, str]:
-    acc = h.column("accuracy")
-    if np.isfinite(acc).any():
-        return "accuracy", "test accuracy"
-    return "test_loss", "test loss"
+    """The task's headline metric (:data:`fedloop.benchmark.METRICS`, one owner) and its label;
+    for a history of an unknown task, accuracy when it was measured, else test loss."""
+    from fedloop.benchmark import METRICS
+
+    spec = METRICS.get(h.config.get("task"))
+    if spec is not None:
+        key = spec.column
+    else:
+        key = "accuracy" if np.isfinite(h.column("accuracy")).any() else "test_loss"
+    return key, "test accuracy" if key == "accuracy" else "test loss"
 
 
 def summary_row(h: History, label: str) -> dict:
