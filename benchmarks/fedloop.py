@@ -21,17 +21,18 @@ import tempfile
 CHILD = r"""
 import json, resource, sys, time
 from fedloop import RunConfig
-from fedloop.loop import _Run
+from fedloop import LocalPool, Server
 k, rounds, steps, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 cfg = RunConfig(task="rt-minilm", strategy="tsfa", rounds=rounds, clients=k, local_steps=steps, batch_size=8,
                 max_length=32, test_size=200, eval_every=rounds, checkpoint_every=rounds, out=out)
 t0 = time.perf_counter()
-r = _Run(cfg)
+r = Server(cfg)
+pool = LocalPool(r)
 setup = time.perf_counter() - t0
 times = []
 for _ in range(rounds):
     t1 = time.perf_counter()
-    r.step()
+    r.step(pool)
     times.append(time.perf_counter() - t1)
 print(json.dumps({"clients": k, "setup_s": setup, "seconds_per_round": sum(times) / rounds,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

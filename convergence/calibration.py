@@ -34,17 +34,38 @@ from convergence.bound import BoundConstants, Schedule, bound, drift_term, noise
 from convergence.rank import check_spectrum, rank_term
 
 __all__ = ["calibrate", "schedule_from_history", "predict_schedule", "predict_final_loss", "loss_curve",
-           "make_predictor"]
+           "make_predictor", "MEASUREMENTS"]
+
+#: The per-round measurements a run's ledger holds for the bound (column → meaning), the
+#: columns this module reads; ``fedloop``'s round schema includes them under the same names.
+MEASUREMENTS: dict[str, str] = {
+    "objective": "f(θ_t), the training objective at the round's start point (exact tasks; else NaN)",
+    "objective_after": "f(θ_{t+1}), the point the bound at round t+1 speaks of (exact tasks)",
+    "gradient_norm_sq": "‖∇f(θ_t)‖² (exact tasks)",
+    "test_loss": "test loss after the round (NaN when not evaluated)",
+    "dropped_energy": "e_t = Σ_k p_k e_k(s_k), the update energy the allocation dropped",
+    "covariance_sq": "c_t = ‖C_t‖², the covariance of separate averaging over the trained clients",
+    "update_energy": "U_t = Σ_k p̃_k e_k(0), the dense update energy of the trained clients",
+    "profile": "the trained clients' mean error profile e(s)/e(0), s = 0..r",
+    "grad_sq_mean": "Σ_k p̃_k ‖g_k‖², first-step gradients of the task loss",
+    "grad_mean_sq": "‖Σ_k p̃_k g_k‖²",
+}
+
+
+def _column(history, name: str) -> np.ndarray:
+    if name not in MEASUREMENTS:  # one schema: a column read here is a declared measurement
+        raise KeyError(f"{name!r} is not a declared measurement; see convergence.calibration.MEASUREMENTS")
+    return history.column(name)
 
 
 def loss_curve(history) -> tuple[np.ndarray, str]:
     """The empirical loss at rounds 0..T the bound speaks of: the training objective where the
     run recorded it (linear), else the test loss (with the start point from the run's meta)."""
-    obj = history.column("objective_after")
+    obj = _column(history, "objective_after")
     if len(obj) and np.all(np.isfinite(obj)):
-        start = history.meta.get("initial_objective", history.column("objective")[0])
+        start = history.meta.get("initial_objective", _column(history, "objective")[0])
         return np.concatenate([[start], obj]), "training objective"
-    test = history.column("test_loss")
+    test = _column(history, "test_loss")
     start = history.meta.get("initial_test_loss", math.nan)
     return np.concatenate([[math.nan if start is None else start], test]), "test loss"
 
@@ -52,8 +73,8 @@ def loss_curve(history) -> tuple[np.ndarray, str]:
 def schedule_from_history(history, rank: int | None = None) -> Schedule:
     """The realised schedule of a run: its rounds, rank, e_t (``dropped_energy``) and c_t
     (``covariance_sq``; rounds with no measurement count 0)."""
-    e = np.nan_to_num(history.column("dropped_energy"), nan=0.0)
-    c = np.nan_to_num(history.column("covariance_sq"), nan=0.0)
+    e = np.nan_to_num(_column(history, "dropped_energy"), nan=0.0)
+    c = np.nan_to_num(_column(history, "covariance_sq"), nan=0.0)
     r = int(history.config.get("rank", 1)) if rank is None else rank
     return Schedule(rounds=len(history.rounds), rank=r, sparsification=e, covariance=c)
 
@@ -102,7 +123,7 @@ def calibrate(history, spectrum=None, *, rank_weight: float = 0.5, skip: int = 0
     eta, E = float(cfg.get("lr", 1.0)), int(cfg.get("local_steps", 1))
     gamma = float(cfg.get("alpha") or cfg.get("rank", 1)) / float(cfg.get("rank", 1))
     L_W = w / ((1.0 + 1.0 / beta) * gamma**2)
-    gsq, gmean = history.column("grad_sq_mean"), history.column("grad_mean_sq")
+    gsq, gmean = _column(history, "grad_sq_mean"), _column(history, "grad_mean_sq")
     ok = np.isfinite(gsq) & np.isfinite(gmean)
     sigma2 = float(np.mean(np.maximum(gsq[ok] - gmean[ok], 0.0))) if np.any(ok) else 0.0
     G2 = float(np.max(gsq[ok])) if np.any(ok) else 0.0
@@ -158,7 +179,7 @@ def _pilot_series(pilot, key):
     """A pilot's per-round series: a History's column, or a value/array from a mapping (planning
     without a pilot run, e.g. from module shapes alone)."""
     if hasattr(pilot, "column"):
-        return np.nan_to_num(pilot.column(key), nan=0.0)
+        return np.nan_to_num(_column(pilot, key), nan=0.0)
     if isinstance(pilot, dict) and key in pilot:
         x = np.atleast_1d(np.asarray(pilot[key], dtype=float))
         if np.any(~np.isfinite(x)) or np.any(x < 0):

@@ -114,14 +114,14 @@ def main():
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--keep", type=int, default=2, help="components per module for topk/random/svd/fixed bits")
     ap.add_argument("--budget-factor", type=float, default=0.5, help="τ̄ = factor × median dense latency")
-    ap.add_argument("--weight-v", type=float, default=1.0)
+    ap.add_argument("--relative-v", type=float, default=1.0)
     ap.add_argument("--out", default="runs/compare")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
     base = RunConfig(task=args.task, rounds=args.rounds, clients=args.clients, local_steps=args.local_steps,
                      batch_size=args.batch_size, max_length=args.max_length, test_size=args.test_size,
                      eval_every=args.eval_every, lr=args.lr, keep=args.keep, checkpoint_every=args.rounds,
-                     budget_factor=args.budget_factor, weight_v=args.weight_v)
+                     budget_factor=args.budget_factor, relative_v=args.relative_v)
     if args.task == "linear":
         base = base.replace(rank=4, keep=min(args.keep, 4), lr=args.lr if args.lr != 2e-3 else 0.02)
     table = compare(args.strategies, args.seeds, base, Path(args.out), progress=args.progress)

@@ -7,17 +7,25 @@ ledger. Tasks: ``rt-minilm`` (all-MiniLM-L6-v2 on Rotten Tomatoes, offline), ``r
 ``linear`` (teacher–student). Strategies: tsfa, ideal, fedit, ffa, topk, random, svd, fixed,
 and the baselines head (adapter frozen) and lowrank (a smaller dense rank at the same bits).
 ``fedloop.benchmark`` compares strategies on paired seeds.
+
+Layout: ``run`` (loop.py) drives a :class:`Server` (server.py: one round as named steps)
+against a client pool (client.py: :class:`LocalPool` here, or Flower nodes in flower.py);
+each strategy is one record in strategies.py; measurements for the bound and the ledger's
+schema are in measure.py.
 """
 
 from fedloop.config import STRATEGIES, TASKS, RunConfig
 from fedloop.history import History
 
-__all__ = ["RunConfig", "History", "run", "RunFailed", "STRATEGIES", "TASKS"]
+__all__ = ["RunConfig", "History", "run", "RunFailed", "Server", "LocalPool", "STRATEGIES", "TASKS"]
+
+_LAZY = {"run": "fedloop.loop", "RunFailed": "fedloop.client", "Server": "fedloop.server",
+         "LocalPool": "fedloop.client"}
 
 
 def __getattr__(name):  # torch is imported only when the loop is used
-    if name in ("run", "RunFailed"):
-        from fedloop import loop
+    if name in _LAZY:
+        import importlib
 
-        return getattr(loop, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'fedloop' has no attribute {name!r}")

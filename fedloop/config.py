@@ -10,12 +10,10 @@ from typing import Any
 
 import tomllib
 
+from fedloop.strategies import SOFT_STRATEGIES, STRATEGIES  # the strategy table (spec §8)
+
 __all__ = ["RunConfig", "STRATEGIES", "TASKS", "SOFT_STRATEGIES"]
 
-#: Strategies (SPEC §8): what clients send, how the server aggregates, how bandwidth is split.
-STRATEGIES = ("tsfa", "ideal", "fedit", "ffa", "topk", "random", "svd", "fixed", "head", "lowrank")
-#: Strategies whose clients run SOFT's mechanism (penalty, tensorwise optimiser, server re-orthogonalisation).
-SOFT_STRATEGIES = ("tsfa", "fixed", "random", "svd")
 TASKS = ("rt-minilm", "rt-distill", "linear")
 
 
@@ -42,7 +40,7 @@ class RunConfig:
     ``scope`` ("module" or "global" SOFT selection).
     Wireless (SPEC §2, §9): ``bandwidth_hz``, ``budget_factor`` (τ̄ = factor × median dense
     latency, so dense uploads do not fit when < 1), ``latency_budget_s`` (overrides),
-    ``weight_v`` V (scale-free: error profiles are divided by the round's mean dense update
+    ``relative_v`` the scale-free V (error profiles are divided by the round's mean dense update
     energy and V is multiplied by τ̄², so the drift-plus-penalty objective over τ̄² reads
     V·Σ p_k e_k,rel + (Q/τ̄)(τ/τ̄)), ``cap_factor`` (hard cap τ_max = factor × τ̄, None = none),
     ``allow_skip``, ``drift`` ("exact": each round minimises V·penalty + ½Q(t+1)², the exact
@@ -81,7 +79,7 @@ class RunConfig:
     bandwidth_hz: float = 20e6
     budget_factor: float = 0.5
     latency_budget_s: float | None = None
-    weight_v: float = 1.0
+    relative_v: float = 1.0
     cap_factor: float | None = 3.0
     allow_skip: bool = True
     drift: str = "exact"
@@ -145,7 +143,7 @@ class RunConfig:
             bad("momentum", "must be a number in [0, 1)")
         if self.split not in ("movie", "dirichlet"):
             bad("split", "must be 'movie' or 'dirichlet'")
-        positive = ("lr", "head_lr", "bandwidth_hz", "budget_factor", "weight_v", "dirichlet_alpha")
+        positive = ("lr", "head_lr", "bandwidth_hz", "budget_factor", "relative_v", "dirichlet_alpha")
         for name in positive:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:

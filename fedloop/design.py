@@ -64,10 +64,11 @@ def plan_for(cfg: RunConfig, *, pilot=None, ranks: Sequence[int] = DEFAULT_RANKS
         (plan, pilot history, calibrated constants).
     """
     from convergence import calibrate, make_predictor
-    from fedloop.loop import DOWNLINK_RATE_BPS, _Run, run
+    from fedloop.loop import run
+    from fedloop.server import DOWNLINK_RATE_BPS, Server
     from tsfa import design_offline
 
-    system = _Run(cfg)
+    system = Server(cfg)
     spectrum = task_spectrum(system.task)
     if pilot is None:
         pilot = run(pilot_config(cfg, pilot_rounds), progress=progress)

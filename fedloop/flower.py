@@ -8,7 +8,7 @@ Protocol (two Flower message exchanges per FL round, both inside one Flower roun
 1. ``configure_train`` sends every connected node a ``train`` message: the global LoRA factors
    and head (``ArrayRecord``) and the run's :class:`~fedloop.RunConfig` as JSON plus the
    round index (``ConfigRecord``). The node (partition ``k`` = its ``partition-id`` node
-   config) trains exactly as ``fedloop`` does (:func:`fedloop.loop.train_client`, seeded from
+   config) trains exactly as ``fedloop`` does (:func:`fedloop.client.train_client`, seeded from
    (seed, round, k)), keeps the received and trained factors in its ``Context.state``, and
    replies with its error profile e_k(s), s = 0..r, and its partition id.
 2. ``aggregate_train`` draws the round's channel for partitions 0..K−1 **on the server**
@@ -16,10 +16,10 @@ Protocol (two Flower message exchanges per FL round, both inside one Flower roun
    report no channel state), runs the strategy's policy (``tsfa``: the ``OnlineAllocator``),
    then sends each scheduled node a ``train.upload`` message with **its own** keep count and
    bandwidth in its own ``ConfigRecord``. The node replies with its SOFT payload bytes
-   (``ConfigRecord["payload"]``, :func:`fedloop.loop.encode_update`) and its head. The server
+   (``ConfigRecord["payload"]``, :func:`fedloop.strategies.encode_update`) and its head. The server
    decodes, aggregates rank-wise with the data weights, re-orthogonalises, feeds the round's
    latency to the Lyapunov queue, evaluates and writes the ledger — the server half of
-   ``fedloop``'s round (:meth:`fedloop.loop._Run.step` with a remote client pool).
+   ``fedloop``'s round (:meth:`fedloop.Server.step`, with this strategy as its client pool).
 
 Both phases run in ``aggregate_train`` (the second one through the ``Grid`` that
 ``configure_train`` received), so Flower's ``Strategy.start`` loop, ``Result`` and logging
@@ -42,7 +42,7 @@ for before the first round; 0 or absent = ``clients``), ``wait-timeout`` (s to w
 default 600) and ``resume`` (continue from ``out/checkpoint.pt``). ``out`` should be an absolute
 path in a deployment (the ServerApp runs in its own process and working directory).
 
-Supported strategies: :data:`fedloop.loop.REMOTE_STRATEGIES` (tsfa, fixed, random, fedit).
+Supported strategies: :data:`fedloop.strategies.REMOTE_STRATEGIES` (tsfa, fixed, random, fedit).
 """
 
 from __future__ import annotations
@@ -71,8 +71,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("fedloop.flower needs Flower >= 1.42: pip install 'tsfa[flower]'") from exc
 
 import soft
+from fedloop.client import RunFailed, TrainReport, Upload, train_client
 from fedloop.config import RunConfig
-from fedloop.loop import REMOTE_STRATEGIES, RunFailed, _Run, encode_update, train_client
+from fedloop.server import Server
+from fedloop.strategies import REMOTE_STRATEGIES, encode_update
 from fedloop.tasks import make_task
 
 __all__ = ["FlowerSettings", "TsfaStrategy", "client_app", "client_train", "client_upload", "server_app",
@@ -113,7 +115,7 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, Fl
         else:
             data[key.replace("-", "_")] = value
     data.update({name: values for name, values in tables.items() if values})
-    for name in ("lr", "head_lr", "bandwidth_hz", "budget_factor", "weight_v", "dirichlet_alpha", "test_fraction"):
+    for name in ("lr", "head_lr", "bandwidth_hz", "budget_factor", "relative_v", "dirichlet_alpha", "test_fraction"):
         if isinstance(data.get(name), int) and not isinstance(data[name], bool):
             data[name] = float(data[name])  # TOML `lr = 1` is an int
     return RunConfig.from_dict(data), FlowerSettings(**settings)
@@ -164,7 +166,7 @@ _TASKS: dict[str, Any] = {}
 def _task_for(cfg: RunConfig):
     """The node's task (model and data), built once per process and configuration."""
     key = json.dumps({k: v for k, v in cfg.to_dict().items()
-                      if k not in ("rounds", "out", "checkpoint_every", "eval_every", "strategy", "keep", "weight_v",
+                      if k not in ("rounds", "out", "checkpoint_every", "eval_every", "strategy", "keep", "relative_v",
                                    "budget_factor", "latency_budget_s", "cap_factor", "allow_skip",
                                    "deadline_factor", "bandwidth_hz")}, sort_keys=True)
     if key not in _TASKS:
@@ -196,15 +198,15 @@ def client_train(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_dict(json.loads(conf["run-config"]))
     t = int(conf["round-index"])
     k = _partition(context, cfg)
-    glob, ghead = _unpack(_from_record(msg.content["arrays"]))
+    global_factors, global_head = _unpack(_from_record(msg.content["arrays"]))
     task = _task_for(cfg)
     try:
-        local, head, loss = train_client(cfg, task, glob, ghead, t, k)
+        local, head, loss = train_client(cfg, task, global_factors, global_head, t, k)
     except RunFailed as exc:  # a non-finite loss stops the run, as in fedloop
         return Message(RecordDict({"fatal": ConfigRecord({"reason": str(exc)}),
                                    "metrics": MetricRecord({"partition-id": k})}), reply_to=msg)
-    profile = soft.error_profile(glob, local, scope=cfg.scope)
-    context.state[_STATE_ARRAYS] = _to_record(_pack(glob, None, "old/") | _pack(local, head, "new/"))
+    profile = soft.error_profile(global_factors, local, scope=cfg.scope)
+    context.state[_STATE_ARRAYS] = _to_record(_pack(global_factors, None, "old/") | _pack(local, head, "new/"))
     context.state[_STATE_META] = ConfigRecord({"round-index": t, "partition-id": k, "run-config": conf["run-config"]})
     reply = RecordDict({
         "profile": ArrayRecord(numpy_ndarrays=[np.asarray(profile, dtype=np.float64)]),
@@ -225,9 +227,9 @@ def client_upload(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_dict(json.loads(meta["run-config"]))
     k = int(meta["partition-id"])
     tensors = _from_record(context.state[_STATE_ARRAYS])
-    glob, _ = _unpack(tensors, "old/")
+    global_factors, _ = _unpack(tensors, "old/")
     local, head = _unpack(tensors, "new/")
-    data = encode_update(cfg, glob, local, keep, t, k)
+    data = encode_update(cfg, global_factors, local, keep, t, k)
     del context.state[_STATE_ARRAYS]
     del context.state[_STATE_META]
     reply = RecordDict({
@@ -253,98 +255,17 @@ def _reason(msg: Message) -> str:
     return f"flower error {msg.error.code}: {lines[-1] if lines else '?'}"[:180]
 
 
-class _Pool:
-    """The remote client pool of one round, as :meth:`fedloop.loop._Run.step` wants it."""
-
-    def __init__(self, strategy: TsfaStrategy, replies: Iterable[Message]):
-        self.s = strategy
-        run = strategy.run
-        K, r = run.K, run.shape.rank
-        self.profiles = np.zeros((K, r + 1))
-        self.losses = np.full(K, np.nan)
-        # a partition whose last known node is lost says so; one that never had a node, "no node"
-        self.status = ["error: no node"] * K
-        for nid in strategy._lost:
-            if (k := strategy._part.get(nid)) is not None:
-                self.status[k] = "error: node lost"
-        self.node_of: dict[int, int] = {}
-        good, answered = [], set()
-        for msg in replies:
-            nid = msg.metadata.src_node_id
-            answered.add(nid)
-            if not msg.has_error():
-                good.append(msg)
-                continue
-            # the node answered with an error (its ClientApp raised): dropped from this round only;
-            # an error the SuperLink made for it (node or message unavailable): lost
-            if msg.error.code in _GONE:
-                strategy._lost.add(nid)
-            strategy._note(f"node {nid}: {_reason(msg)}")
-            if (k := strategy._part.get(nid)) is not None:
-                self.status[k] = f"error: {_reason(msg)}"
-        for nid in set(strategy._phase1_nodes) - answered:  # no reply within the round timeout
-            strategy._lost.add(nid)
-            strategy._note(f"node {nid}: no reply within {strategy.settings.round_timeout:g} s")
-            if (k := strategy._part.get(nid)) is not None:
-                self.status[k] = f"error: no reply within {strategy.settings.round_timeout:g} s"
-        for msg in good:
-            nid, content = msg.metadata.src_node_id, msg.content
-            k = int(content["metrics"]["partition-id"])
-            if "fatal" in content:
-                raise RunFailed(str(content["fatal"]["reason"]))
-            if k in self.node_of:
-                strategy._note(f"node {nid} claims partition {k} of node {self.node_of[k]}: ignored")
-                continue
-            strategy._part[nid] = k
-            self.node_of[k] = nid
-            self.profiles[k] = content["profile"].to_numpy_ndarrays()[0]
-            self.losses[k] = float(content["metrics"]["train-loss"])
-            self.status[k] = "ok"
-
-    def train(self, t):
-        return self.profiles, self.losses, self.status
-
-    def upload(self, t, sent, keep, bandwidth) -> dict:
-        s, run = self.s, self.s.run
-        msgs, part_of = [], {}
-        for k in sent:
-            nid = self.node_of[k]
-            part_of[nid] = k
-            conf = ConfigRecord({"round-index": t, "keep": int(keep[k]), "bandwidth-hz": float(bandwidth[k]),
-                                 "server-round": run.round + 1})
-            msgs.append(Message(RecordDict({"config": conf}), dst_node_id=nid, message_type=UPLOAD,
-                                ttl=s.settings.round_timeout))
-        out: dict[int, Any] = {}
-        for msg in s._grid.send_and_receive(msgs, timeout=s.settings.round_timeout):
-            nid = msg.metadata.src_node_id
-            k = part_of.get(nid)
-            if k is None:
-                continue
-            if msg.has_error():
-                if msg.error.code in _GONE:
-                    s._lost.add(nid)
-                out[k] = _reason(msg)
-                continue
-            data = bytes(msg.content["upload"]["payload"])
-            _, head = _unpack(_from_record(msg.content["head"]))
-            out[k] = (data, head)
-        for nid, k in part_of.items():
-            if k not in out:
-                s._lost.add(nid)
-                out[k] = f"no upload within {s.settings.round_timeout:g} s"
-        return out
-
-
 class TsfaStrategy(FedAvg):
     """FedAvg subclass running TSFA's allocation and SOFT's rank-wise aggregation (module docstring).
 
     Args:
-        config: the run (task, strategy in :data:`~fedloop.loop.REMOTE_STRATEGIES`, K = ``clients``
+        config: the run (task, strategy in :data:`~fedloop.strategies.REMOTE_STRATEGIES`, K = ``clients``
             partitions, wireless settings, ``out`` folder for checkpoints and the ledger).
         settings: :class:`FlowerSettings` (round timeout, nodes to wait for, resume).
 
-    The server state is a :class:`fedloop.loop._Run`: global factors and head, the policy (with
-    the Lyapunov queue), the round counter and the ledger (``self.history``). It is
+    The server state is a :class:`fedloop.Server` (``self.server``): global factors and head, the
+    policy (with the Lyapunov queue), the round counter and the ledger (``self.history``). The
+    strategy itself is the server's client pool (``train`` and ``upload``). The state is
     checkpointed to ``config.out/checkpoint.pt`` every ``checkpoint_every`` rounds and at the
     end, with ``history.json``; ``settings.resume`` continues from there.
     """
@@ -356,43 +277,45 @@ class TsfaStrategy(FedAvg):
         self.settings = settings or FlowerSettings()
         min_nodes = self.settings.min_nodes or config.clients
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1,
-                         min_available_nodes=int(min_nodes), weighted_by_key="num-examples")
+                         min_available_nodes=int(min_nodes))
         self.config = config
-        self.run = _Run(config)
-        self.run.history.meta["engine"] = "flower"
+        self.server = Server(config)
+        self.server.history.meta["engine"] = "flower"
         if self.settings.resume:
             out = Path(config.out)
             if not (out / "checkpoint.pt").is_file():
                 raise FileNotFoundError(f"cannot resume: no checkpoint.pt in {out}")
-            self.run.load_checkpoint(out)
+            self.server.load_checkpoint(out)
         self._grid: Grid | None = None
         self._phase1_nodes: list[int] = []
         self._lost: set[int] = set()  # nodes that stopped answering: not contacted again
         self._part: dict[int, int] = {}  # node id -> partition, from the nodes' replies
+        self._node_of: dict[int, int] = {}  # partition -> node id, this round
+        self._replies: list[Message] = []  # phase 1's replies, this round
         self._waited = False
         self.notes: list[str] = []
 
     @property
     def history(self):
-        return self.run.history
+        return self.server.history
 
     @property
     def remaining_rounds(self) -> int:
-        return max(self.config.rounds - self.run.round, 0)
+        return max(self.config.rounds - self.server.round, 0)
 
     def summary(self) -> None:
         log(INFO, "\t├──> fedloop: task %s, strategy %s, K = %d partitions, rank %d, rounds %d (done %d)",
             self.config.task, self.config.strategy, self.config.clients, self.config.rank, self.config.rounds,
-            self.run.round)
-        log(INFO, "\t└──> latency budget τ̄ = %.4g s, round timeout %g s", self.run.tau_bar,
+            self.server.round)
+        log(INFO, "\t└──> latency budget τ̄ = %.4g s, round timeout %g s", self.server.tau_bar,
             self.settings.round_timeout)
 
     def _note(self, text: str) -> None:
-        self.notes.append(f"round {self.run.round + 1}: {text}")
+        self.notes.append(f"round {self.server.round + 1}: {text}")
         log(WARNING, "fedloop: %s", text)
 
     def global_arrays(self) -> ArrayRecord:
-        return _to_record(_pack(self.run.glob, self.run.ghead))
+        return _to_record(_pack(self.server.global_factors, self.server.global_head))
 
     def _nodes(self, grid: Grid) -> list[int]:
         if not self._waited:  # before the first round: wait for min_available_nodes
@@ -410,26 +333,97 @@ class TsfaStrategy(FedAvg):
         """Phase 1 messages: global factors, the run config and the round index, to every live node."""
         self._grid = grid
         nodes = self._nodes(grid)
-        conf = ConfigRecord({"server-round": server_round, "round-index": self.run.round,
+        conf = ConfigRecord({"server-round": server_round, "round-index": self.server.round,
                              "run-config": _config_json(self.config)})
         record = RecordDict({self.arrayrecord_key: self.global_arrays(), self.configrecord_key: conf})
         self._phase1_nodes = nodes
-        log(INFO, "configure_train: round %d to %d nodes", self.run.round + 1, len(nodes))
+        log(INFO, "configure_train: round %d to %d nodes", self.server.round + 1, len(nodes))
         return [Message(record, dst_node_id=n, message_type=MessageType.TRAIN, ttl=self.settings.round_timeout)
                 for n in nodes]
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Profiles in, policy, phase 2 (uploads), rank-wise aggregation, ledger and checkpoint."""
-        pool = _Pool(self, replies)
-        row = self.run.step(clients=pool)
+        self._replies = list(replies)
+        row = self.server.step(self)  # the strategy is the round's client pool: train() and upload() below
         cfg, out = self.config, Path(self.config.out)
-        if self.run.round % cfg.checkpoint_every == 0 or self.run.round == cfg.rounds:
-            self.run.save_checkpoint(out)
-            self.run.history.save(out)
+        if self.server.round % cfg.checkpoint_every == 0 or self.server.round == cfg.rounds:
+            self.server.save_checkpoint(out)
+            self.server.history.save(out)
         metrics = MetricRecord({k: float(v) for k, v in row.items()
                                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
         return self.global_arrays(), metrics
+
+    # -- the client pool of fedloop.Server.step ---------------------------------------------------
+    def _drop(self, nid: int, status: list, reason: str, lost: bool) -> None:
+        if lost:
+            self._lost.add(nid)
+        self._note(f"node {nid}: {reason}")
+        if (k := self._part.get(nid)) is not None:
+            status[k] = f"error: {reason}"
+
+    def train(self, t: int) -> TrainReport:
+        """Phase 1's replies (received by Flower before ``aggregate_train``) as the pool's report:
+        a node that answered with an error is dropped from this round; one the SuperLink reports
+        gone, or that did not answer within the round timeout, is not contacted again."""
+        K, r = self.config.clients, self.server.shape.rank
+        profiles, losses = np.zeros((K, r + 1)), np.full(K, np.nan)
+        # a partition whose last known node is lost says so; one that never had a node, "no node"
+        status = ["error: no node"] * K
+        for nid in self._lost:
+            if (k := self._part.get(nid)) is not None:
+                status[k] = "error: node lost"
+        self._node_of = {}
+        good = [msg for msg in self._replies if not msg.has_error()]
+        for msg in self._replies:
+            if msg.has_error():
+                self._drop(msg.metadata.src_node_id, status, _reason(msg), msg.error.code in _GONE)
+        answered = {msg.metadata.src_node_id for msg in self._replies}
+        for nid in set(self._phase1_nodes) - answered:
+            self._drop(nid, status, f"no reply within {self.settings.round_timeout:g} s", True)
+        for msg in good:
+            nid, content = msg.metadata.src_node_id, msg.content
+            k = int(content["metrics"]["partition-id"])
+            if "fatal" in content:
+                raise RunFailed(str(content["fatal"]["reason"]))
+            if k in self._node_of:
+                self._note(f"node {nid} claims partition {k} of node {self._node_of[k]}: ignored")
+                continue
+            self._part[nid], self._node_of[k] = k, nid
+            profiles[k] = content["profile"].to_numpy_ndarrays()[0]
+            losses[k] = float(content["metrics"]["train-loss"])
+            status[k] = "ok"
+        return TrainReport(profiles, losses, status)
+
+    def upload(self, t: int, sent: list, keep: dict, bandwidth_hz: dict) -> dict:
+        """Phase 2: each scheduled node gets its own keep count and bandwidth; replies are its
+        SOFT payload and head, or the reason it did not deliver."""
+        msgs, part_of = [], {}
+        for k in sent:
+            nid = self._node_of[k]
+            part_of[nid] = k
+            conf = ConfigRecord({"round-index": t, "keep": int(keep[k]), "bandwidth-hz": float(bandwidth_hz[k]),
+                                 "server-round": self.server.round + 1})
+            msgs.append(Message(RecordDict({"config": conf}), dst_node_id=nid, message_type=UPLOAD,
+                                ttl=self.settings.round_timeout))
+        out: dict[int, Any] = {}
+        for msg in self._grid.send_and_receive(msgs, timeout=self.settings.round_timeout):
+            nid = msg.metadata.src_node_id
+            if (k := part_of.get(nid)) is None:
+                continue
+            if msg.has_error():
+                if msg.error.code in _GONE:
+                    self._lost.add(nid)
+                out[k] = _reason(msg)
+                continue
+            data = bytes(msg.content["upload"]["payload"])
+            _, head = _unpack(_from_record(msg.content["head"]))
+            out[k] = Upload(data, 8 * len(data), head)
+        for nid, k in part_of.items():
+            if k not in out:
+                self._lost.add(nid)
+                out[k] = f"no upload within {self.settings.round_timeout:g} s"
+        return out
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
@@ -439,8 +433,8 @@ class TsfaStrategy(FedAvg):
         result = self.start(grid, self.global_arrays(), num_rounds=self.remaining_rounds,
                             timeout=self.settings.round_timeout)
         out = Path(self.config.out)
-        self.run.save_checkpoint(out)
-        self.run.history.save(out)
+        self.server.save_checkpoint(out)
+        self.server.history.save(out)
         return result
 
 

@@ -30,13 +30,21 @@ __all__ = ["Task", "RTMiniLMTask", "RTDistillTask", "LinearTask", "make_task", "
 
 class Task:
     name = "task"
-    accuracy_name = "accuracy"
 
     def factors(self) -> dict:
         raise NotImplementedError
 
     def head(self) -> dict:
         return {}
+
+    def assign(self, factors: dict, head: dict | None = None) -> None:
+        """Copy ``factors`` {name: (A, B)} (and ``head`` {name: tensor}) into the model's live weights."""
+        with torch.no_grad():
+            for name, (A, B) in self.factors().items():
+                A.copy_(factors[name][0])
+                B.copy_(factors[name][1])
+            for name, p in (self.head() if head is not None else {}).items():
+                p.copy_(head[name])
 
     def sample(self, k: int, batch_size: int, rng: np.random.Generator):
         idx = self.client_indices[k]
@@ -360,7 +368,6 @@ class LinearTask(Task):
     """
 
     name = "linear"
-    accuracy_name = "accuracy"
 
     def __init__(self, cfg: RunConfig):
         s = {"modules": 2, "dim": 32, "true_rank": 4, "decay": 1.0, "scale": 1.0, "samples": 200, "noise": 0.1,

@@ -6,9 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from fedloop import History, RunConfig
+from fedloop import History, RunConfig, Server
 from fedloop.benchmark import METRICS, Metric, benchmark, first_reach, mean_ci, metric_within, summarise
-from fedloop.loop import _Run
 from fedloop.tasks import make_task
 
 
@@ -79,7 +78,7 @@ def test_paired_seeds_share_splits_and_channels(tmp_path):
             for x, y in zip(tasks[s].xs, tasks["fedit"].xs, strict=True):
                 assert np.array_equal(x.numpy(), y.numpy())
             assert np.array_equal(tasks[s].x_test.numpy(), tasks["fedit"].x_test.numpy())
-        assert _Run(lin(tmp_path, strategy="head", seed=k)).tau_bar == _Run(lin(tmp_path, seed=k)).tau_bar
+        assert Server(lin(tmp_path, strategy="head", seed=k)).tau_bar == Server(lin(tmp_path, seed=k)).tau_bar
     assert b.runs[("fedit", 0)].clients[0]["snr_hz"] != b.runs[("fedit", 1)].clients[0]["snr_hz"]
     rows = {r["strategy"]: r for r in b.summary}
     # lowrank is dense fedit at rank keep = 1: a quarter of fedit's payload values per round

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import soft
-from fedloop import History, RunConfig, run
-from fedloop.loop import RunFailed, _Run
+from fedloop import History, LocalPool, RunConfig, Server, run
+from fedloop.loop import RunFailed
 
 
 def lin(tmp_path, **kw):
@@ -21,8 +21,8 @@ def test_topk_ledger_bits_are_its_encoded_bytes(tmp_path):
 
     cfg = lin(tmp_path, strategy="topk", rounds=2, keep=2)
     h = run(cfg, progress=False)
-    r = _Run(cfg)
-    _, bits, _ = topk_budget(r.glob, 2)
+    r = Server(cfg)
+    _, bits, _ = topk_budget(r.global_factors, 2)
     for row in h.clients:
         assert row["uplink_bits"] == bits + r.head_bits  # 8·len(TopKUpdate.encode()), within SOFT's budget
         assert bits <= r.soft_shape.payload_bits(2)
@@ -32,7 +32,7 @@ def test_topk_ledger_bits_are_its_encoded_bytes(tmp_path):
 def test_ledger_bits_are_the_encoded_bytes(tmp_path, strategy):
     cfg = lin(tmp_path, strategy=strategy, rounds=2)
     h = run(cfg, progress=False)
-    r = _Run(cfg)  # the same shapes
+    r = Server(cfg)  # the same shapes
     for row in h.clients:
         if row["status"] == "ok":
             # header + masks + values of the SOFT payload, plus the dense head (none for linear)
@@ -48,19 +48,20 @@ def test_ledger_bits_are_the_encoded_bytes(tmp_path, strategy):
 
 def test_fedit_reproduces_fedavg_of_factors(tmp_path):
     cfg = lin(tmp_path, strategy="fedit", rounds=1, reorthogonalize=False)
-    r = _Run(cfg)
-    start = soft.clone_factors(r.glob)
+    r = Server(cfg)
+    pool = LocalPool(r)
+    start = soft.clone_factors(r.global_factors)
     locals_ = []
     for k in range(cfg.clients):
-        r.glob = soft.clone_factors(start)
-        locals_.append(r.local_train(0, k)[0])
-    r.glob = soft.clone_factors(start)
-    r.step()
-    p = r.p / r.p.sum()
+        r.global_factors = soft.clone_factors(start)
+        locals_.append(pool.train_one(0, k)[0])
+    r.global_factors = soft.clone_factors(start)
+    r.step(pool)
+    p = r.weights / r.weights.sum()
     for name in start:
         for i in range(2):
             avg = sum(pk * f[name][i].double() for pk, f in zip(p, locals_, strict=True))
-            torch.testing.assert_close(r.glob[name][i].double(), avg, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(r.global_factors[name][i].double(), avg, rtol=1e-6, atol=1e-7)
 
 
 def test_resume_is_bit_identical(tmp_path):
@@ -75,8 +76,8 @@ def test_resume_is_bit_identical(tmp_path):
             r.pop("solve_time_s")
     assert b_rows["rounds"] == a_rows["rounds"]
     assert b_rows["clients"] == a_rows["clients"]
-    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["glob"]
-    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["glob"]
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["global_factors"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["global_factors"]
     for name in a:
         assert torch.equal(a[name][0], b[name][0]) and torch.equal(a[name][1], b[name][1])
     loaded = History.load(tmp_path / "b")
@@ -122,7 +123,7 @@ def test_nan_loss_stops_with_checkpoint_intact(tmp_path):
 
 
 def test_memory_is_adapters_not_models(tmp_path):
-    small, big = _Run(lin(tmp_path, clients=2)), _Run(lin(tmp_path, clients=12))
+    small, big = Server(lin(tmp_path, clients=2)), Server(lin(tmp_path, clients=12))
     n_model = sum(p.numel() for p in small.task.model.parameters())
     assert sum(p.numel() for p in big.task.model.parameters()) == n_model  # one shared model
     assert big.history.meta["lora_parameters"] < n_model
@@ -165,7 +166,7 @@ def test_rt_minilm_smoke(tmp_path):
 
 
 def test_tsfa_tracks_the_latency_budget_and_saves_bits(tmp_path):
-    cfg = lin(tmp_path, strategy="tsfa", rounds=30, clients=6, weight_v=1.0)
+    cfg = lin(tmp_path, strategy="tsfa", rounds=30, clients=6, relative_v=1.0)
     h = run(cfg, progress=False)
     lat = h.column("latency_s")
     assert lat.mean() <= 1.1 * h.meta["latency_budget_s"]

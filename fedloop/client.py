@@ -1,0 +1,167 @@
+"""The client side of a round: local training, and the client-pool protocol the server talks to.
+
+A :class:`~fedloop.Server` runs a round against a *client pool*, anything with
+
+* ``train(round) -> TrainReport``: every client trains from the global adapter and reports its
+  error profile e_k(s), s = 0..r (zeros for a client that failed), its mean training loss
+  and its status ("ok" or "error: ...");
+* ``upload(round, sent, keep, bandwidth_hz) -> {client: Upload | reason}``: the scheduled
+  clients encode what their strategy sends with the keep count the server allocated; a
+  client that cannot deliver answers with the reason as a string.
+
+:class:`LocalPool` is the K clients in this process (it also hands the server the clients'
+full factors for the bound's measurements); :class:`fedloop.flower.TsfaStrategy` is a pool
+of Flower nodes. Both train with :func:`train_client` and encode with the strategy's
+``encode``, so they compute the same thing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+import torch
+
+import soft
+from fedloop.config import RunConfig
+from fedloop.measure import ClientProbe
+from fedloop.strategies import derive_rng, derive_seed
+from fedloop.strategies import get as get_strategy
+from soft.optim import TensorwiseAdam
+
+__all__ = ["RunFailed", "TrainReport", "Upload", "ClientPool", "LocalPool", "train_client"]
+
+
+class RunFailed(RuntimeError):
+    """The run cannot continue (e.g. a non-finite loss); the last checkpoint is intact."""
+
+
+class TrainReport(NamedTuple):
+    """What the clients report after local training: profiles (K, r+1), losses (K,), status (K)."""
+
+    profiles: np.ndarray
+    losses: np.ndarray
+    status: list
+
+
+class Upload(NamedTuple):
+    """One client's uplink: the strategy's payload, its adapter bits, and the client's head."""
+
+    payload: Any
+    bits: int
+    head: dict
+
+
+class ClientPool(Protocol):
+    def train(self, round: int) -> TrainReport: ...
+
+    def upload(self, round: int, sent: list, keep: dict, bandwidth_hz: dict) -> dict: ...
+
+
+class LocalPool:
+    """The K clients of ``server``'s run, trained one after the other in this process.
+
+    ``client_hook(round, client)``, if given, is called before each client trains; an
+    exception raised there marks the client failed for that round (used to test faults).
+    After ``train``, ``local_factors`` holds every client's trained factors (None if it
+    failed) and ``probes`` its measurements (:class:`fedloop.measure.ClientProbe`)."""
+
+    def __init__(self, server, client_hook=None):
+        self.server, self.hook = server, client_hook
+        K = server.config.clients
+        self.local_factors: list = [None] * K
+        self.heads: list = [None] * K
+        self.probes: dict[int, ClientProbe] = {}
+
+    def train_one(self, t: int, k: int):
+        """Client k's local training in round t, measured; returns (factors, head, loss)."""
+        s = self.server
+        self.probes[k] = probe = ClientProbe(s.task, k, s.config.batch_size)
+        return train_client(s.config, s.task, s.global_factors, s.global_head, t, k, on_step=probe)
+
+    def train(self, t: int) -> TrainReport:
+        s = self.server
+        K, r = s.config.clients, s.shape.rank
+        self.local_factors, self.heads, self.probes = [None] * K, [None] * K, {}
+        losses, status = np.full(K, np.nan), ["ok"] * K
+        for k in range(K):
+            try:
+                if self.hook is not None:
+                    self.hook(t + 1, k)
+                self.local_factors[k], self.heads[k], losses[k] = self.train_one(t, k)
+            except RunFailed:
+                raise
+            except Exception as exc:  # a failing client is dropped from this round, the run goes on
+                status[k] = f"error: {type(exc).__name__}: {exc}"[:200]
+        profiles = np.zeros((K, r + 1))
+        for k in range(K):
+            if self.local_factors[k] is not None:
+                profiles[k] = soft.error_profile(s.global_factors, self.local_factors[k], scope=s.config.scope)
+        return TrainReport(profiles, losses, status)
+
+    def upload(self, t: int, sent: list, keep: dict, bandwidth_hz: dict) -> dict:
+        s = self.server
+        out = {}
+        for k in sent:
+            payload, bits = s.strategy.encode(s.config, s.global_factors, self.local_factors[k], keep[k], t, k)
+            out[k] = Upload(payload, bits, self.heads[k])
+        return out
+
+
+def train_client(cfg: RunConfig, task, global_factors: dict, global_head: dict, t: int, k: int, on_step=None):
+    """Client k's local training in round t (0-based) from the global factors and head: E steps
+    of task loss + λ·R_orth with a fresh optimiser, seeded from (seed, t, k).
+
+    ``on_step(kind, live, penalty)``, if given, is called after the first backward pass
+    (kind "gradient": the ``.grad`` of the factors hold that step's gradient) and after every
+    optimiser step (kind "iterate"); :class:`fedloop.measure.ClientProbe` uses it.
+
+    Returns (local factors, local head, mean training loss). A Flower node
+    (:mod:`fedloop.flower`) runs exactly this code.
+    """
+    strategy = get_strategy(cfg.strategy)
+    task.assign(global_factors, global_head)
+    torch.manual_seed(derive_seed(cfg.seed, 21, t, k))
+    rng = derive_rng(cfg.seed, 22, t, k)
+    live = task.factors()
+    for A, B in live.values():
+        A.requires_grad_(strategy.train_a)
+        B.requires_grad_(strategy.train_b)
+    params = [p for pair in live.values() for p in pair if p.requires_grad]
+    opt_name = cfg.resolved_optimizer
+    if not params:
+        opt = None
+    elif opt_name == "tadam":
+        opt = TensorwiseAdam(params, lr=cfg.lr)
+    elif opt_name == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    head = list(task.head().values())
+    head_opt = torch.optim.AdamW(head, lr=cfg.head_lr, weight_decay=0.0) if head else None
+    lam = cfg.resolved_penalty
+    task.train()
+    losses = []
+    for step in range(cfg.local_steps):
+        loss = task.loss(task.sample(k, cfg.batch_size, rng))
+        if not torch.isfinite(loss):
+            raise RunFailed(f"client {k} produced a non-finite loss ({loss.item()}) at round {t + 1}, "
+                            f"local step {step + 1}; lower lr (now {cfg.lr}) — the last checkpoint is kept")
+        losses.append(loss.item())
+        total = loss + lam * soft.factors_penalty(live) if lam else loss
+        for o in (opt, head_opt):
+            if o:
+                o.zero_grad()
+        if total.requires_grad:
+            total.backward()
+        if on_step is not None and step == 0 and opt:
+            on_step("gradient", live, lam)
+        for o in (opt, head_opt):
+            if o:
+                o.step()
+        if on_step is not None:
+            on_step("iterate", live, lam)
+    for A, B in live.values():
+        A.requires_grad_(True)
+        B.requires_grad_(True)
+    return soft.clone_factors(live), {n: p.detach().clone() for n, p in task.head().items()}, float(np.mean(losses))

@@ -1,0 +1,293 @@
+"""The server of a federated LoRA run: the system, the policy, the global adapter, the ledger.
+
+One round (:meth:`Server.step`), against a client pool (:mod:`fedloop.client`):
+
+1. **train**: the clients train E local steps from the global factors and head and report
+   their error profiles e_k(s);
+2. **allocate**: this round's channel is drawn (Rayleigh fading on fixed client positions)
+   and the strategy's policy chooses keep counts and bandwidth (``tsfa``: TSFA's
+   :class:`~tsfa.OnlineAllocator` on profiles relative to the round's mean dense energy);
+3. **deadlines**: skipped clients and clients that miss the deadline are left out;
+4. **upload and aggregate**: the scheduled clients upload; the server reads each payload
+   (a bad one drops its client), aggregates with the data weights, averages the head and
+   re-orthogonalises the global factors (SOFT strategies);
+5. **record**: the queue sees the round's latency; evaluation, measurements for the bound
+   (:mod:`fedloop.measure`) and the ledger rows.
+
+Every random draw comes from (seed, purpose, round, client), so a resumed run repeats an
+uninterrupted one exactly and every strategy sees the same channels and batches for a seed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+import soft
+from fedloop import measure
+from fedloop.config import RunConfig
+from fedloop.history import History
+from fedloop.strategies import derive_rng
+from fedloop.strategies import get as get_strategy
+from fedloop.tasks import make_task
+from soft.baselines import ffa_bits
+from tsfa import Cell, OnlineAllocator, min_latency_bandwidth
+from tsfa.model import LoraShape
+from tsfa.simulate import dense_latency_s
+
+__all__ = ["Server", "Decision", "DOWNLINK_RATE_BPS"]
+
+#: Broadcast rate of the global adapter, bit/s (the downlink is not the bottleneck studied).
+DOWNLINK_RATE_BPS = 100e6
+
+
+class Decision(NamedTuple):
+    """The round's allocation: keep counts, bandwidth [Hz], upload times [s], latency [s]."""
+
+    keep: np.ndarray
+    bandwidth_hz: np.ndarray
+    upload_s: np.ndarray
+    latency_s: float
+    fallback: str
+    solve_time_s: float
+
+
+class Server:
+    """The server of one run (module docstring): ``Server(config)``, then ``step(pool)`` per round.
+
+    Attributes: ``config``; the system (``task``, ``shape`` (the allocator's payload shape:
+    SOFT's header plus the head's bits), ``soft_shape`` (the adapter's), ``cell``,
+    ``clients``, ``compute_s``, ``weights`` p_k, ``tau_bar``); ``strategy`` and ``policy``;
+    the state (``global_factors``, ``global_head``, ``folded``, ``round``, ``wallclock``,
+    ``history``)."""
+
+    def __init__(self, config: RunConfig):
+        cfg = self.config = config
+        self.strategy = get_strategy(cfg.strategy)
+        self.task = make_task(cfg)
+        self.weights = self.task.client_sizes / self.task.client_sizes.sum()
+        live = self.task.factors()
+        self.names = list(live)
+        self.head_bits = 32 * sum(p.numel() for p in self.task.head().values())
+        base = self.soft_shape = soft.shape_of(live)
+        # The allocator's payload includes the dense head: header H + head bits.
+        self.shape = LoraShape(base.modules, base.rank, base.bits_per_value, base.header_bits + self.head_bits)
+        self.cell = Cell(total_bandwidth_hz=cfg.bandwidth_hz)
+        self.clients = self.cell.sample_clients(cfg.clients, rng=derive_rng(cfg.seed, 11))
+        self.compute_s = self.clients.compute_time_s(cfg.local_steps * cfg.batch_size * self.task.flops_per_sample)
+        # τ̄ is the system's: the dense latency of the configured rank r, the same for every strategy
+        # (``lowrank`` builds a smaller adapter, ``head`` sends no adapter, both under the same τ̄).
+        nominal = base.with_rank(cfg.rank)
+        self.dense_median_s = dense_latency_s(self.cell, self.clients, LoraShape(
+            nominal.modules, nominal.rank, nominal.bits_per_value, self.shape.header_bits), self.compute_s,
+            downlink_s=nominal.downlink_bits / DOWNLINK_RATE_BPS, rng=derive_rng(cfg.seed, 12))
+        self.tau_bar = cfg.latency_budget_s or cfg.budget_factor * self.dense_median_s
+        # What one client receives per round: the global adapter and head (``head``: the head only).
+        adapter_bits = 0 if cfg.strategy == "head" else base.downlink_bits
+        self.broadcast_bits = self.head_bits + adapter_bits
+        self.downlink_s = (adapter_bits or self.head_bits) / DOWNLINK_RATE_BPS
+        self.policy = None if self.strategy.policy is None else self.strategy.policy(
+            self.shape, config=cfg, latency_budget_s=self.tau_bar,
+            max_latency_s=None if cfg.cap_factor is None else cfg.cap_factor * self.tau_bar,
+            total_bandwidth_hz=cfg.bandwidth_hz, downlink_s=self.downlink_s)
+        start = soft.clone_factors(live)
+        self.global_factors = soft.reorthogonalize_factors(start) if cfg.resolved_reorthogonalize else start
+        self.global_head = {k: v.detach().clone() for k, v in self.task.head().items()}
+        self.folded = {n: None for n in self.names}  # Σ of deltas folded into frozen weights (ideal, svd)
+        self.history = History(config=cfg.to_dict())
+        self.history.meta.update(latency_budget_s=self.tau_bar, dense_median_latency_s=self.dense_median_s,
+                                 downlink_s=self.downlink_s, head_bits=self.head_bits,
+                                 lora_parameters=base.num_parameters,
+                                 model_parameters=int(sum(p.numel() for p in self.task.model.parameters())),
+                                 payload_bits_dense=self.shape.dense_payload_bits)
+        self.round, self.wallclock = 0, 0.0
+
+    def evaluate_start(self) -> None:
+        """Evaluate the start point θ_0 into ``history.meta`` (the bound's curves start there)."""
+        self.task.assign(self.global_factors, self.global_head)
+        self.history.meta["initial_test_loss"], self.history.meta["initial_accuracy"] = self.task.evaluate()
+        if hasattr(self.task, "objective"):
+            self.history.meta["initial_objective"] = self.task.objective(self.weights)[0]
+
+    # -- one round -------------------------------------------------------------------------------
+    def step(self, pool) -> dict:
+        """One round against ``pool`` (module docstring); returns the round's ledger row."""
+        t, K = self.round, self.config.clients
+        start = measure.start_point(self.task, self.global_factors, self.weights)
+        report = pool.train(t)
+        profiles, status = np.asarray(report.profiles, dtype=float), list(report.status)
+        ok = [k for k in range(K) if status[k] == "ok"]
+        snr = self.cell.sample_snr_hz(self.clients, rng=derive_rng(self.config.seed, 31, t))
+        decision = self.allocate(snr, profiles, ok)
+        sent, latency = self.apply_deadlines(decision, status)
+        folded_before = {n: None if v is None else v.clone() for n, v in self.folded.items()}
+        bits, sent = self.receive(pool, t, sent, decision, status)
+        local = getattr(pool, "local_factors", None)
+        if local is not None:  # the clients' full factors are here: what aggregation lost
+            start.update(measure.aggregation_losses(self, ok, local, folded_before, pool.probes))
+        if self.config.resolved_reorthogonalize:  # SOFT: near-orthogonal factors again, B·A unchanged
+            self.global_factors = soft.reorthogonalize_factors(self.global_factors)
+        queue_before = self.policy.queue if isinstance(self.policy, OnlineAllocator) else math.nan
+        if isinstance(self.policy, OnlineAllocator):
+            self.policy.observe(latency)
+        self.wallclock += latency
+        row = self.record(t, report, decision, status, sent, bits, snr, latency, queue_before, start)
+        self.round += 1
+        return row
+
+    def allocate(self, snr_hz: np.ndarray, profiles: np.ndarray, ok: list) -> Decision:
+        """The strategy's policy on this round's channel; a client that did not train reports a
+        zero profile (keep 0 allowed)."""
+        t0 = time.perf_counter()
+        K, r = self.config.clients, self.shape.rank
+        if self.policy is None:  # ffa, head: every client that trained sends its whole payload
+            lora_bits = ffa_bits(self.global_factors) if self.strategy.train_b else 0
+            bw = min_latency_bandwidth(np.full(K, lora_bits + self.head_bits), snr_hz, self.compute_s,
+                                       self.config.bandwidth_hz, downlink_s=self.downlink_s)
+            upload = np.nan_to_num(bw.upload_time_s)
+            # a client with nothing to upload still computes: the round lasts until the last one is done
+            latency = max(bw.latency_s, float(np.max(self.downlink_s + self.compute_s[ok] + upload[ok]))) if ok \
+                else bw.latency_s
+            return Decision(np.full(K, r if lora_bits else 0), bw.bandwidth_hz, upload, latency, "",
+                            time.perf_counter() - t0)
+        scale = float(np.sum(self.weights[ok] * profiles[ok, 0])) if ok else 0.0
+        alloc = self.policy.step(snr_hz, self.compute_s, profiles / scale if scale > 0 else profiles, self.weights)
+        return Decision(np.array(alloc.keep), np.array(alloc.bandwidth_hz), np.array(alloc.upload_time_s),
+                        alloc.latency_s, alloc.fallback, time.perf_counter() - t0)
+
+    def apply_deadlines(self, decision: Decision, status: list) -> tuple[list, float]:
+        """The clients to upload: trained, allocated (keep > 0 under a policy) and in time for
+        the deadline factor × τ̄; marks the others in ``status``. Returns (sent, latency)."""
+        finish = self.downlink_s + self.compute_s + decision.upload_s
+        factor = self.config.deadline_factor
+        deadline = None if factor is None else factor * self.tau_bar
+        sent = []
+        for k, state in enumerate(status):
+            if state != "ok":
+                continue
+            if decision.keep[k] == 0 and self.policy is not None:
+                status[k] = "skipped"
+            elif deadline is not None and finish[k] > deadline:
+                status[k] = "deadline"
+            else:
+                sent.append(k)
+        late = deadline is not None and "deadline" in status
+        return sent, deadline if late else decision.latency_s
+
+    def receive(self, pool, t: int, sent: list, decision: Decision, status: list) -> tuple[np.ndarray, list]:
+        """Uplink and aggregation: the scheduled clients upload; a client that does not deliver
+        (no reply, an error, a payload that does not decode or fit) is dropped with its reason
+        in ``status``; the others' updates and heads are averaged with the data weights.
+        Returns (bits per client, the clients aggregated)."""
+        bits = np.zeros(self.config.clients, dtype=np.int64)
+        if not sent:
+            uploads = {}
+        else:
+            uploads = pool.upload(t, list(sent), {k: int(decision.keep[k]) for k in sent},
+                                  {k: float(decision.bandwidth_hz[k]) for k in sent})
+        got, decoded = [], []
+        for k in sent:
+            up = uploads.get(k, "no reply")
+            if isinstance(up, str):
+                status[k] = f"error: {up}"[:200]
+                continue
+            try:
+                item = self.strategy.decode(up.payload, int(decision.keep[k]), self)
+                if set(up.head) != set(self.global_head):
+                    raise ValueError(f"head tensors {sorted(up.head)} != {sorted(self.global_head)}")
+            except ValueError as exc:  # WireFormatError is a ValueError
+                status[k] = f"error: bad payload: {exc}"[:200]
+                continue
+            got.append(k)
+            decoded.append(item)
+            bits[k] = up.bits + self.head_bits
+        if got:
+            self.strategy.aggregate(self, decoded, self.weights[got])
+            w = self.weights[got] / self.weights[got].sum()
+            self.global_head = {n: sum(wk * uploads[k].head[n] for wk, k in zip(w, got, strict=True))
+                                for n in self.global_head}
+        return bits, got
+
+    def record(self, t, report, decision, status, sent, bits, snr, latency, queue_before, start) -> dict:
+        """Evaluate (every ``eval_every`` rounds and at the end) and append the ledger rows."""
+        cfg, K = self.config, self.config.clients
+        profiles, keep = np.asarray(report.profiles, dtype=float), decision.keep
+        ok = [k for k in range(K) if report.status[k] == "ok"]
+        test_loss, acc = math.nan, math.nan
+        if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.rounds:
+            self.task.assign(self.global_factors, self.global_head)
+            test_loss, acc = self.task.evaluate()
+        row = {"round": t + 1, "latency_s": latency, "wallclock_s": self.wallclock, "queue_s": queue_before,
+               "latency_budget_s": self.tau_bar, "uplink_bits": int(bits.sum()),
+               "downlink_bits": int(self.broadcast_bits * K), "scheduled": len(sent),
+               "dropped": sum(1 for s in status if s not in ("ok", "skipped")),
+               "dropped_energy": float(sum(self.weights[k] * profiles[k, keep[k]] for k in ok)) if ok else math.nan,
+               "train_loss": float(np.nanmean(report.losses)) if ok else math.nan,
+               "test_loss": test_loss, "accuracy": acc, "solve_time_s": decision.solve_time_s,
+               "fallback": decision.fallback, **start}
+        if ok:  # the dense update energy Σ p̃ e_k(0) and the mean normalised error profile (offline prediction)
+            mean_profile = (self.weights[ok] / self.weights[ok].sum()) @ profiles[ok]
+            row["update_energy"] = float(mean_profile[0])
+            row["profile"] = [float(x) for x in (mean_profile / mean_profile[0] if mean_profile[0] > 0
+                                                 else mean_profile)]
+        if hasattr(self.task, "objective"):  # f(θ_{t+1}), the point the bound at round t+1 speaks of
+            self.task.assign(self.global_factors)
+            row["objective_after"] = self.task.objective(self.weights)[0]
+        self.history.rounds.append(row)
+        finish = self.downlink_s + self.compute_s + decision.upload_s
+        for k in range(K):
+            self.history.clients.append({
+                "round": t + 1, "client": k, "status": status[k], "keep": int(keep[k]),
+                "uplink_bits": int(bits[k]), "bandwidth_hz": float(decision.bandwidth_hz[k]),
+                "snr_hz": float(snr[k]), "compute_s": float(self.compute_s[k]), "upload_s": float(decision.upload_s[k]),
+                "finish_s": float(finish[k]), "train_loss": float(report.losses[k]),
+                "dropped_energy": float(profiles[k, keep[k]]) if k in ok else math.nan,
+            })
+        return row
+
+    def fold(self, name: str, delta: torch.Tensor) -> None:
+        """Add ``delta`` to module ``name``'s frozen weight (and remember it for checkpoints)."""
+        delta = delta.float()
+        self.task.fold(name, delta)
+        self.folded[name] = delta.clone() if self.folded[name] is None else self.folded[name] + delta
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"round": self.round, "wallclock": self.wallclock, "global_factors": self.global_factors,
+                "global_head": self.global_head, "folded": self.folded, "history": self.history.to_dict(),
+                "policy": self.policy.state_dict() if isinstance(self.policy, OnlineAllocator) else None,
+                "config": self.config.to_dict()}
+
+    def save_checkpoint(self, folder) -> None:
+        """Write ``folder/checkpoint.pt`` atomically (a crash leaves the previous one intact)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / "checkpoint.pt.tmp"
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, folder / "checkpoint.pt")
+
+    def load_checkpoint(self, folder) -> None:
+        """Continue from ``folder/checkpoint.pt``, written by a run of the same config (rounds,
+        out and checkpoint_every may differ)."""
+        st = torch.load(Path(folder) / "checkpoint.pt", weights_only=False)
+        mine, theirs = self.config.to_dict(), dict(st["config"])
+        for key in ("rounds", "out", "checkpoint_every"):
+            mine.pop(key, None)
+            theirs.pop(key, None)
+        if mine != theirs:
+            diff = sorted(k for k in mine if mine[k] != theirs.get(k))
+            raise ValueError(f"cannot resume: the checkpoint was written with a different config ({diff})")
+        self.round, self.wallclock = st["round"], st["wallclock"]
+        self.global_factors, self.global_head, self.folded = st["global_factors"], st["global_head"], st["folded"]
+        for name, delta in self.folded.items():
+            if delta is not None:
+                self.task.fold(name, delta)
+        self.history = History.from_dict(st["history"])
+        if st["policy"] is not None:
+            self.policy.load_state_dict(st["policy"])
