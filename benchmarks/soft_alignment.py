@@ -28,20 +28,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-# benchmarks/soft.py would shadow the soft package when this script's folder leads sys.path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import soft  # noqa: E402
-from fedloop import data as fd  # noqa: E402
-from soft.baselines import topk_elementwise  # noqa: E402
-from soft.optim import TensorwiseAdam  # noqa: E402
+import soft
+from fedloop import data as fd
+from soft.baselines import topk_elementwise
+from soft.optim import TensorwiseAdam
 
 VARIANTS = {
     "plain-adamw": dict(penalty=0.0, reorth=False, optimizer="adamw", lr=2e-3),

@@ -30,13 +30,9 @@ class History:
 
     Attributes:
         config: the resolved run configuration (a dict).
-        rounds: per round: round, latency_s, wallclock_s (simulated, cumulative), queue_s,
-            latency_budget_s, uplink_bits, downlink_bits, scheduled, dropped (clients),
-            dropped_energy, covariance_norm, train_loss, test_loss, accuracy,
-            solve_time_s, fallback.
-        clients: per round and client: round, client, status ("ok", "skipped",
-            "deadline", "error: ..."), keep, uplink_bits, bandwidth_hz, snr_hz, compute_s,
-            upload_s, finish_s, train_loss, dropped_energy.
+        rounds: one row per round; the columns and their meaning are
+            :data:`fedloop.measure.ROUND_COLUMNS`.
+        clients: one row per round and client; :data:`fedloop.measure.CLIENT_COLUMNS`.
         meta: anything else (e.g. τ̄, parameter counts, timings).
     """
 
@@ -46,6 +42,12 @@ class History:
     meta: dict = field(default_factory=dict)
 
     def column(self, key: str) -> np.ndarray:
+        """The per-round series ``key`` (a :data:`~fedloop.measure.ROUND_COLUMNS` name), NaN where
+        a round did not measure it."""
+        from fedloop.measure import ROUND_COLUMNS
+
+        if key not in ROUND_COLUMNS:
+            raise KeyError(f"unknown ledger column {key!r}; the round columns are {sorted(ROUND_COLUMNS)}")
         return np.array([np.nan if r.get(key) is None else r[key] for r in self.rounds], dtype=float)
 
     @property

@@ -22,8 +22,8 @@ import zlib
 import numpy as np
 import torch
 
-from soft.factors import Factors, check_same_layout, shape_of
-from soft.update import RankSparseUpdate, _check_keep, updates_from_indices
+from soft.factors import Factors, check_same_layout, product_norm_sq, shape_of
+from soft.update import RankSparseUpdate, check_keep, updates_from_indices
 
 __all__ = [
     "random_components",
@@ -45,7 +45,7 @@ def random_components(old: Factors, new: Factors, keep: int, generator: torch.Ge
     ``generator`` is a ``torch.Generator`` or an integer seed (randomness is always explicit).
     """
     r = check_same_layout(old, new)
-    keep = _check_keep(keep, r)
+    keep = check_keep(keep, r)
     if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
         generator = torch.Generator().manual_seed(int(generator))
     if not isinstance(generator, torch.Generator):
@@ -198,7 +198,7 @@ def topk_elementwise(old: Factors, new: Factors, keep: int, bits_per_value: int 
     tensors together.
     """
     r = check_same_layout(old, new)
-    keep = _check_keep(keep, r)
+    keep = check_keep(keep, r)
     k, bits, coding = topk_budget(old, keep, bits_per_value)
     if bits_per_value not in (16, 32):
         raise ValueError(f"bits_per_value must be 16 or 32; got bits_per_value = {bits_per_value!r}")
@@ -242,7 +242,7 @@ def _two_sided(A0, B0, A1, B1):
 def svd_truncation_qr(old: Factors, new: Factors, keep: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per module (P, Q) with P Q the best rank-``keep`` approximation of D, via QR + 2r×2r SVD."""
     r = check_same_layout(old, new)
-    keep = _check_keep(keep, r)
+    keep = check_keep(keep, r)
     out = []
     for (A0, B0), (A1, B1) in zip(old.values(), new.values(), strict=True):
         P, Q = _two_sided(A0.detach(), B0.detach(), A1.detach(), B1.detach())
@@ -256,7 +256,7 @@ def svd_truncation_qr(old: Factors, new: Factors, keep: int) -> list[tuple[torch
 def svd_truncation_dense(old: Factors, new: Factors, keep: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The same truncation by forming D = B'A' − BA and a dense SVD (reference, slow)."""
     r = check_same_layout(old, new)
-    keep = _check_keep(keep, r)
+    keep = check_keep(keep, r)
     out = []
     for (A0, B0), (A1, B1) in zip(old.values(), new.values(), strict=True):
         D = B1.double() @ A1.double() - B0.double() @ A0.double()
@@ -303,7 +303,7 @@ def product_error(old: Factors, new: Factors, approx_factors: Factors | None = N
             Ah, Bh = approx_factors[name]
             P = torch.cat([B1.double(), -Bh.double()], dim=1)
             Q = torch.cat([A1.double(), Ah.double()], dim=0)
-        total += float(((P.transpose(0, 1) @ P) * (Q @ Q.transpose(0, 1))).sum())
+        total += product_norm_sq(P, Q)
     return max(total, 0.0)
 
 
@@ -316,8 +316,3 @@ def product_error_dense(old: Factors, new: Factors, approx_factors: Factors) -> 
         total += float(torch.linalg.matrix_norm(B1.double() @ A1.double() - Bh.double() @ Ah.double()) ** 2)
     return total
 
-
-def energy_fraction_kept(sq_norms: np.ndarray, keep: int) -> float:
-    """Share of Σ sq_norms held by the ``keep`` largest entries."""
-    s = np.sort(np.asarray(sq_norms))[::-1]
-    return float(s[:keep].sum() / max(s.sum(), 1e-300))

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from soft.factors import check_pair
+from soft.factors import check_pair, product_norm_sq
 
 __all__ = ["covariance_norm", "covariance_norm_dense", "factors_covariance_norm"]
 
@@ -44,7 +44,7 @@ def covariance_norm(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], weig
     sp = p.sqrt()
     U = torch.cat(list(sp[:, None, None] * (B - bbar)), dim=1)  # m × K r
     V = torch.cat(list(sp[:, None, None] * (A - abar)), dim=0)  # K r × n
-    val = float(((U.transpose(0, 1) @ U) * (V @ V.transpose(0, 1))).sum())
+    val = product_norm_sq(U, V)
     return max(val, 0.0) ** 0.5
 
 

@@ -9,7 +9,6 @@ on the wire.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
@@ -27,6 +26,7 @@ __all__ = [
     "orthogonality_penalty",
     "factors_penalty",
     "reorthogonalize",
+    "product_norm_sq",
     "reorthogonalize_factors",
     "orthogonality_defect",
 ]
@@ -168,10 +168,7 @@ def reorthogonalize_factors(factors: Factors, scaling: str = "a-orthonormal") ->
     return {k: reorthogonalize(A, B, scaling) for k, (A, B) in factors.items()}
 
 
-def _gram_trace(P: torch.Tensor, Q: torch.Tensor) -> float:
-    """‖P Qᵀ‖²_F = tr((PᵀP)(QᵀQ)) without forming P Qᵀ (P m×k, Q n×k)."""
-    return float(((P.transpose(0, 1) @ P) * (Q.transpose(0, 1) @ Q)).sum())
-
-
-def _is_close(x: float, y: float, rtol: float) -> bool:
-    return math.isclose(x, y, rel_tol=rtol, abs_tol=rtol * max(abs(x), abs(y), 1e-300))
+def product_norm_sq(P: torch.Tensor, Q: torch.Tensor) -> float:
+    """‖P Q‖²_F = tr((PᵀP)(QQᵀ)) without forming P Q (P m×k, Q k×n): the Gram-trace identity
+    behind every factored norm in SOFT (error profiles, product errors, the covariance)."""
+    return float(((P.transpose(0, 1) @ P) * (Q @ Q.transpose(0, 1))).sum())

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from soft.factors import Factors, _gram_trace, check_pair, check_same_layout
+from soft.factors import Factors, check_pair, check_same_layout, product_norm_sq
 
 __all__ = ["component_importance", "error_profile", "select_top", "dropped_error", "update_energy"]
 
@@ -81,12 +81,12 @@ def dropped_error(A_old, B_old, A_new, B_new, kept: torch.Tensor) -> float:
     if not mask.any():
         return 0.0
     P = torch.cat([B_new[:, mask], B_old[:, mask]], dim=1).double()
-    Q = torch.cat([A_new[mask], -A_old[mask]], dim=0).double().transpose(0, 1)
-    return _gram_trace(P, Q)
+    Q = torch.cat([A_new[mask], -A_old[mask]], dim=0).double()
+    return product_norm_sq(P, Q)
 
 
 def update_energy(A_old, B_old, A_new, B_new) -> float:
     """‖B'A' − BA‖²_F without forming it."""
     P = torch.cat([B_new, B_old], dim=1).double()
-    Q = torch.cat([A_new, -A_old], dim=0).double().transpose(0, 1)
-    return _gram_trace(P, Q)
+    Q = torch.cat([A_new, -A_old], dim=0).double()
+    return product_norm_sq(P, Q)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from soft.factors import Factors, check_factors, check_same_layout, shape_of
-from soft.importance import _importance, select_top
+from soft.importance import component_importance, select_top
 from tsfa.model import LoraShape
 
 __all__ = ["RankSparseUpdate", "WireFormatError", "sparsify", "decode", "aggregate", "WIRE_VERSION"]
@@ -115,7 +115,8 @@ class RankSparseUpdate:
         return out
 
 
-def _check_keep(keep, r: int) -> int:
+def check_keep(keep, r: int) -> int:
+    """``keep`` as an int in 0..r, or a ValueError naming it (the keep count of a payload)."""
     if isinstance(keep, bool) or not isinstance(keep, (int, np.integer)) or not 0 <= int(keep) <= r:
         raise ValueError(f"keep must be an integer in 0..{r}; got keep = {keep!r}")
     return int(keep)
@@ -162,8 +163,8 @@ def sparsify(old: Factors, new: Factors, keep: int, *, dtype=torch.float32, scop
     payload is exactly ``LoraShape.payload_bits(keep)`` either way).
     """
     r = check_same_layout(old, new)
-    keep = _check_keep(keep, r)
-    imps = [_importance(*old[n], *new[n]) for n in old]  # validated above
+    keep = check_keep(keep, r)
+    imps = [component_importance(*old[n], *new[n]) for n in old]
     if scope == "module":
         indices = [select_top(imp, keep) for imp in imps]
     elif scope == "global":

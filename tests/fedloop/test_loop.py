@@ -211,3 +211,17 @@ def test_ideal_aggregates_the_exact_average_of_products_and_is_not_worse_than_fe
                 assert np.nanmax(pe) > 0  # separate averaging loses the covariance term
     for seed in (0, 3):
         assert finals[("ideal", seed)] <= finals[("fedit", seed)] * (1 + 1e-6)
+
+
+def test_the_ledger_writes_only_declared_columns(tmp_path):
+    from convergence.calibration import MEASUREMENTS
+    from fedloop.measure import CLIENT_COLUMNS, ROUND_COLUMNS
+
+    assert set(MEASUREMENTS) <= set(ROUND_COLUMNS)  # one schema: the bound reads what the loop writes
+    for strategy in ("tsfa", "ffa"):
+        h = run(lin(tmp_path, strategy=strategy, rounds=2, out=str(tmp_path / strategy)), progress=False)
+        assert {k for row in h.rounds for k in row} <= set(ROUND_COLUMNS)
+        assert {k for row in h.clients for k in row} == set(CLIENT_COLUMNS)
+        assert "covariance_sq" in h.rounds[0] and "dropped_energy" in h.rounds[0]
+    with pytest.raises(KeyError, match="unknown ledger column 'covariance'"):
+        h.column("covariance")

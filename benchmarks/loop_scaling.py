@@ -6,7 +6,7 @@ setup: data, tokenisation, model, τ̄), one evaluation on 200 test snippets.
 Peak memory should grow with K only by K adapters (r·M = 73 728 values, 0.3 MB each),
 not by K models (22.7 M parameters, 91 MB each).
 
-    python benchmarks/fedloop.py [--clients 5 20 50] [--rounds 2] [--local-steps 2]
+    python benchmarks/loop_scaling.py [--clients 5 20 50] [--rounds 2] [--local-steps 2]
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ Factors ("trained" pairs, seed fixed per size and rank):
   ``--noise`` sets that ½ and ``--rho`` the 0.8: the quality columns depend on both (more
   noise spreads the step over all components and entries), the timings do not.
 
-    python benchmarks/soft.py [--sizes 768 4096] [--ranks 8 16 64] [--repeats 5] [--skip-dense]
+    python benchmarks/soft_selection.py [--sizes 768 4096] [--ranks 8 16 64] [--repeats 5] [--skip-dense]
                               [--noise 0.5] [--rho 0.8] [--threads N]
 """
 
@@ -50,17 +50,11 @@ import argparse
 import math
 import statistics
 import struct
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-# This file is named soft.py and Python puts its folder first on sys.path: drop it so that
-# `import soft` finds the package, not this script.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    del sys.path[0]
-import soft  # noqa: E402
+import soft
 
 DENSE_LARGE = 1024  # above this size the dense SVD gets min(repeats, 2) calls and no warm-up
 HEADER_BYTES = 16  # SOFT's wire header; the top-k32 serialisation gets the same
