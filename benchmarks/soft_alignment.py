@@ -11,7 +11,7 @@ local training, with D_ℓ = B'A' − BA per module and s = keep components per 
 * ``EY``: captured by the best rank-s approximation of each D_ℓ (Eckart–Young, via QR +
   SVD of the 2r×2r core; the test harness's oracle, never run by clients);
 * ``random``: captured by s random components (mean of 4 draws);
-* ``top-k``: captured by element-wise magnitude top-k of ΔA, ΔB (each tensor separately, SPEC §8) at
+* ``top-k``: captured by element-wise magnitude top-k of ΔA, ΔB (each tensor separately, spec §8) at
   SOFT's bit budget, positions counted; ``top-k joint``: the same over all tensors jointly;
 * ``global``: SOFT with ``scope="global"`` (the keep·L largest components over all modules).
 

@@ -1,4 +1,4 @@
-"""convergence: the convergence bound of SPEC §5 (docs/theory.md), one pure function per term.
+"""convergence: the convergence bound of spec §5 (docs/theory.md), one pure function per term.
 
 * :func:`bound` (``convergence.bound``): every term of the loss-gap bound per round,
   vectorised over candidate ranks and keep ratios; :class:`BoundConstants`, :class:`Schedule`.
@@ -9,6 +9,8 @@
 * :func:`plot_bound_vs_empirical` (``convergence.plot``): the figure.
 
 Importable without torch and pyomo.
+
+Section references (spec §N) are to docs/spec.md, the project's statement of its model.
 """
 
 from convergence.bound import (

@@ -1,4 +1,4 @@
-"""The convergence bound of SPEC §5 as a calculator (derivation: docs/theory.md).
+"""The convergence bound of spec §5 as a calculator (derivation: docs/theory.md).
 
 For the loss gap g_t = F(θ_t) − F* (F* the best loss over *all* adapters, of any rank) the
 theorem of docs/theory.md gives, with u_t = g_t − ε(r),

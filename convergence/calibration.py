@@ -1,4 +1,4 @@
-"""Calibrate the bound from a short pilot run and predict other configurations (SPEC §5(b)).
+"""Calibrate the bound from a short pilot run and predict other configurations (spec §5(b)).
 
 Method (docs/theory.md §5). The theorem's recursion, written for the loss ℓ_t itself, is
 

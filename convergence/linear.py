@@ -1,4 +1,4 @@
-"""Exact constants of the bound on the linear teacher–student task (SPEC §5(a), docs/theory.md §4).
+"""Exact constants of the bound on the linear teacher–student task (spec §5(a), docs/theory.md §4).
 
 The task's training objective is F(W) = Σ_k p_k (1/n_k) Σ_i ½‖(W − M) x_i − ξ_i‖² per module,
 a convex quadratic in the adapter product W = γBA. So, exactly:

@@ -1,4 +1,4 @@
-"""The rank term ε(r) of SPEC §5: the loss no rank-r adapter can remove.
+"""The rank term ε(r) of spec §5: the loss no rank-r adapter can remove.
 
 For a linear layer with input covariance Σ_x, loss ½ E‖(ΔW* − ΔW) x‖² and ideal update
 ΔW*, the best rank-r ΔW leaves

@@ -1,5 +1,5 @@
 """Estimate the covariance-weighted target spectrum of each adapted module from a pilot
-gradient (SPEC §5: "for real models, estimate the spectrum from a pilot gradient").
+gradient (spec §5: "for real models, estimate the spectrum from a pilot gradient").
 
 For a linear module y = W x inside a model, with loss L averaged over N samples, the
 gradient with respect to the frozen weight at the initial point is G = ∂L/∂W. If the loss

@@ -1,4 +1,4 @@
-"""Offline rank design (TSFA stage 1) validated by training (issue: offline stage; SPEC §6).
+"""Offline rank design (TSFA stage 1) validated by training (spec §6).
 
 For each task: a short pilot run calibrates the bound; ``fedloop.design.plan_for`` chooses
 the structural rank (and a nominal keep ratio and V) from channel statistics alone under

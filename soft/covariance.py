@@ -1,4 +1,4 @@
-"""The covariance that separate averaging of A and B induces (SPEC §4).
+"""The covariance that separate averaging of A and B induces (spec §4).
 
 Σ_k p_k B_k A_k = B̄ Ā + C with C = Σ_k p_k (B_k − B̄)(A_k − Ā) exactly. With
 U = [√p_k (B_k − B̄)]_k (m × K r) and V = [√p_k (A_k − Ā)]_k (K r × n), C = U V and

@@ -1,5 +1,5 @@
 """LoRA factors as plain tensors, their validation, the orthogonality penalty and the
-server-side re-orthogonalisation (SPEC §1, §3).
+server-side re-orthogonalisation (spec §1, §3).
 
 A *factor set* is a mapping ``name -> (A, B)`` with A ∈ R^{r×n} (rows a_i) and
 B ∈ R^{m×r} (columns b_i); the adapter of a module is B·A (times peft's scaling α/r,
@@ -97,7 +97,7 @@ def clone_factors(factors: Factors) -> dict[str, tuple[torch.Tensor, torch.Tenso
 
 
 def orthogonality_penalty(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """R_orth of one module: ‖A Aᵀ − I‖²_F + ‖offdiag(Bᵀ B)‖²_F (SPEC §3).
+    """R_orth of one module: ‖A Aᵀ − I‖²_F + ‖offdiag(Bᵀ B)‖²_F (spec §3).
 
     Only r×r Gram matrices are formed; differentiable in A and B. A is pushed towards
     orthonormal rows, B towards orthogonal columns (their norms are free: they carry the

@@ -1,4 +1,4 @@
-"""Rank-component importances and error profiles from vectors alone (SPEC §3).
+"""Rank-component importances and error profiles from vectors alone (spec §3).
 
 Component i of a module changes the product by D_i = b'_i a'_iᵀ − b_i a_iᵀ, and
 
@@ -50,7 +50,7 @@ def select_top(importance: torch.Tensor, keep: int) -> torch.Tensor:
 def error_profile(old: Factors, new: Factors, scope: str = "module") -> np.ndarray:
     """e(s), s = 0..r: Σ ‖D_i‖² over the components dropped at keep s.
 
-    ``scope="module"``: each module ranks its own components (SPEC §3); ``"global"``: the
+    ``scope="module"``: each module ranks its own components (spec §3); ``"global"``: the
     keep·L largest over all modules are kept (as :func:`soft.sparsify` with that scope).
     e(0) is the whole update's component energy Σ ‖D_i‖², e(r) = 0, and e is
     non-increasing and convex in s (sums of sorted squares).

@@ -1,4 +1,4 @@
-"""Rank-sparse LoRA updates, their wire format, and their aggregation (SPEC §1, §3, §4).
+"""Rank-sparse LoRA updates, their wire format, and their aggregation (spec §1, §3, §4).
 
 Wire format (little-endian), exactly ``LoraShape.payload_bits(keep)`` bits:
 
@@ -157,7 +157,7 @@ def sparsify(old: Factors, new: Factors, keep: int, *, dtype=torch.float32, scop
     ``old`` are the factors the client received, ``new`` its locally trained ones (same
     modules, same order). Only vector norms and dot products are computed.
 
-    ``scope="module"`` (SPEC §3): ``keep`` components in every module. ``scope="global"``:
+    ``scope="module"`` (spec §3): ``keep`` components in every module. ``scope="global"``:
     the keep · L largest components over all modules, so modules whose update is larger get
     more of the same payload; needs every module to have the same size m + n (then the
     payload is exactly ``LoraShape.payload_bits(keep)`` either way).
@@ -243,7 +243,7 @@ def decode(data: bytes, shape: LoraShape) -> RankSparseUpdate:
 
 def aggregate(global_factors: Factors, updates: Sequence[RankSparseUpdate], weights, *,
               fill: str = "renormalise") -> dict:
-    """New global factors from rank-sparse updates (SPEC §3, server).
+    """New global factors from rank-sparse updates (spec §3, server).
 
     For every module and index i, ``fill="renormalise"`` (SOFT's rule) adds the weighted
     average of Δb_i, Δa_i over the clients that sent i (weights renormalised over them);

@@ -1,4 +1,4 @@
-"""The bound with exact constants on the linear teacher–student task (SPEC §5(a))."""
+"""The bound with exact constants on the linear teacher–student task (spec §5(a))."""
 
 import numpy as np
 import pytest
