@@ -97,14 +97,14 @@ class LocalPool:
         for k in range(K):
             if self.local_factors[k] is not None:
                 profiles[k] = soft.error_profile(s.global_factors, self.local_factors[k], scope=s.config.scope)
-        return TrainReport(profiles, losses, status)
+        return TrainReport(profiles=profiles, losses=losses, status=status)
 
     def upload(self, t: int, sent: list, keep: dict, bandwidth_hz: dict) -> dict:
         s = self.server
         out = {}
         for k in sent:
             payload, bits = s.strategy.encode(s.config, s.global_factors, self.local_factors[k], keep[k], t, k)
-            out[k] = Upload(payload, bits, self.heads[k])
+            out[k] = Upload(payload=payload, bits=bits, head=self.heads[k])
         return out
 
 

@@ -58,7 +58,10 @@ def plan_for(cfg: RunConfig, *, pilot=None, ranks: Sequence[int] = DEFAULT_RANKS
         rounds: rounds to plan for (default ``cfg.rounds``).
         max_latency_factor: the SAA's per-round cap as a multiple of τ̄ ("config": the config's
             ``cap_factor``; None: no cap).
-        draws, method, design_kw: passed to :func:`tsfa.design_offline`.
+        draws: the SAA's fading draws.
+        method: passed to :func:`tsfa.design_offline`.
+        design_kw: other settings of the :class:`tsfa.OfflineProblem`, by their field names
+            (e.g. ``v_rounds=40``, ``choose_v=False``; see ``OfflineProblem.replace``).
 
     Returns:
         (plan, pilot history, calibrated constants).
@@ -66,7 +69,7 @@ def plan_for(cfg: RunConfig, *, pilot=None, ranks: Sequence[int] = DEFAULT_RANKS
     from convergence import calibrate, make_predictor
     from fedloop.loop import run
     from fedloop.server import DOWNLINK_RATE_BPS, Server
-    from tsfa import design_offline
+    from tsfa import Budgets, CandidateGrid, OfflineProblem, SaaSettings, SystemSpec, VSweepSettings, design_offline
 
     system = Server(cfg)
     spectrum = task_spectrum(system.task)
@@ -79,10 +82,15 @@ def plan_for(cfg: RunConfig, *, pilot=None, ranks: Sequence[int] = DEFAULT_RANKS
         raise ValueError(f"no candidate rank fits the task's modules (largest rank {max_rank})")
     factor = cfg.cap_factor if max_latency_factor == "config" else max_latency_factor
     cap = None if factor is None else factor * system.tau_bar  # the SAA's per-round cap: clients that miss it skip
-    plan = design_offline(
-        system.shape, cell=system.cell, clients=system.clients, compute_s=system.compute_s,
-        latency_budget_s=system.tau_bar, ranks=ranks, keep_ratios=keep_ratios,
-        predict=make_predictor(constants, pilot), rounds=cfg.rounds if rounds is None else rounds,
-        downlink_rate_bps=DOWNLINK_RATE_BPS, max_latency_s=cap, draws=draws, method=method,
-        rng=cfg.seed, online_drift=cfg.drift, **design_kw)
+    problem = OfflineProblem(
+        system=SystemSpec(system.shape, system.cell, system.clients, system.compute_s,
+                          downlink_rate_bps=DOWNLINK_RATE_BPS),
+        grid=CandidateGrid(ranks=ranks, keep_ratios=keep_ratios, rounds=cfg.rounds if rounds is None else rounds),
+        budgets=Budgets(system.tau_bar, max_latency_s=cap),
+        saa=SaaSettings(draws=draws),
+        vsweep=VSweepSettings(online_drift=cfg.drift),
+    )
+    if design_kw:
+        problem = problem.replace(**design_kw)
+    plan = design_offline(problem, make_predictor(constants, pilot), method=method, rng=cfg.seed)
     return plan, pilot, constants

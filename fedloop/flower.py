@@ -393,7 +393,7 @@ class TsfaStrategy(FedAvg):
             profiles[k] = content["profile"].to_numpy_ndarrays()[0]
             losses[k] = float(content["metrics"]["train-loss"])
             status[k] = "ok"
-        return TrainReport(profiles, losses, status)
+        return TrainReport(profiles=profiles, losses=losses, status=status)
 
     def upload(self, t: int, sent: list, keep: dict, bandwidth_hz: dict) -> dict:
         """Phase 2: each scheduled node gets its own keep count and bandwidth; replies are its
@@ -418,7 +418,7 @@ class TsfaStrategy(FedAvg):
                 continue
             data = bytes(msg.content["upload"]["payload"])
             _, head = _unpack(_from_record(msg.content["head"]))
-            out[k] = Upload(data, 8 * len(data), head)
+            out[k] = Upload(payload=data, bits=8 * len(data), head=head)
         for nid, k in part_of.items():
             if k not in out:
                 self._lost.add(nid)

@@ -154,12 +154,13 @@ class Server:
             # a client with nothing to upload still computes: the round lasts until the last one is done
             latency = max(bw.latency_s, float(np.max(self.downlink_s + self.compute_s[ok] + upload[ok]))) if ok \
                 else bw.latency_s
-            return Decision(np.full(K, r if lora_bits else 0), bw.bandwidth_hz, upload, latency, "",
-                            time.perf_counter() - t0)
+            return Decision(keep=np.full(K, r if lora_bits else 0), bandwidth_hz=bw.bandwidth_hz, upload_s=upload,
+                            latency_s=latency, fallback="", solve_time_s=time.perf_counter() - t0)
         scale = float(np.sum(self.weights[ok] * profiles[ok, 0])) if ok else 0.0
         alloc = self.policy.step(snr_hz, self.compute_s, profiles / scale if scale > 0 else profiles, self.weights)
-        return Decision(np.array(alloc.keep), np.array(alloc.bandwidth_hz), np.array(alloc.upload_time_s),
-                        alloc.latency_s, alloc.fallback, time.perf_counter() - t0)
+        return Decision(keep=np.array(alloc.keep), bandwidth_hz=np.array(alloc.bandwidth_hz),
+                        upload_s=np.array(alloc.upload_time_s), latency_s=alloc.latency_s, fallback=alloc.fallback,
+                        solve_time_s=time.perf_counter() - t0)
 
     def apply_deadlines(self, decision: Decision, status: list) -> tuple[list, float]:
         """The clients to upload: trained, allocated (keep > 0 under a policy) and in time for

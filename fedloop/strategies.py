@@ -250,21 +250,21 @@ def _table(*rows: Strategy) -> dict[str, Strategy]:
 
 _WIRE = dict(encode=_encode_wire, decode=_decode_wire, aggregate=_aggregate_wire)
 STRATEGY_TABLE: dict[str, Strategy] = _table(
-    Strategy("tsfa", _online, soft=True, remote=True, **_WIRE),
-    Strategy("ideal", _dense, soft=False, remote=False, encode=_encode_ideal, decode=_decode_ideal,
+    Strategy("tsfa", policy=_online, soft=True, remote=True, **_WIRE),
+    Strategy("ideal", policy=_dense, soft=False, remote=False, encode=_encode_ideal, decode=_decode_ideal,
              aggregate=_aggregate_ideal),
-    Strategy("fedit", _dense, soft=False, remote=True, **_WIRE),
-    Strategy("ffa", None, soft=False, remote=False, encode=_encode_ffa, decode=_as_is, aggregate=_aggregate_ffa,
+    Strategy("fedit", policy=_dense, soft=False, remote=True, **_WIRE),
+    Strategy("ffa", policy=None, soft=False, remote=False, encode=_encode_ffa, decode=_as_is, aggregate=_aggregate_ffa,
              train_a=False),
-    Strategy("topk", _fixed_min_latency, soft=False, remote=False, encode=_encode_topk, decode=_decode_topk,
+    Strategy("topk", policy=_fixed_min_latency, soft=False, remote=False, encode=_encode_topk, decode=_decode_topk,
              aggregate=_aggregate_topk),
-    Strategy("random", _fixed_min_latency, soft=True, remote=True, **_WIRE),
-    Strategy("svd", _fixed_min_latency, soft=True, remote=False, encode=_encode_svd, decode=_as_is,
+    Strategy("random", policy=_fixed_min_latency, soft=True, remote=True, **_WIRE),
+    Strategy("svd", policy=_fixed_min_latency, soft=True, remote=False, encode=_encode_svd, decode=_as_is,
              aggregate=_aggregate_svd),
-    Strategy("fixed", _fixed_equal, soft=True, remote=True, **_WIRE),
-    Strategy("head", None, soft=False, remote=False, encode=_encode_nothing, decode=_as_is,
+    Strategy("fixed", policy=_fixed_equal, soft=True, remote=True, **_WIRE),
+    Strategy("head", policy=None, soft=False, remote=False, encode=_encode_nothing, decode=_as_is,
              aggregate=_aggregate_nothing, train_a=False, train_b=False),
-    Strategy("lowrank", _dense, soft=False, remote=False, **_WIRE),
+    Strategy("lowrank", policy=_dense, soft=False, remote=False, **_WIRE),
 )
 
 #: Every strategy's name, in the table's order.
