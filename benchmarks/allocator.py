@@ -29,8 +29,10 @@ def instance(k, seed=0, r=16):
     snr = cell.sample_snr_hz(cl, rng=rng)
     em = ErrorModel()
     prof = em.sample(r, em.client_scales(k, rng), rng)
-    return RoundProblem(minilm_l6_qv(r), snr, cl.compute_time_s(5e11), np.full(k, 1 / k), prof, 1.0, 10.0,
-                        cell.total_bandwidth_hz, 0.02, None, 1, True)
+    return RoundProblem(shape=minilm_l6_qv(r), snr_hz=snr, compute_s=cl.compute_time_s(5e11),
+                        data_weight=np.full(k, 1 / k), error_profile=prof, queue=1.0, weight_v=10.0,
+                        total_bandwidth_hz=cell.total_bandwidth_hz, downlink_s=0.02, max_latency_s=None, min_keep=1,
+                        allow_skip=True)
 
 
 def main():

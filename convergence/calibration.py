@@ -32,6 +32,7 @@ import numpy as np
 
 from convergence.bound import BoundConstants, Schedule, bound, drift_term, noise_term
 from convergence.rank import check_spectrum, rank_term
+from tsfa.model import keep_from_ratio
 
 __all__ = ["calibrate", "schedule_from_history", "predict_schedule", "predict_final_loss", "loss_curve",
            "make_predictor", "MEASUREMENTS"]
@@ -159,7 +160,8 @@ def _dropped_share(spectrum, rank, keep):
 
 def predict_schedule(pilot, spectrum, rank, keep_ratio, rounds: int) -> Schedule:
     """The schedule of a configuration not yet run, from a pilot (module docstring): shapes
-    broadcast over ``rank`` and ``keep_ratio``; keep s' = max(1, round(ρ r')). ``pilot`` is a
+    broadcast over ``rank`` and ``keep_ratio``; keep s' = ⌈ρ r'⌉ clipped to 1..r'
+    (:func:`tsfa.keep_from_ratio`, the rule of the offline grid). ``pilot`` is a
     History, or a mapping {"update_energy": U, "covariance_sq": c} (scalars or per-round
     arrays) when planning from shapes alone."""
     r = np.asarray(rank, dtype=int)
@@ -167,7 +169,7 @@ def predict_schedule(pilot, spectrum, rank, keep_ratio, rounds: int) -> Schedule
     if np.any(~np.isfinite(kr)) or np.any(kr <= 0) or np.any(kr > 1):
         raise ValueError(f"keep_ratio must lie in (0, 1]; got {kr}")
     r, kr = np.broadcast_arrays(r, kr)
-    keep = np.maximum(1, np.rint(kr * r).astype(int))
+    keep = keep_from_ratio(r, kr)
     share = _dropped_share(spectrum, r, keep)
     U, c = _pilot_series(pilot, "update_energy"), _pilot_series(pilot, "covariance_sq")
     U, c = _extend(U, rounds), _extend(c, rounds)

@@ -77,7 +77,8 @@ def study(task: str, out: Path, quick: bool, log):
             f"latency {np.mean(lat) / tau:.2f} τ̄")
     order = sorted(sweep, key=lambda x: x["measured_final_mean"])
     top2 = [x["rank"] for x in order[:2]]
-    summary = {"chosen_rank": plan.rank, "chosen_keep": plan.keep, "weight_v": plan.weight_v,
+    summary = {"chosen_rank": plan.rank, "chosen_keep": plan.keep, "relative_v": plan.relative_v,
+               "weight_v": plan.weight_v,
                "predicted_final": plan.predicted_loss,
                "measured_final_at_chosen": next((x["measured_final_mean"] for x in sweep if x["chosen"]), None),
                "empirical_best_two": top2, "chosen_in_best_two": plan.rank in top2,

@@ -44,6 +44,7 @@ from fedloop import RunConfig, run  # noqa: E402
 from fedloop.design import task_spectrum  # noqa: E402
 from fedloop.history import write_csv  # noqa: E402
 from fedloop.tasks import LinearTask, make_task  # noqa: E402
+from tsfa import keep_from_ratio  # noqa: E402
 
 LINEAR = dict(task="linear", strategy="fixed", clients=10, rounds=30, local_steps=4, batch_size=16, lr=0.05,
               optimizer="sgd", momentum=0.0, penalty=0.0)
@@ -55,7 +56,7 @@ def grid(ranks, ratios):
     out = []
     for r in ranks:
         for q in ratios:
-            keep = max(1, int(np.ceil(q * r - 1e-9)))
+            keep = keep_from_ratio(r, q)
             if (r, keep) not in out:
                 out.append((r, keep))
     return out

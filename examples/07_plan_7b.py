@@ -2,7 +2,7 @@
 
 No weights and no training: the 64 adapted modules (q_proj and v_proj of 32 layers,
 4096×4096 each) come from the model's config (``tsfa.llama_7b_qv``). The cell is the
-SPEC §9 default (K = 20 clients in a 500 m cell, 20 MHz, Rayleigh fading), with devices that
+spec §9 default (K = 20 clients in a 500 m cell, 20 MHz, Rayleigh fading), with devices that
 can fine-tune a 7B model (50–400 TFLOP/s, a stated assumption), 8 samples × 256 tokens of
 local training per round, a 1 Gbit/s downlink broadcast, τ̄ = 15 s, a per-round cap of
 45 s (clients that cannot make it skip the round) and a 4-hour training budget.
@@ -59,12 +59,15 @@ def plan(*, draws: int = 200, v_rounds: int = 100, v_grid=tsfa.DEFAULT_V_GRID, s
     cell = tsfa.Cell(compute_flops_per_s_range=(50e12, 400e12))
     clients = cell.sample_clients(20, rng=seed)
     flops = 8 * tsfa.training_flops_per_sample(6.74e9, 256)  # 8 samples of 256 tokens per round
-    return tsfa.design_offline(
-        tsfa.llama_7b_qv(), cell=cell, clients=clients, compute_s=clients.compute_time_s(flops),
-        latency_budget_s=LATENCY_BUDGET_S, ranks=RANKS, keep_ratios=KEEP_RATIOS, predict=predict,
-        time_budget_s=TIME_BUDGET_S, downlink_rate_bps=DOWNLINK_RATE_BPS, max_latency_s=MAX_LATENCY_S,
-        draws=draws, v_rounds=v_rounds, v_grid=v_grid, rng=seed + 1,
+    problem = tsfa.OfflineProblem(
+        system=tsfa.SystemSpec(tsfa.llama_7b_qv(), cell, clients, clients.compute_time_s(flops),
+                               downlink_rate_bps=DOWNLINK_RATE_BPS),
+        grid=tsfa.CandidateGrid(ranks=RANKS, keep_ratios=KEEP_RATIOS),
+        budgets=tsfa.Budgets(LATENCY_BUDGET_S, time_budget_s=TIME_BUDGET_S, max_latency_s=MAX_LATENCY_S),
+        saa=tsfa.SaaSettings(draws=draws),
+        vsweep=tsfa.VSweepSettings(v_rounds=v_rounds, v_grid=v_grid),
     )
+    return tsfa.design_offline(problem, predict, rng=seed + 1)
 
 
 def figure(result: tsfa.OfflinePlan, path: pathlib.Path) -> None:
@@ -85,15 +88,15 @@ def figure(result: tsfa.OfflinePlan, path: pathlib.Path) -> None:
     ax.set_title(f"Llama-2-7B q/v, 20 MHz, K = 20: {len(result.table)} candidates, {result.draws} draws")
     ax.legend(fontsize=8)
     if result.v_sweep:
-        v = [p.weight_v for p in result.v_sweep]
+        v = [p.relative_v for p in result.v_sweep]
         bx.semilogx(v, [p.time_average_latency_s for p in result.v_sweep], "o-", label="simulated latency, s")
         bx.axhline(result.latency_budget_s, color="k", ls="--", lw=1, label="τ̄")
         bx2 = bx.twinx()
         bx2.semilogx(v, [p.average_dropped_energy for p in result.v_sweep], "s-", color="tab:orange",
                      label="dropped energy (of dense)")
         bx2.set_ylabel("dropped energy / dense energy")
-        if result.weight_v is not None:
-            bx.axvline(result.weight_v, color="r", lw=1, label=f"chosen V = {result.weight_v:.3g}")
+        if result.relative_v is not None:
+            bx.axvline(result.relative_v, color="r", lw=1, label=f"chosen V = {result.relative_v:.3g}")
         bx.set_xlabel("V (scale-free)")
         bx.set_ylabel("time-average latency, s")
         bx.set_title("V rule: least dropped energy with simulated latency ≤ τ̄")

@@ -75,7 +75,7 @@ def main_job(out="runs/demo", *, quick: bool = False, seed: int | None = None, p
     runs = {}
     for i, strategy in enumerate(STRATEGIES):
         c = cfg.replace(strategy=strategy, rank=plan.rank, keep=plan.keep, latency_budget_s=tau,
-                        relative_v=float(plan.weight_v or cfg.relative_v), out=str(out / strategy))
+                        relative_v=float(plan.relative_v or cfg.relative_v), out=str(out / strategy))
         log(f"[{i + 2}/{len(STRATEGIES) + 1}] {strategy} on {c.task}: rank {c.rank}, {c.clients} clients, "
             f"{c.rounds} rounds")
         t0 = time.perf_counter()
@@ -118,7 +118,7 @@ def main_job(out="runs/demo", *, quick: bool = False, seed: int | None = None, p
                  f"simulated time; head: the adapter frozen, only the classification head trains and travels")
     log("\n".join(lines))
     write_csv(out / "summary.csv", table)
-    summary = {"task": cfg.task, "plan": {"rank": plan.rank, "keep": plan.keep, "relative_v": plan.weight_v,
+    summary = {"task": cfg.task, "plan": {"rank": plan.rank, "keep": plan.keep, "relative_v": plan.relative_v,
                                           "predicted_loss": plan.predicted_loss, "latency_budget_s": tau},
                "table": table, "figures": [str(compare_png), str(out / "tsfa" / "run.png"), str(out / "bound.png")],
                "wall_s": time.perf_counter() - t_start}

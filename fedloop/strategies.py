@@ -90,9 +90,9 @@ class Strategy:
 # -- policies --------------------------------------------------------------------------------
 def _online(shape, *, latency_budget_s, config, max_latency_s, **kw):
     # The scale-free V: profiles are passed relative to the round's mean dense energy.
-    return OnlineAllocator(shape, latency_budget_s=latency_budget_s, weight_v=config.relative_v * latency_budget_s**2,
-                           max_latency_s=max_latency_s, allow_skip=config.allow_skip,
-                           queue=config.initial_queue, drift=config.drift, **kw)  # TODO from_relative_v
+    return OnlineAllocator.from_relative_v(shape, latency_budget_s=latency_budget_s, relative_v=config.relative_v,
+                                           max_latency_s=max_latency_s, allow_skip=config.allow_skip,
+                                           queue=config.initial_queue, drift=config.drift, **kw)
 
 
 def _fixed_equal(shape, *, config, latency_budget_s, max_latency_s, **kw):

@@ -1,11 +1,18 @@
 """tsfa: solvers for communication-efficient wireless federated LoRA fine-tuning.
 
-`tsfa` imports neither torch nor pyomo at import time; backends import their solvers lazily.
+`tsfa` imports neither torch nor pyomo (nor cvxpy) at import time; backends import their
+solvers lazily.
 """
 
 from tsfa._version import __version__
 from tsfa.allocator import DensePolicy, FixedPolicy, OnlineAllocator
-from tsfa.bandwidth import BandwidthAllocation, BandwidthProblem, min_latency_bandwidth
+from tsfa.bandwidth import (
+    BandwidthAllocation,
+    BandwidthProblem,
+    BatchLatency,
+    min_latency_bandwidth,
+    min_latency_bandwidth_batch,
+)
 from tsfa.model import (
     LLAMA2_7B_CONFIG,
     MINILM_L6_CONFIG,
@@ -15,7 +22,9 @@ from tsfa.model import (
     ModuleShape,
     bandwidth_for_deadline,
     bandwidth_for_rate,
+    keep_from_ratio,
     llama_7b_qv,
+    min_bandwidth,
     minilm_l6_qv,
     rate_bps,
     rate_cap_bps,
@@ -41,10 +50,14 @@ __all__ = [
     "rate_cap_bps",
     "bandwidth_for_rate",
     "bandwidth_for_deadline",
+    "min_bandwidth",
+    "keep_from_ratio",
     "training_flops_per_sample",
     "BandwidthProblem",
     "BandwidthAllocation",
+    "BatchLatency",
     "min_latency_bandwidth",
+    "min_latency_bandwidth_batch",
     "RoundProblem",
     "Allocation",
     "allocate",
@@ -55,15 +68,27 @@ __all__ = [
 
 from tsfa.offline import (  # noqa: E402  (TSFA stage 1, SPEC §6)
     DEFAULT_V_GRID,
+    Budgets,
     Candidate,
+    CandidateGrid,
     LatencyEstimate,
     OfflinePlan,
+    OfflineProblem,
+    SaaSettings,
+    SystemSpec,
     VPoint,
+    VSweepSettings,
     design_offline,
     expected_latency,
 )
 
 __all__ += [
+    "OfflineProblem",
+    "SystemSpec",
+    "CandidateGrid",
+    "Budgets",
+    "SaaSettings",
+    "VSweepSettings",
     "design_offline",
     "expected_latency",
     "OfflinePlan",

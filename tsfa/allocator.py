@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 
 import numpy as np
 
@@ -52,9 +53,10 @@ class _Policy:
     def problem(self, snr_hz, compute_s, error_profile, data_weight=None, *, queue=0.0, weight_v=1.0) -> RoundProblem:
         k = len(np.atleast_1d(snr_hz))
         weight = np.full(k, 1.0 / k) if data_weight is None else data_weight
-        return RoundProblem(self.shape, snr_hz, compute_s, weight, error_profile, queue, weight_v,
-                            self.total_bandwidth_hz, self.downlink_s, self.max_latency_s, self.min_keep,
-                            self.allow_skip)
+        return RoundProblem(shape=self.shape, snr_hz=snr_hz, compute_s=compute_s, data_weight=weight,
+                            error_profile=error_profile, queue=queue, weight_v=weight_v,
+                            total_bandwidth_hz=self.total_bandwidth_hz, downlink_s=self.downlink_s,
+                            max_latency_s=self.max_latency_s, min_keep=self.min_keep, allow_skip=self.allow_skip)
 
     def observe(self, latency_s: float) -> None:
         self.round += 1
@@ -66,7 +68,9 @@ class OnlineAllocator(_Policy):
     Args:
         shape: the LoRA shape (payload bits per keep count).
         latency_budget_s: τ̄, the long-term average latency budget, seconds.
-        weight_v: V > 0; larger V drops less energy and lets the queue grow.
+        weight_v: the absolute V > 0 of the objective V·Σ p_k e_k + Q·τ; larger V drops less
+            energy and lets the queue grow. For the scale-free V of the offline plan and
+            ``fedloop`` use :meth:`from_relative_v`.
         total_bandwidth_hz, downlink_s, max_latency_s, min_keep, allow_skip: as in
             :class:`~tsfa.online.RoundProblem`.
         backend: allocation backend ("fast", "cvxpy", "milp", "pyomo" or a callable).
@@ -107,6 +111,19 @@ class OnlineAllocator(_Policy):
         self.calibrating = isinstance(queue, str) and queue == "auto"
         self.queue = 0.0 if self.calibrating else as_scalar("queue", queue, lower=0)
         self.last_latency_s: float | None = None
+
+    @classmethod
+    def from_relative_v(cls, shape: LoraShape, *, latency_budget_s: float, relative_v: float,
+                        **kwargs) -> OnlineAllocator:
+        """An allocator from the scale-free V: weight_v = relative_v · latency_budget_s².
+
+        ``relative_v`` is the V of :class:`~tsfa.offline.OfflinePlan` and of ``fedloop``'s
+        configuration, meant for error profiles divided by the round's mean dense energy
+        Σ_k p_k e_k(0); ``kwargs`` are the other arguments of the constructor.
+        """
+        tau = as_scalar("latency_budget_s", latency_budget_s, lower=0, strict=True)
+        v = as_scalar("relative_v", relative_v, lower=0, strict=True)
+        return cls(shape, latency_budget_s=tau, weight_v=v * tau**2, **kwargs)
 
     def step(self, snr_hz, compute_s, error_profile, data_weight=None) -> Allocation:
         """Allocate this round (does not update the queue: call :meth:`observe`)."""
@@ -195,10 +212,11 @@ class OnlineAllocator(_Policy):
             alloc = allocate(relaxed, backend=self.backend, tau_hint=self.last_latency_s)
             note = f"relax_cap: {failed.message}; solved without max_latency_s"
         else:
+            t0 = time.perf_counter()
             keep = np.zeros(prob.num_clients, dtype=np.int64)
             bw = min_latency_bandwidth(np.zeros(prob.num_clients), prob.snr_hz, prob.compute_s,
                                        prob.total_bandwidth_hz, downlink_s=prob.downlink_s)
-            alloc = _assemble(prob, keep, bw, math.nan, "skip_round", 0.0, 0)
+            alloc = _assemble(prob, keep, bw, lower=math.nan, name="skip_round", t0=t0, evals=0)
             note = f"skip_round: {failed.message}; nobody scheduled"
         return dataclasses.replace(alloc, fallback=note, message=f"{alloc.message} [fallback {note}]")
 
@@ -258,6 +276,7 @@ class FixedPolicy(_Policy):
         self.bandwidth = bandwidth
 
     def step(self, snr_hz, compute_s, error_profile, data_weight=None) -> Allocation:
+        t0 = time.perf_counter()
         prob = self.problem(snr_hz, compute_s, error_profile, data_weight)
         keep = np.full(prob.num_clients, self.keep, dtype=np.int64)
         bits = self.shape.payload_bits(keep)
@@ -269,7 +288,7 @@ class FixedPolicy(_Policy):
             equal.__name__ = "equal"
             bw = min_latency_bandwidth(bits, prob.snr_hz, prob.compute_s, prob.total_bandwidth_hz,
                                        downlink_s=prob.downlink_s, backend=equal)
-        return _assemble(prob, keep, bw, math.nan, f"fixed-{self.bandwidth}", 0.0, 0)
+        return _assemble(prob, keep, bw, lower=math.nan, name=f"fixed-{self.bandwidth}", t0=t0, evals=0)
 
 
 class DensePolicy(FixedPolicy):

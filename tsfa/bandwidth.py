@@ -10,11 +10,13 @@ Clients with S_k = 0 are not scheduled: they get no bandwidth and do not count i
 At the optimum every scheduled client finishes exactly at τ and Σ b_k = B (KKT: any
 client finishing early could give bandwidth away). So τ* solves the scalar equation
 Σ_k b^min_k(τ) = B, where b^min_k(τ) = R_k^{-1}(S_k / (τ − T^dl − T_k)) is convex and
-decreasing in τ. Backends:
+decreasing in τ (:func:`tsfa.model.min_bandwidth`, with its slope). One kernel solves it
+for any number of instances at once (:func:`min_latency_bandwidth_batch`, rows of the
+leading axes); :func:`min_latency_bandwidth` is one row of it, with a typed result. Backends:
 
 * ``"fast"``: safeguarded Newton on that equation, vectorised numpy (inner Newton for R^{-1}).
-* ``"cvxpy"``: one exponential-cone program (DPP, compiled once per client count, units
-  MHz / Mbit / s, Clarabel).
+* ``"cvxpy"``: one exponential-cone program (DPP, compiled once per shape and kept in a
+  bounded cache, scaled units, Clarabel).
 * ``"scipy"``: an independent reference: scalar ``brentq`` for each R^{-1} and for τ.
   (Pyomo serves the MILPs of the online stage; for this nonlinear program it would need
   an NLP solver such as Ipopt, which cannot be installed offline here: see docs/model.md.)
@@ -25,17 +27,26 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
+from tsfa._cache import cached_program
 from tsfa._validate import as_array, as_scalar, check_same_length
-from tsfa.model import LN2, _inverse_x, bandwidth_for_deadline, rate_bps
+from tsfa.model import LN2, bandwidth_for_deadline, min_bandwidth, rate_bps
 from tsfa.status import ResultMixin, SolverError, Status, status_from_cvxpy
 
-__all__ = ["BandwidthProblem", "BandwidthAllocation", "min_latency_bandwidth", "BANDWIDTH_BACKENDS"]
+__all__ = [
+    "BandwidthProblem",
+    "BandwidthAllocation",
+    "BatchLatency",
+    "min_latency_bandwidth",
+    "min_latency_bandwidth_batch",
+    "BANDWIDTH_BACKENDS",
+    "BATCH_BACKENDS",
+]
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,91 +127,113 @@ class BandwidthAllocation(ResultMixin):
 
 
 # --------------------------------------------------------------------------------------
-# Backends: each maps the scheduled sub-problem (S, c, T offsets, B) to bandwidths.
-# Symbols: S payload bits, c SNR product Hz, T = T^dl + T^cmp s, B total Hz.
+# The least-latency kernel, batched over leading axes. Rows are independent instances,
+# the last axis clients. S payload bits (0 = not scheduled), c SNR product Hz,
+# T = T^dl + T^cmp seconds, B Hz.
 # --------------------------------------------------------------------------------------
 
 
-def _newton_bandwidth(S, c, T, tau):
-    """b^min_k(τ) and db^min_k/dτ for all k (τ > every T_k + S_k ln2/c_k)."""
-    slack = tau - T
-    a = S * LN2 / (c * slack)
-    x, _ = _inverse_x(a)
-    b = c / x
-    # d b / d τ = c a / (x (τ − T) (1/(1+x) − a))   (< 0)
-    db = c * a / (x * slack * (1.0 / (1.0 + x) - a))
-    return b, db
+class BatchLatency(NamedTuple):
+    """Result of :func:`min_latency_bandwidth_batch`.
+
+    Attributes:
+        latency_s: τ per batch row, shape (...): downlink plus the slowest scheduled client's
+            finish time (the downlink alone where no client is scheduled), s.
+        bandwidth_hz: b per row and client, shape (..., K), Hz (0 for unscheduled clients).
+    """
+
+    latency_s: np.ndarray
+    bandwidth_hz: np.ndarray
 
 
-def _fast(S, c, T, B, *, rtol=1e-13, max_iter=200):
-    """Safeguarded Newton on log Σ b^min(τ) = log B, bracketed by two finite bounds."""
-    # Left end: the slowest client alone with all the bandwidth (every b^min finite there).
-    lo = float(np.max(T + S / rate_bps(B, c)))
-    # Right end: the equal split is feasible.
-    hi = float(np.max(T + S / rate_bps(B / len(S), c)))
-    if hi <= lo * (1 + 1e-15) or len(S) == 1:
-        b = np.full(len(S), B / len(S)) if len(S) > 1 else np.array([B])
-        return b, 0
-    tau = lo
-    it = 0
-    for it in range(1, max_iter + 1):  # noqa: B007
-        b, db = _newton_bandwidth(S, c, T, tau)
-        total = b.sum()
-        g = math.log(total / B)
-        if g > 0:
-            lo = tau
-        else:
-            hi = tau
-        if abs(total - B) <= rtol * B or hi - lo <= 4e-16 * hi:
+def _newton_tau(S, c, T, B, *, rtol=1e-13, max_iter=200):
+    """Safeguarded Newton on log Σ_k b^min_k(τ) = log B, one τ per row, vectorised.
+
+    S, c, T: (N, K). Each row is bracketed by two finite bounds: the slowest scheduled client
+    alone with all the bandwidth (every b^min finite there) and the equal split (feasible).
+    Returns (b (N, K) in Hz, Newton iterations per row (N,)).
+    """
+    sch = S > 0
+    n = sch.sum(axis=1)
+    nn = np.maximum(n, 1)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lo = np.where(sch, T + S / rate_bps(B, c), -np.inf).max(axis=1)
+        hi = np.where(sch, T + S / rate_bps(B / nn, c), -np.inf).max(axis=1)
+    bw = np.where(sch, B / nn, 0.0)  # the answer for 0/1 client rows and degenerate brackets
+    iterations = np.zeros(len(S), dtype=np.int64)
+    act = np.flatnonzero((n >= 2) & (hi > lo * (1 + 1e-15)))
+    tau = lo.copy()
+    for _ in range(max_iter):
+        if act.size == 0:
             break
-        step = g * total / db.sum()  # Newton on log Σ b
-        new = tau - step
-        if not (lo < new < hi):
-            new = 0.5 * (lo + hi)
-        tau = new
-    return b * (B / b.sum()), it
+        iterations[act] += 1
+        t = tau[act]
+        b, db = min_bandwidth(S[act], c[act], t[:, None] - T[act], slope=True)
+        total = b.sum(axis=1)
+        g = np.log(total / B)
+        lo_a = np.where(g > 0, t, lo[act])
+        hi_a = np.where(g > 0, hi[act], t)
+        lo[act], hi[act] = lo_a, hi_a
+        done = (np.abs(total - B) <= rtol * B) | (hi_a - lo_a <= 4e-16 * hi_a)
+        bw[act] = b * (B / total)[:, None]
+        new = t - g * total / db.sum(axis=1)  # Newton on log Σ b
+        tau[act] = np.where((lo_a < new) & (new < hi_a), new, 0.5 * (lo_a + hi_a))
+        act = act[~done]
+    return bw, iterations
 
 
-_CVXPY_CACHE: OrderedDict[int, tuple] = OrderedDict()
+@cached_program
+def _cvxpy_program(D: int, K: int):
+    """One DPP program for D independent rows of K clients (compiled once per (D, K)).
 
-
-def _cvxpy_problem(n: int):
-    """Build (once per client count) the DPP program in scaled units.
-
-    Units: bandwidth in B_total, time in τ_ref (the equal-split latency), bits in
-    B_total·τ_ref. Every parameter is then O(1) or below, which conic solvers need.
+    Scaled units, per row: bandwidth in B_total, time in τ_ref (the row's equal-split
+    latency), bits in B_total·τ_ref, so every parameter is O(1) or below, which conic
+    solvers need. Variables b (D×K), τ (D) and the slacks w = τ − T (which keep
+    S·inv_pos(w) DPP); constraints S·inv_pos(w) ≤ b log2(1 + c/b) per (row, client) and
+    Σ_k b ≤ 1 per row; minimise Σ_d τ_d (separable, so each τ_d is least).
     """
     import cvxpy as cp
 
-    if n in _CVXPY_CACHE:
-        _CVXPY_CACHE.move_to_end(n)
-        return _CVXPY_CACHE[n]
-    S = cp.Parameter(n, nonneg=True, name="payload")
-    c = cp.Parameter(n, pos=True, name="snr")
-    T = cp.Parameter(n, nonneg=True, name="offset")
-    b = cp.Variable(n, nonneg=True, name="bandwidth")
-    tau = cp.Variable(name="tau")
-    w = cp.Variable(n, name="slack")  # w = τ − T keeps S·inv_pos(w) DPP
+    S = cp.Parameter((D, K), nonneg=True, name="payload")
+    c = cp.Parameter((D, K), pos=True, name="snr")
+    T = cp.Parameter((D, K), nonneg=True, name="offset")
+    b = cp.Variable((D, K), nonneg=True, name="bandwidth")
+    tau = cp.Variable(D, name="tau")
+    w = cp.Variable((D, K), name="slack")
     rate = -cp.rel_entr(b, b + c) / LN2  # b log2(1 + c/b), concave
-    cons = [w == tau - T, cp.multiply(S, cp.inv_pos(w)) <= rate, cp.sum(b) <= 1.0]
-    prob = cp.Problem(cp.Minimize(tau), cons)
+    cons = [w == cp.reshape(tau, (D, 1), order="C") @ np.ones((1, K)) - T,
+            cp.multiply(S, cp.inv_pos(w)) <= rate, cp.sum(b, axis=1) <= 1.0]
+    prob = cp.Problem(cp.Minimize(cp.sum(tau)), cons)
     assert prob.is_dcp(dpp=True)
-    _CVXPY_CACHE[n] = (prob, S, c, T, b)
-    while len(_CVXPY_CACHE) > 32:
-        _CVXPY_CACHE.popitem(last=False)
-    return _CVXPY_CACHE[n]
+    return prob, S, c, T, b
 
 
 # Clarabel defaults are 1e-8; the backends are cross-checked to 1e-6 relative.
 CLARABEL_OPTIONS = {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10, "max_iter": 500}
 
 
-def _cvxpy(S, c, T, B, *, solver="CLARABEL"):
+def _cvxpy_rows(S, c, T, B, *, solver="CLARABEL"):
+    """Least-latency split of every row (N, K) by one exponential-cone program.
+
+    The program keeps the shape (N, K) so it is compiled once per shape: a row with no
+    scheduled client gets a dummy one (its answer is discarded). Returns (b (N, K) Hz,
+    solver iterations, Status); raises :class:`SolverError` if the solver fails."""
     import cvxpy as cp
 
-    prob, pS, pc, pT, b = _cvxpy_problem(len(S))
-    t_ref = float(np.max(T + S / rate_bps(B / len(S), c)))  # equal split: feasible
-    pS.value, pc.value, pT.value = S / (B * t_ref), c / B, T / t_ref
+    N, K = S.shape
+    sch = S > 0
+    empty = ~sch.any(axis=1)
+    if empty.all():
+        return np.zeros((N, K)), 0, Status.OPTIMAL
+    S, c, T, sch = S.copy(), c.copy(), T.copy(), sch.copy()
+    S[empty, 0], c[empty, 0], T[empty, 0], sch[empty, 0] = 1.0, B, 0.0, True
+    n = sch.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_ref = np.where(sch, T + S / rate_bps(B / n, c), -np.inf).max(axis=1)  # equal split: feasible
+    prob, pS, pc, pT, b = _cvxpy_program(N, K)
+    pS.value = np.where(sch, S, 0.0) / (B * t_ref[:, None])
+    pc.value = c / B
+    pT.value = np.where(sch, T / t_ref[:, None], 0.0)  # an unscheduled client's offset must not bind
     try:
         with warnings.catch_warnings():  # inaccuracy is reported through the status instead
             warnings.simplefilter("ignore", UserWarning)
@@ -209,14 +242,91 @@ def _cvxpy(S, c, T, B, *, solver="CLARABEL"):
         raise SolverError(f"cvxpy/{solver} failed: {exc}") from exc
     status = status_from_cvxpy(prob.status)
     if not status.success or b.value is None or not np.all(np.isfinite(b.value)):
-        bad = status if not status.success else Status.ERROR
-        raise SolverError(f"cvxpy/{solver} returned status {prob.status!r}", bad)
-    bw = np.maximum(np.asarray(b.value, dtype=float), 0.0) * B
-    return bw * min(1.0, B / bw.sum()), int(prob.solver_stats.num_iters or 0), status
+        raise SolverError(f"cvxpy/{solver} returned status {prob.status!r}",
+                          status if not status.success else Status.ERROR)
+    bw = np.where(sch, np.maximum(np.asarray(b.value, dtype=float), 0.0) * B, 0.0)
+    bw *= np.minimum(1.0, B / bw.sum(axis=1))[:, None]
+    bw[empty] = 0.0
+    return bw, int(prob.solver_stats.num_iters or 0), status
+
+
+#: Backends of :func:`min_latency_bandwidth_batch`.
+BATCH_BACKENDS = ("fast", "cvxpy")
+
+
+def _batch_kernel(S, c, T, B, backend):
+    """(b, iterations, Status) for rows (..., K); "cvxpy" solves one program per slice of the
+    second-to-last axis (so (C, D, K) is C programs of D rows, each compiled once per (D, K))."""
+    K = S.shape[-1]
+    if backend == "fast":
+        bw, it = _newton_tau(S.reshape(-1, K), c.reshape(-1, K), T.reshape(-1, K), B)
+        return bw.reshape(S.shape), int(it.max(initial=0)), Status.OPTIMAL
+    D = S.shape[-2] if S.ndim >= 2 else 1
+    parts = [_cvxpy_rows(s, ci, t, B) for s, ci, t in zip(S.reshape(-1, D, K), c.reshape(-1, D, K),
+                                                           T.reshape(-1, D, K), strict=True)]
+    status = Status.OPTIMAL_INACCURATE if any(p[2] is Status.OPTIMAL_INACCURATE for p in parts) else Status.OPTIMAL
+    return np.concatenate([p[0] for p in parts]).reshape(S.shape), sum(p[1] for p in parts), status
+
+
+def min_latency_bandwidth_batch(payload_bits, snr_hz, compute_s, total_bandwidth_hz: float, *,
+                                downlink_s=0.0, backend: str = "fast") -> BatchLatency:
+    """The least-latency split (module docstring) of many independent instances at once.
+
+    Every row of the leading axes is one instance of K clients sharing ``total_bandwidth_hz``;
+    clients with a zero payload are not scheduled (no bandwidth, not in τ).
+
+    Args:
+        payload_bits: S, bits, shape (..., K) (0 = not scheduled).
+        snr_hz: c = P g / N_0, Hz, broadcast to (..., K) (> 0).
+        compute_s: T^cmp, seconds, broadcast to (..., K).
+        total_bandwidth_hz: B_total, Hz, shared by the K clients of each row.
+        downlink_s: T^dl, seconds, a scalar or broadcast to the batch shape (...).
+        backend: "fast" (a safeguarded Newton on Σ_k b^min_k(τ) = B, one τ per row, vectorised)
+            or "cvxpy" (one exponential-cone program per slice of the second-to-last axis,
+            Clarabel; raises :class:`SolverError` if it fails).
+
+    Returns:
+        :class:`BatchLatency`: ``latency_s`` (...) and ``bandwidth_hz`` (..., K).
+    """
+    if backend not in BATCH_BACKENDS:
+        raise ValueError(f"backend must be one of {BATCH_BACKENDS}; got backend = {backend!r}")
+    S = np.asarray(payload_bits, dtype=float)
+    if S.ndim == 0:
+        raise ValueError(f"payload_bits must have a client axis (..., K); got shape {S.shape}")
+    B = as_scalar("total_bandwidth_hz", total_bandwidth_hz, lower=0, strict=True)
+    dl = np.asarray(downlink_s, dtype=float)
+    c = np.broadcast_to(np.asarray(snr_hz, dtype=float), S.shape)
+    T = np.broadcast_to(dl[..., None] + np.asarray(compute_s, dtype=float), S.shape)
+    bw = _batch_kernel(S, c, T, B, backend)[0]
+    return BatchLatency(latency_s=_row_latency(S, c, T, bw, dl), bandwidth_hz=bw)
+
+
+def _row_latency(S, c, T, bw, downlink):
+    """max over scheduled clients of T + S/R(b) per row; the downlink where none is scheduled."""
+    sch = S > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        finish = np.where(sch, T + S / rate_bps(bw, c), -np.inf)
+    return np.where(sch.any(axis=-1), finish.max(axis=-1), np.broadcast_to(downlink, S.shape[:-1]))
+
+
+# --------------------------------------------------------------------------------------
+# Backends of min_latency_bandwidth: each maps the scheduled sub-problem (S, c, T, B) of
+# one instance to (bandwidths, iterations[, Status]).
+# --------------------------------------------------------------------------------------
+
+
+def _fast(S, c, T, B):
+    bw, it = _newton_tau(S[None], c[None], T[None], B)
+    return bw[0], int(it[0])
+
+
+def _cvxpy(S, c, T, B):
+    bw, it, status = _cvxpy_rows(S[None], c[None], T[None], B)
+    return bw[0], it, status
 
 
 def _scipy(S, c, T, B):
-    """Reference: brentq for every R^{-1} and for τ (slow, independent of ``_fast``)."""
+    """Reference: brentq for every R^{-1} and for τ (slow, independent of the Newton kernel)."""
     from scipy.optimize import brentq
 
     def inv_rate(r, ck):
@@ -310,7 +420,8 @@ def min_latency_bandwidth(
     Returns:
         A :class:`BandwidthAllocation`.
     """
-    problem = BandwidthProblem(payload_bits, snr_hz, compute_s, total_bandwidth_hz, downlink_s, deadline_s)
+    problem = BandwidthProblem(payload_bits=payload_bits, snr_hz=snr_hz, compute_s=compute_s,
+                               total_bandwidth_hz=total_bandwidth_hz, downlink_s=downlink_s, deadline_s=deadline_s)
     if callable(backend):
         fn, name = backend, getattr(backend, "__name__", "custom")
     else:
@@ -344,11 +455,10 @@ def _solve(problem: BandwidthProblem, fn: Callable, name: str) -> BandwidthAlloc
         bw[sch] = b_s
     else:
         status = Status.OPTIMAL
-    solve_time = time.perf_counter() - t0
-    return _result(problem, bw, status, "", iterations, solve_time, name)
+    return _result(problem, bw, status, "", iterations, time.perf_counter() - t0, name)
 
 
-def _result(problem, bw, status, message, iterations, solve_time, name) -> BandwidthAllocation:
+def _result(problem, bw, status, message, iterations, solve_time_s, name) -> BandwidthAllocation:
     sch = problem.scheduled
     with np.errstate(divide="ignore", invalid="ignore"):
         upload = np.where(sch, problem.payload_bits / rate_bps(bw, problem.snr_hz), 0.0)
@@ -370,4 +480,6 @@ def _result(problem, bw, status, message, iterations, solve_time, name) -> Bandw
     bw.setflags(write=False)
     for arr in (finish, upload):
         arr.setflags(write=False)
-    return BandwidthAllocation(status, message, bw, latency, finish, upload, latency, iterations, solve_time, name)
+    return BandwidthAllocation(status=status, message=message, bandwidth_hz=bw, latency_s=latency,
+                               finish_time_s=finish, upload_time_s=upload, objective=latency,
+                               iterations=iterations, solve_time_s=solve_time_s, backend=name)

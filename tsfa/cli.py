@@ -15,7 +15,7 @@ class UserError(Exception):
     """An input problem the user can fix; printed as one line, exit code 2."""
 
 
-def _main_job(args: argparse.Namespace) -> int:
+def _demo(args: argparse.Namespace) -> int:
     from fedloop.data import TaskUnavailable
     from fedloop.demo import main_job
 
@@ -26,7 +26,7 @@ def _main_job(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _bandwidth_demo(args: argparse.Namespace) -> int:
     import numpy as np
 
     from tsfa import Cell, llama_7b_qv, min_latency_bandwidth, minilm_l6_qv, rate_bps, training_flops_per_sample
@@ -132,7 +132,8 @@ def _design(args: argparse.Namespace) -> int:
     write_csv(out / "plan.csv", plan.table_rows())
     (out / "plan.json").write_text(json.dumps({
         "status": plan.status.value, "message": plan.message, "rank": plan.rank, "keep": plan.keep,
-        "keep_ratio": plan.keep_ratio, "rounds": plan.rounds, "weight_v": plan.weight_v,
+        "keep_ratio": plan.keep_ratio, "rounds": plan.rounds, "relative_v": plan.relative_v,
+        "weight_v": plan.weight_v,
         "predicted_loss": plan.predicted_loss, "latency_budget_s": plan.latency_budget_s,
         "binding": list(plan.binding), "constants": constants.to_dict()}, indent=1, default=float))
     print(f"wrote {out / 'plan.csv'} and {out / 'plan.json'}")
@@ -225,14 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     m.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     m.add_argument("--quiet", action="store_true", help="no progress bars")
-    m.set_defaults(func=_main_job)
+    m.set_defaults(func=_demo)
     d = sub.add_parser("bandwidth-demo", help="one round's bandwidth split on the default cell, every backend")
     d.add_argument("--clients", type=int, default=20, help="number of clients (default 20)")
     d.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.add_argument("--local-steps", type=int, default=4)
     d.add_argument("--batch-size", type=int, default=16)
-    d.set_defaults(func=_demo)
+    d.set_defaults(func=_bandwidth_demo)
     r = sub.add_parser("run", help="run federated fine-tuning from a TOML config (fedloop.RunConfig fields)")
     r.add_argument("config", help="TOML file whose keys are RunConfig fields")
     r.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")

@@ -144,11 +144,13 @@ def parse_round(text: str):
     budget = _number("latency_budget_s", d.get("latency_budget_s"), allow_null=True)
     try:
         prob = RoundProblem(
-            shape, np.asarray(snr, float), np.asarray(comp, float), np.asarray(weight, float),
-            np.asarray(prof, float), _number("queue", d["queue"]), _number("weight_v", d["weight_v"]),
-            _number("total_bandwidth_hz", d["total_bandwidth_hz"]), _number("downlink_s", d.get("downlink_s", 0.0)),
-            _number("max_latency_s", d.get("max_latency_s"), allow_null=True), _int("min_keep", d.get("min_keep", 1)),
-            allow_skip)
+            shape=shape, snr_hz=np.asarray(snr, float), compute_s=np.asarray(comp, float),
+            data_weight=np.asarray(weight, float), error_profile=np.asarray(prof, float),
+            queue=_number("queue", d["queue"]), weight_v=_number("weight_v", d["weight_v"]),
+            total_bandwidth_hz=_number("total_bandwidth_hz", d["total_bandwidth_hz"]),
+            downlink_s=_number("downlink_s", d.get("downlink_s", 0.0)),
+            max_latency_s=_number("max_latency_s", d.get("max_latency_s"), allow_null=True),
+            min_keep=_int("min_keep", d.get("min_keep", 1)), allow_skip=allow_skip)
     except JsonInputError:
         raise
     except ValueError as exc:

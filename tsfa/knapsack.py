@@ -39,8 +39,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tsfa._pyomo import HIGHS_FEASIBILITY_TOL, solve_pyomo
 from tsfa._validate import as_array, as_scalar
-from tsfa.status import ResultMixin, Status
+from tsfa.status import ResultMixin, Status, highs_status_table, status_from_table
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyomo.environ
@@ -54,11 +55,9 @@ __all__ = [
 ]
 
 #: Relative slack on the budget when checking a returned choice (and when declaring infeasibility).
+#: HiGHS runs with a feasibility tolerance of ``HIGHS_FEASIBILITY_TOL`` = 1e-10 on the scaled
+#: ``bandwidth`` row (``≤ 1``), below this, so that a choice HiGHS accepts passes the check.
 FEASIBILITY_RTOL = 1e-9
-#: HiGHS's MIP feasibility tolerance on the scaled ``bandwidth`` row (``≤ 1``); kept below
-#: :data:`FEASIBILITY_RTOL` so that a choice HiGHS accepts passes our check (default 1e-6 would
-#: let it overshoot the budget by 1e-6 B, e.g. 20 Hz of 20 MHz, where the optimum usually sits).
-_HIGHS_FEASIBILITY_TOL = 1e-10
 #: Pyomo solver names accepted by :func:`solve_mckp_pyomo` (both drive HiGHS, so the options match).
 PYOMO_MCKP_SOLVERS = ("appsi_highs", "highs")
 
@@ -154,23 +153,17 @@ def _check_time_and_gap(time_limit_s, mip_rel_gap) -> tuple[float, float]:
 
 
 def _no_solution(status: Status, message: str, t0: float, backend: str, lower_bound: float) -> KnapsackSolution:
-    return KnapsackSolution(status, None, math.nan, lower_bound, message, time.perf_counter() - t0, backend)
+    return KnapsackSolution(status=status, choice=None, objective=math.nan, lower_bound=lower_bound, message=message,
+                            solve_time_s=time.perf_counter() - t0, backend=backend)
 
 
-def _map_status(table: dict, cond, has_solution: bool, message: str, t0: float, backend: str):
-    """(status, None) for a usable solution, else (status, the KnapsackSolution to return).
-
-    ``table`` maps solver conditions to a Status, or to None for "a limit stopped the
-    solver": ITERATION_LIMIT with a feasible choice, else ERROR; unknown conditions are ERROR.
-    """
-    status = table.get(cond, Status.ERROR)
-    if cond in table and status is None:
-        status = Status.ITERATION_LIMIT if has_solution else Status.ERROR
+def _failed(status: Status, message: str, t0: float, backend: str) -> KnapsackSolution | None:
+    """The result to return for a solver outcome without a usable choice, else None."""
     if status is Status.INFEASIBLE:
-        return status, _no_solution(status, message, t0, backend, math.inf)
-    if status is Status.ERROR or not has_solution:
-        return Status.ERROR, _no_solution(Status.ERROR, message, t0, backend, -math.inf)
-    return status, None
+        return _no_solution(status, message, t0, backend, math.inf)
+    if status is Status.ERROR:
+        return _no_solution(Status.ERROR, message, t0, backend, -math.inf)
+    return None
 
 
 def _finish(
@@ -212,7 +205,8 @@ def _finish(
     # A dual bound cannot exceed a feasible cost; within rounding noise of it, it is the cost.
     if bound >= objective - 1e-9 * inst.cost_scale:
         bound = objective
-    return KnapsackSolution(status, choice, objective, bound, message, time.perf_counter() - t0, backend)
+    return KnapsackSolution(status=status, choice=choice, objective=objective, lower_bound=bound, message=message,
+                            solve_time_s=time.perf_counter() - t0, backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,27 +362,6 @@ def reduce_mckp(W, C, budget, *, cutoff: float | None = None, rtol: float = 1e-9
 # highspy
 
 
-def _highs_status_table():
-    import highspy
-
-    ms = highspy.HighsModelStatus
-    # None: a limit stopped the solver: ITERATION_LIMIT with a feasible choice, else ERROR.
-    return {
-        ms.kOptimal: Status.OPTIMAL,
-        ms.kInfeasible: Status.INFEASIBLE,
-        # All variables are binary, so the program is bounded: "unbounded or infeasible" is infeasible.
-        ms.kUnboundedOrInfeasible: Status.INFEASIBLE,
-        ms.kTimeLimit: None,
-        ms.kIterationLimit: None,
-        ms.kSolutionLimit: None,
-        ms.kObjectiveBound: None,
-        ms.kObjectiveTarget: None,
-        ms.kInterrupt: None,
-        ms.kHighsInterrupt: None,
-        ms.kMemoryLimit: None,
-    }
-
-
 def solve_mckp_highspy(
     W, C, budget, *, time_limit_s: float = 60.0, mip_rel_gap: float = 0.0, reduce: bool = True,
     cutoff: float | None = None,
@@ -447,7 +420,7 @@ def solve_mckp_highspy(
         "output_flag": False,
         "mip_rel_gap": mip_rel_gap,
         "mip_abs_gap": 0.0,  # the default 1e-6 (on costs scaled to max 1) would stop short of optimal
-        "mip_feasibility_tolerance": _HIGHS_FEASIBILITY_TOL,
+        "mip_feasibility_tolerance": HIGHS_FEASIBILITY_TOL,
         "time_limit": time_limit_s,
         "random_seed": 0,
         # Not "threads": HiGHS has one global thread scheduler per process, and run() fails
@@ -471,7 +444,8 @@ def solve_mckp_highspy(
         return _no_solution(Status.ERROR, f"HiGHS run() failed: {message}", t0, backend, -math.inf)
 
     has_solution = info.primal_solution_status == int(highspy.SolutionStatus.kSolutionStatusFeasible)
-    status, failed = _map_status(_highs_status_table(), model_status, has_solution, message, t0, backend)
+    status = status_from_table(highs_status_table(), model_status, has_solution)
+    failed = _failed(status, message, t0, backend)
     if failed is not None:
         return failed
 
@@ -528,24 +502,6 @@ def _build_pyomo(inst: _Instance):
     return m
 
 
-def _pyomo_status_table():
-    from pyomo.opt import TerminationCondition as tc
-
-    # None: a limit stopped the solver: ITERATION_LIMIT with a feasible choice, else ERROR.
-    return {
-        tc.optimal: Status.OPTIMAL,
-        tc.globallyOptimal: Status.OPTIMAL,
-        tc.infeasible: Status.INFEASIBLE,
-        tc.infeasibleOrUnbounded: Status.INFEASIBLE,  # binaries: bounded, so infeasible
-        tc.maxTimeLimit: None,
-        tc.maxIterations: None,
-        tc.maxEvaluations: None,
-        tc.feasible: None,
-        tc.userInterrupt: None,
-        tc.resourceInterrupt: None,
-    }
-
-
 def solve_mckp_pyomo(
     W,
     C,
@@ -578,44 +534,14 @@ def solve_mckp_pyomo(
     if reason is not None:
         return _no_solution(Status.INFEASIBLE, reason, t0, backend, math.inf)
 
-    import logging
-
-    import pyomo.environ as pe
-    from pyomo.common.log import LoggingIntercept
-
-    opt = pe.SolverFactory(solver)
-    if opt is None or not opt.available(exception_flag=False):
-        return _no_solution(Status.ERROR, f"Pyomo solver {solver!r} is not available", t0, backend, -math.inf)
     inst, _ = _maybe_reduce(inst, reduce, cutoff)
     m = _build_pyomo(inst)
-    options = {
-        "mip_rel_gap": mip_rel_gap,
-        "mip_abs_gap": 0.0,
-        "mip_feasibility_tolerance": _HIGHS_FEASIBILITY_TOL,
-        "random_seed": 0,
-        # No "threads": see solve_mckp_highspy. Here a conflict is not even an error: the
-        # solve silently ends with termination condition "unknown".
-    }
-    timelimit = None if math.isinf(time_limit_s) else time_limit_s
-    try:
-        results = opt.solve(m, load_solutions=False, timelimit=timelimit, options=options)
-    except Exception as exc:  # any solver failure becomes Status.ERROR, never an exception
-        return _no_solution(Status.ERROR, f"Pyomo {solver} raised {type(exc).__name__}: {exc}", t0, backend, -math.inf)
-
-    cond = results.solver.termination_condition
-    message = f"Pyomo {solver}: {cond}"
-    status, failed = _map_status(_pyomo_status_table(), cond, len(results.solution) > 0, message, t0, backend)
+    outcome = solve_pyomo(m, solver, mip_rel_gap=mip_rel_gap, time_limit_s=time_limit_s)
+    failed = _failed(outcome.status, outcome.message, t0, backend)
     if failed is not None:
         return failed
-
-    # load_from logs a warning when loading the incumbent of an "aborted" (time-limited) solve;
-    # the status already says so.
-    with LoggingIntercept(level=logging.WARNING, module="pyomo.core"):
-        m.solutions.load_from(results)
     K, J = inst.shape
     x = np.full((K, J), np.nan)
     for (k, j), var in m.x.items():
         x[k, j] = np.nan if var.value is None else var.value
-    lb = results.problem.lower_bound
-    scaled_bound = float(lb) if lb is not None else -math.inf
-    return _apply_cutoff(_finish(inst, x, status, scaled_bound, message, t0, backend), cutoff)
+    return _apply_cutoff(_finish(inst, x, outcome.status, outcome.lower_bound, outcome.message, t0, backend), cutoff)

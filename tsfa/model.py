@@ -46,6 +46,8 @@ __all__ = [
     "rate_cap_bps",
     "bandwidth_for_rate",
     "bandwidth_for_deadline",
+    "min_bandwidth",
+    "keep_from_ratio",
     "training_flops_per_sample",
 ]
 
@@ -368,18 +370,63 @@ def bandwidth_for_rate(rate, snr_hz):
     return out if out.ndim else float(out)
 
 
+def min_bandwidth(payload_bits, snr_hz, slack_s, *, slope: bool = False):
+    """b^min and its slope: the least bandwidth (Hz) that uploads S bits within a slack.
+
+    The kernel behind every least-latency computation of the library (SPEC §2): client k,
+    with ``slack_s`` = τ − T_k seconds left for its upload, needs b^min = c/x with
+    ln(1+x) = a·x, a = S ln2 / (c (τ − T)) (:func:`_inverse_x`); implicit differentiation
+    gives ∂b^min/∂τ = b a / ((1/(1+x) − a)(τ − T)) ≤ 0.
+
+    Args:
+        payload_bits: S, bits (0 = nothing to send).
+        snr_hz: c = P g / N_0, Hz.
+        slack_s: τ − T, seconds.
+        slope: also return ∂b^min/∂τ, Hz/s.
+
+    All arguments broadcast against each other. Returns b^min (Hz; 0 where S = 0, ``inf``
+    where no bandwidth suffices: slack ≤ 0 or S/slack at or above the cap c/ln 2), and with
+    ``slope`` the pair (b^min, ∂b^min/∂τ) (0 where b^min is 0 or inf).
+    """
+    S, c, w = np.broadcast_arrays(*(np.asarray(v, dtype=float) for v in (payload_bits, snr_hz, slack_s)))
+    b = np.zeros(S.shape)
+    db = np.zeros(S.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = S * LN2 / (c * w)
+    ok = (S > 0) & (w > 0) & (c > 0) & (a < 1.0)
+    b[(S > 0) & ~ok] = np.inf
+    if ok.any():
+        x, _ = _inverse_x(a[ok])
+        bo = c[ok] / x
+        b[ok] = bo
+        if slope:
+            db[ok] = bo * a[ok] / ((1.0 / (1.0 + x) - a[ok]) * w[ok])
+    if not slope:
+        return b if b.ndim else float(b)
+    return (b, db) if b.ndim else (float(b), float(db))
+
+
 def bandwidth_for_deadline(payload_bits, snr_hz, compute_s, deadline_s):
-    """b^min: least bandwidth (Hz) per client to finish by ``deadline_s``.
+    """b^min: least bandwidth (Hz) per client to finish by ``deadline_s`` (:func:`min_bandwidth`).
 
     Client k must upload ``payload_bits[k]`` within ``deadline_s − compute_s[k]`` seconds.
     Zero payload needs zero bandwidth; an impossible deadline gives ``inf``. b^min is
     convex and increasing in the payload and convex decreasing in the deadline.
     """
-    s = np.asarray(payload_bits, dtype=float)
     slack = np.asarray(deadline_s, dtype=float) - np.asarray(compute_s, dtype=float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rate = np.where(s > 0, np.where(slack > 0, s / slack, np.inf), 0.0)
-    return bandwidth_for_rate(rate, snr_hz)
+    return min_bandwidth(payload_bits, snr_hz, slack)
+
+
+def keep_from_ratio(rank, keep_ratio):
+    """The keep count s of a keep ratio ρ at rank r: s = ⌈ρ r⌉ clipped to 1..r.
+
+    The one rule of the library (the offline grid, the plans); ``rank`` and ``keep_ratio``
+    broadcast. Returns an int for scalars, else an int64 array. The ceiling carries a 1e-9
+    tolerance so that ρ r = s up to rounding gives s (0.1 · 30 = 3.0000000000000004 → 3).
+    """
+    r = np.asarray(rank)
+    s = np.clip(np.ceil(np.asarray(keep_ratio, dtype=float) * r - 1e-9), 1, r).astype(np.int64)
+    return int(s) if s.ndim == 0 else s
 
 
 # --------------------------------------------------------------------------------------

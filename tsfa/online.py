@@ -31,17 +31,18 @@ import heapq
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from tsfa._validate import as_array, as_scalar
 from tsfa.bandwidth import min_latency_bandwidth
 from tsfa.knapsack import mckp_greedy
-from tsfa.model import LN2, LoraShape, _inverse_x
+from tsfa.model import LoraShape, min_bandwidth
+from tsfa.oracles import ALLOCATION_BACKENDS, EXACT_BACKENDS, ORACLES, callable_oracle, relaxation_oracle
 from tsfa.status import ResultMixin, Status
 
-__all__ = ["RoundProblem", "Allocation", "allocate", "ALLOCATION_BACKENDS"]
+__all__ = ["RoundProblem", "Allocation", "allocate", "relaxation_value", "ALLOCATION_BACKENDS"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,36 +129,20 @@ class RoundProblem:
         return self._weights_and_slopes(tau)[0]
 
     def _weights_and_slopes(self, tau: float) -> tuple[np.ndarray, np.ndarray]:
-        """(W, D): b^min_k(s, τ) and ∂b^min/∂τ (≤ 0; 0 where W is inf or 0).
-
-        b^min = c/x with ln(1+x) = a x, a = S ln2 / (c (τ − T)) (``tsfa.model``); implicit
-        differentiation gives ∂b/∂τ = b a / ((1/(1+x) − a)(τ − T)).
-        """
+        """(W, D): b^min_k(s, τ) and ∂b^min/∂τ (≤ 0; 0 where W is inf or 0), by the one
+        kernel :func:`tsfa.model.min_bandwidth`."""
         cache = self.__dict__.get("_cache")
         if cache is None:
             bits = self.shape.payload_bits(np.arange(self.shape.rank + 1)).astype(float)
             usable = self.allowed_keep & (bits > 0)
-            cache = (bits[usable] * LN2, np.flatnonzero(usable), self.compute_s + self.downlink_s)
+            cache = (bits[usable], np.flatnonzero(usable), self.compute_s + self.downlink_s)
             object.__setattr__(self, "_cache", cache)
-        scaled_bits, cols, t_fixed = cache
+        bits, cols, t_fixed = cache
         K, J = self.num_clients, self.shape.rank + 1
         W = np.full((K, J), np.inf)
         D = np.zeros((K, J))
-        slack = tau - t_fixed
-        with np.errstate(divide="ignore", invalid="ignore"):
-            a = scaled_bits[None, :] / (self.snr_hz * slack)[:, None]
-        ok = (slack[:, None] > 0) & (a < 1.0)
-        if ok.any():
-            x, _ = _inverse_x(a[ok])
-            c = np.broadcast_to(self.snr_hz[:, None], a.shape)[ok]
-            s = np.broadcast_to(slack[:, None], a.shape)[ok]
-            b = c / x
-            Wu = np.full(a.shape, np.inf)
-            Du = np.zeros(a.shape)
-            Wu[ok] = b
-            Du[ok] = b * a[ok] / ((1.0 / (1.0 + x) - a[ok]) * s)
-            W[:, cols] = Wu
-            D[:, cols] = Du
+        W[:, cols], D[:, cols] = min_bandwidth(bits[None, :], self.snr_hz[:, None], (tau - t_fixed)[:, None],
+                                               slope=True)
         if self.allow_skip:
             W[:, 0] = 0.0
             D[:, 0] = 0.0
@@ -200,99 +185,16 @@ class Allocation(ResultMixin):
     backend: str
     tau_evaluations: int = 0
     fallback: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def relative_gap(self) -> float:
         return self.gap / max(abs(self.objective), 1e-300)
 
 
-# --------------------------------------------------------------------------------------
-# Knapsack oracles at fixed τ. Each maps (W, C, B) to (bound, choice) where ``bound`` is a
-# lower bound on the MCKP value at this τ and ``choice`` a feasible item per client (or
-# None if the knapsack is infeasible). W: K × (r+1) weights in Hz (inf = not allowed).
-# --------------------------------------------------------------------------------------
-
-
-def _oracle_fast(W, C, budget):
-    lp, choice, _ = mckp_greedy(W, C, budget)
-    return lp, choice
-
-
-_LP_CACHE: dict = {}
-
-
-def _oracle_cvxpy(W, C, budget):
-    """The same LP relaxation as a DPP linear program (compiled once per K × J)."""
-    import cvxpy as cp
-
-    K, J = W.shape
-    allowed = np.isfinite(W)
-    if not allowed.any(axis=1).all():
-        return math.inf, None
-    if (K, J) not in _LP_CACHE:
-        x = cp.Variable((K, J), nonneg=True)
-        pw = cp.Parameter((K, J), nonneg=True)
-        pc = cp.Parameter((K, J))
-        pa = cp.Parameter((K, J), nonneg=True)
-        prob = cp.Problem(
-            cp.Minimize(cp.sum(cp.multiply(pc, x))),
-            [cp.sum(x, axis=1) == 1, x <= pa, cp.sum(cp.multiply(pw, x)) <= 1],
-        )
-        assert prob.is_dcp(dpp=True)
-        _LP_CACHE[(K, J)] = (prob, x, pw, pc, pa)
-    prob, x, pw, pc, pa = _LP_CACHE[(K, J)]
-    scale = max(float(np.abs(C[allowed]).max()), 1e-300)
-    pw.value = np.where(allowed, W / budget, 0.0)
-    pc.value = np.where(allowed, C / scale, 0.0)
-    pa.value = allowed.astype(float)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        prob.solve(solver="CLARABEL", tol_gap_abs=1e-11, tol_gap_rel=1e-11, tol_feas=1e-11)
-    if prob.status in ("infeasible", "infeasible_inaccurate"):
-        return math.inf, None
-    if x.value is None:
-        from tsfa.status import SolverError
-
-        raise SolverError(f"cvxpy/CLARABEL returned status {prob.status!r}")
-    xv = np.where(allowed, x.value, 0.0)
-    # Round down: the lightest item in each client's support keeps the budget.
-    choice = np.argmax(xv > 1e-7, axis=1)
-    return float(prob.value) * scale, choice
-
-
-def _oracle_milp(W, C, budget, cutoff=None):
-    from tsfa.knapsack import solve_mckp_highspy
-
-    sol = solve_mckp_highspy(W, C, budget, cutoff=cutoff)
-    if sol.status is Status.INFEASIBLE:
-        return math.inf, None
-    return sol.lower_bound, sol.choice
-
-
-def _oracle_pyomo(W, C, budget, cutoff=None):
-    from tsfa.knapsack import solve_mckp_pyomo
-
-    sol = solve_mckp_pyomo(W, C, budget, cutoff=cutoff)
-    if sol.status is Status.INFEASIBLE:
-        return math.inf, None
-    return sol.lower_bound, sol.choice
-
-
-ALLOCATION_BACKENDS: dict[str, Callable] = {
-    "fast": _oracle_fast,
-    "cvxpy": _oracle_cvxpy,
-    "milp": _oracle_milp,
-    "pyomo": _oracle_pyomo,
-}
-
-
 def relaxation_value(problem: RoundProblem, tau: float, *, backend: str = "fast") -> float:
     """MCKP LP-relaxation value Σ_k V p_k e_k at fixed τ (``inf`` if nothing fits)."""
-    fn = {"fast": _oracle_fast, "cvxpy": _oracle_cvxpy}[backend]
-    return fn(problem.item_weights(tau), problem.item_costs(), problem.total_bandwidth_hz)[0]
+    oracle = relaxation_oracle(backend)
+    return oracle(problem.item_weights(tau), problem.item_costs(), problem.total_bandwidth_hz)[0]
 
 
 # --------------------------------------------------------------------------------------
@@ -301,18 +203,10 @@ def relaxation_value(problem: RoundProblem, tau: float, *, backend: str = "fast"
 
 
 def _polish(problem: RoundProblem, keep: np.ndarray):
-    """Exact least-latency split for a keep vector: (τ, BandwidthAllocation)."""
-    bits = problem.shape.payload_bits(keep)
-    res = min_latency_bandwidth(
-        bits, problem.snr_hz, problem.compute_s, problem.total_bandwidth_hz,
-        downlink_s=problem.downlink_s, deadline_s=problem.max_latency_s,
-    )
-    return res
-
-
-#: Backends whose oracle solves the discrete knapsack exactly (the τ search then certifies the
-#: discrete optimum; the others certify the relaxation and report the integer gap).
-EXACT_BACKENDS = ("milp", "pyomo")
+    """The exact least-latency split (a BandwidthAllocation) of a keep vector."""
+    return min_latency_bandwidth(problem.shape.payload_bits(keep), problem.snr_hz, problem.compute_s,
+                                 problem.total_bandwidth_hz, downlink_s=problem.downlink_s,
+                                 deadline_s=problem.max_latency_s)
 
 
 @dataclass
@@ -544,38 +438,19 @@ def allocate(
         An :class:`Allocation`; ``INFEASIBLE`` (with the cause) if no allocation meets
         ``max_latency_s`` even with every client at ``min_keep``.
     """
-    if callable(backend):
-        oracle, name, exact = _callable_oracle(backend), getattr(backend, "__name__", "custom"), True
-    elif backend in ALLOCATION_BACKENDS:
-        name = backend
-        exact = name in EXACT_BACKENDS
-        oracle = None if name == "fast" else ALLOCATION_BACKENDS[name]
-    else:
-        raise ValueError(f"backend must be one of {sorted(ALLOCATION_BACKENDS)} or a callable; got {backend!r}")
+    oracle, name, exact = _resolve_backend(backend)
     max_evaluations = as_scalar("max_evaluations", max_evaluations, lower=2, integer=True)
-    if rel_tol is None:
-        rel_tol = 1e-6 if exact else 1e-3
-    rel_tol = as_scalar("rel_tol", rel_tol, lower=0)
+    rel_tol = as_scalar("rel_tol", (1e-6 if exact else 1e-3) if rel_tol is None else rel_tol, lower=0)
     if tau_hint is not None:
         tau_hint = as_scalar("tau_hint", tau_hint, lower=0)
     t0 = time.perf_counter()
     p = problem
     K, r = p.num_clients, p.shape.rank
     C = p.item_costs()
-    Q = p.queue
-    # τ range: below tau_lo nothing fits; above tau_hi every client can send everything.
     dense = _polish(p, np.full(K, r))
-    if p.allow_skip:
-        tau_lo = p.downlink_s
-        if p.max_latency_s is not None and tau_lo > p.max_latency_s:
-            return _infeasible(p, f"downlink_s = {p.downlink_s:.6g} s exceeds max_latency_s = "
-                                  f"{p.max_latency_s:.6g} s: raise max_latency_s above the downlink time", name, t0)
-    else:
-        least = _polish(p, np.full(K, p.min_keep))
-        if least.status is Status.INFEASIBLE:
-            return _infeasible(p, f"even with every client at min_keep = {p.min_keep}: {least.message}; "
-                                  "or allow skipping clients (allow_skip=True)", name, t0)
-        tau_lo = least.latency_s
+    tau_lo, why = _least_latency(p)
+    if why is not None:
+        return _infeasible(p, why, name, t0)
     tau_hi = dense.latency_s if p.max_latency_s is None else min(dense.latency_s, p.max_latency_s)
     tau_hi = max(tau_hi, tau_lo)
 
@@ -585,33 +460,43 @@ def allocate(
     points = {tau_lo, tau_hi}
     if tau_hint is not None and tau_lo < tau_hint < tau_hi:
         points.add(float(tau_hint))
-    tol_abs = 1e-12 * (float(C.max(axis=1).sum()) + Q * tau_hi)
+    tol_abs = 1e-12 * (float(C.max(axis=1).sum()) + p.queue * tau_hi)
     lower = search.run(sorted(points), rel_tol, max_evaluations, tol_abs)
     # Beyond tau_hi the cost cannot fall below every client's cheapest item.
     if p.max_latency_s is None or tau_hi < p.max_latency_s:
         allowed_cost = np.where(p.allowed_keep[None, :], C, np.inf)
-        lower = min(lower, Q * tau_hi + float(allowed_cost.min(axis=1).sum()))
+        lower = min(lower, p.queue * tau_hi + float(allowed_cost.min(axis=1).sum()))
     if search.best_alloc is None:  # no discrete choice fitted (cannot happen once tau_lo is feasible)
         return _infeasible(p, "no discrete allocation found in the τ search", name, t0)
-    return _assemble(p, search.best_keep, search.best_alloc, min(lower, search.best_obj), name, t0, search.evals)
+    return _assemble(p, search.best_keep, search.best_alloc, lower=min(lower, search.best_obj), name=name, t0=t0,
+                     evals=search.evals)
 
 
-def _callable_oracle(fn):
-    import inspect
-
-    try:
-        takes_cutoff = "cutoff" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-        takes_cutoff = False
-
-    def oracle(W, C, budget, cutoff=None):
-        out = fn(W, C, budget, cutoff=cutoff) if takes_cutoff else fn(W, C, budget)
-        return out[0], out[1]
-
-    return oracle
+def _resolve_backend(backend):
+    """(oracle or None, name, exact) of an allocation backend name or callable."""
+    if callable(backend):
+        return callable_oracle(backend), getattr(backend, "__name__", "custom"), True
+    if backend not in ALLOCATION_BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(ALLOCATION_BACKENDS)} or a callable; got {backend!r}")
+    return ORACLES.get(backend), backend, backend in EXACT_BACKENDS  # "fast": the search's own relaxation
 
 
-def _assemble(p: RoundProblem, keep, bw, lower, name, t0, evals) -> Allocation:
+def _least_latency(p: RoundProblem) -> tuple[float, str | None]:
+    """(τ_lo, None): below τ_lo nothing fits; or (nan, why) if no allocation meets the cap."""
+    if p.allow_skip:
+        if p.max_latency_s is not None and p.downlink_s > p.max_latency_s:
+            return math.nan, (f"downlink_s = {p.downlink_s:.6g} s exceeds max_latency_s = {p.max_latency_s:.6g} s: "
+                              "raise max_latency_s above the downlink time")
+        return p.downlink_s, None
+    least = _polish(p, np.full(p.num_clients, p.min_keep))
+    if least.status is Status.INFEASIBLE:
+        return math.nan, (f"even with every client at min_keep = {p.min_keep}: {least.message}; "
+                          "or allow skipping clients (allow_skip=True)")
+    return least.latency_s, None
+
+
+def _assemble(p: RoundProblem, keep, bw, *, lower: float, name: str, t0: float, evals: int) -> Allocation:
+    """The :class:`Allocation` of a keep vector and its least-latency split ``bw``."""
     r = p.shape.rank
     keep = np.asarray(keep, dtype=np.int64)
     dropped = float(np.sum(p.data_weight * p.error_profile[np.arange(p.num_clients), keep]))
@@ -619,12 +504,14 @@ def _assemble(p: RoundProblem, keep, bw, lower, name, t0, evals) -> Allocation:
     gap = max(objective - lower, 0.0)
     msg = (f"{int(np.sum(keep > 0))}/{p.num_clients} clients scheduled, mean keep {keep.mean():.2f}/{r}, "
            f"τ = {bw.latency_s:.6g} s, gap {gap:.3g}")
-    arrays = [keep, keep / r, bw.bandwidth_hz, bw.upload_time_s, p.shape.payload_bits(keep)]
-    for arr in arrays:
+    ratio, bits = keep / r, p.shape.payload_bits(keep)
+    for arr in (keep, ratio, bw.bandwidth_hz, bw.upload_time_s, bits):
         arr.setflags(write=False)
     return Allocation(
-        Status.OPTIMAL, msg, arrays[0], arrays[1], arrays[2], bw.latency_s, arrays[3], arrays[4],
-        dropped, objective, lower, gap, time.perf_counter() - t0, name, evals,
+        status=Status.OPTIMAL, message=msg, keep=keep, keep_ratio=ratio, bandwidth_hz=bw.bandwidth_hz,
+        latency_s=bw.latency_s, upload_time_s=bw.upload_time_s, payload_bits=bits, dropped_energy=dropped,
+        objective=objective, lower_bound=lower, gap=gap, solve_time_s=time.perf_counter() - t0, backend=name,
+        tau_evaluations=evals,
     )
 
 
@@ -633,6 +520,7 @@ def _infeasible(p: RoundProblem, why: str, name: str, t0: float) -> Allocation:
     nan = np.full(K, np.nan)
     zeros = np.zeros(K, dtype=np.int64)
     return Allocation(
-        Status.INFEASIBLE, why, zeros, zeros / p.shape.rank, nan, math.nan, nan, zeros, math.nan, math.nan,
-        math.nan, math.nan, time.perf_counter() - t0, name,
+        status=Status.INFEASIBLE, message=why, keep=zeros, keep_ratio=zeros / p.shape.rank, bandwidth_hz=nan,
+        latency_s=math.nan, upload_time_s=nan, payload_bits=zeros, dropped_energy=math.nan, objective=math.nan,
+        lower_bound=math.nan, gap=math.nan, solve_time_s=time.perf_counter() - t0, backend=name,
     )

@@ -6,19 +6,39 @@ realised latency. It reports the time-average latency, the average dropped energ
 Σ_k p_k e_k(s_k) and the queue trajectory, which shows the Lyapunov trade-off: larger V
 drops less energy and lets the queue grow, while the time-average latency stays ≤ τ̄
 (up to O(1/T) and the O(1/V) penalty-gap terms of drift-plus-penalty).
+
+The V sweep of the offline stage (step 5 of :func:`tsfa.design_offline`) runs here too:
+:func:`sweep_v` simulates the online stage for a grid of scale-free V (``relative_v``) and
+:func:`pick_v` applies the rule.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from tsfa._validate import as_scalar
-from tsfa.bandwidth import min_latency_bandwidth
+from tsfa._validate import as_array, as_scalar
+from tsfa.bandwidth import min_latency_bandwidth_batch
 from tsfa.model import Cell, Clients, LoraShape
 
-__all__ = ["ErrorModel", "SimulationResult", "simulate_allocation", "dense_latency_s"]
+__all__ = [
+    "ErrorModel",
+    "SimulationResult",
+    "simulate_allocation",
+    "dense_latency_s",
+    "VSweepSettings",
+    "VPoint",
+    "sweep_v",
+    "pick_v",
+    "DEFAULT_V_GRID",
+]
+
+#: The scale-free V values (``relative_v``) swept by default.
+DEFAULT_V_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+#: Relative slack with which a simulated time-average latency meets τ̄.
+FEASIBILITY_RTOL = 1e-9
 
 
 @dataclass(frozen=True)
@@ -83,9 +103,9 @@ def dense_latency_s(cell: Cell, clients: Clients, shape: LoraShape, compute_s, *
     """Median (or mean) least round latency when every client uploads densely (Monte Carlo
     over fading). The mean is dominated by rare deep fades; the median is the typical round."""
     rng = np.random.default_rng(rng)
-    bits = np.full(len(clients), shape.dense_payload_bits)
-    lat = [min_latency_bandwidth(bits, snr, compute_s, cell.total_bandwidth_hz, downlink_s=downlink_s).latency_s
-           for snr in cell.sample_snr_hz(clients, rng=rng, rounds=rounds)]
+    snr = cell.sample_snr_hz(clients, rng=rng, rounds=rounds)
+    bits = np.full(snr.shape, float(shape.dense_payload_bits))
+    lat = min_latency_bandwidth_batch(bits, snr, compute_s, cell.total_bandwidth_hz, downlink_s=downlink_s).latency_s
     if statistic not in ("median", "mean"):
         raise ValueError(f"statistic must be 'median' or 'mean'; got {statistic!r}")
     return float(np.median(lat) if statistic == "median" else np.mean(lat))
@@ -118,5 +138,147 @@ def simulate_allocation(policy, cell: Cell, clients: Clients, *, rounds: int, co
         out["dropped"][t] = alloc.dropped_energy
         out["keep"][t] = alloc.keep.mean()
         out["bits"][t] = alloc.payload_bits.sum()
-    return SimulationResult(out["latency"], out["dropped"], out["queue"], out["keep"], out["bits"], fallbacks,
-                            getattr(policy, "latency_budget_s", None))
+    return SimulationResult(latency_s=out["latency"], dropped_energy=out["dropped"], queue=out["queue"],
+                            mean_keep=out["keep"], uplink_bits=out["bits"], fallbacks=fallbacks,
+                            latency_budget_s=getattr(policy, "latency_budget_s", None))
+
+
+# --------------------------------------------------------------------------------------
+# The V sweep of the offline stage: the online stage simulated for a grid of scale-free V
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class VSweepSettings:
+    """Settings of the offline stage's V sweep (step 5 of :func:`tsfa.design_offline`).
+
+    Attributes:
+        choose_v: run the sweep on the chosen rank (False: the plan has no V).
+        v_grid: the scale-free V values (``relative_v``) tried; absolute V = relative_v · τ̄².
+        v_rounds: simulated rounds, at most (the plan's rounds if fewer).
+        v_refine: geometric bisection steps after the grid, between the largest V that meets
+            τ̄ and the next larger V that does not.
+        online_cap_factor: the online hard cap as a multiple of τ̄ (None: no cap).
+        online_drift: the online stage's per-round objective, "linear" or "exact"
+            (:class:`~tsfa.allocator.OnlineAllocator`).
+        error_model: the error-profile model (None: ``ErrorModel()``).
+        data_weight: the data weights p_k (None: uniform); checked against the clients by
+            :class:`~tsfa.offline.OfflineProblem`.
+    """
+
+    choose_v: bool = True
+    v_grid: tuple[float, ...] = DEFAULT_V_GRID
+    v_rounds: int = 100
+    v_refine: int = 2
+    online_cap_factor: float | None = 3.0
+    online_drift: str = "linear"
+    error_model: ErrorModel | None = None
+    data_weight: np.ndarray | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.choose_v, (bool, np.bool_)):
+            raise ValueError(f"choose_v must be a bool; got choose_v = {self.choose_v!r}")
+        object.__setattr__(self, "v_grid", tuple(float(v) for v in as_array("v_grid", self.v_grid, lower=0,
+                                                                              strict=True)))
+        object.__setattr__(self, "v_rounds", as_scalar("v_rounds", self.v_rounds, lower=1, integer=True))
+        object.__setattr__(self, "v_refine", as_scalar("v_refine", self.v_refine, lower=0, integer=True))
+        if self.online_drift not in ("linear", "exact"):
+            raise ValueError(f"online_drift must be 'linear' or 'exact'; got online_drift = {self.online_drift!r}")
+        if self.online_cap_factor is not None:
+            object.__setattr__(self, "online_cap_factor", as_scalar("online_cap_factor", self.online_cap_factor,
+                                                                    lower=0, strict=True))
+        if self.error_model is not None and not isinstance(self.error_model, ErrorModel):
+            raise ValueError(f"error_model must be an ErrorModel; got {type(self.error_model).__name__}")
+        if self.data_weight is not None:
+            object.__setattr__(self, "data_weight", as_array("data_weight", self.data_weight, lower=0))
+
+
+@dataclass(frozen=True)
+class VPoint:
+    """One V of the sweep: the online stage simulated for the chosen rank.
+
+    ``relative_v`` is scale-free (profiles relative to the mean dense energy; the allocator's
+    absolute V is relative_v · τ̄²); latency in s; dropped energy relative to the dense
+    update energy.
+    """
+
+    relative_v: float
+    time_average_latency_s: float
+    average_dropped_energy: float
+    average_queue_s: float
+    mean_keep: float
+    meets_budget: bool
+
+
+class _RelativeProfiles:
+    """Wraps an OnlineAllocator so that each round's error profiles are divided by the round's
+    mean dense energy Σ_k p_k e_k(0) (``fedloop``'s scale-free convention)."""
+
+    def __init__(self, policy):
+        self.policy = policy
+        self.shape = policy.shape
+        self.latency_budget_s = policy.latency_budget_s
+
+    @property
+    def queue(self):
+        return self.policy.queue
+
+    def step(self, snr_hz, compute_s, error_profile, data_weight=None):
+        k = len(error_profile)
+        p = np.full(k, 1.0 / k) if data_weight is None else np.asarray(data_weight, dtype=float)
+        scale = float(np.sum(p * error_profile[:, 0]))
+        rel = error_profile / scale if scale > 0 else error_profile
+        return self.policy.step(snr_hz, compute_s, rel, data_weight)
+
+    def observe(self, latency_s):
+        self.policy.observe(latency_s)
+
+
+def sweep_v(shape: LoraShape, cell: Cell, clients: Clients, compute_s, *, latency_budget_s: float,
+            downlink_s: float, rounds: int, settings: VSweepSettings, seed) -> tuple[VPoint, ...]:
+    """Simulate the online stage for every V of ``settings.v_grid`` over ``rounds`` rounds (the
+    same draws, from ``seed``, for every V), then bisect (geometrically, ``settings.v_refine``
+    times) between the largest V that meets τ̄ and the next larger V that does not.
+
+    Each V runs an :class:`~tsfa.allocator.OnlineAllocator` built by
+    :meth:`~tsfa.allocator.OnlineAllocator.from_relative_v` (skipping allowed, hard cap
+    ``online_cap_factor`` · τ̄) on error profiles divided by the round's Σ_k p_k e_k(0).
+    """
+    from tsfa.allocator import OnlineAllocator
+
+    cap = None if settings.online_cap_factor is None else settings.online_cap_factor * latency_budget_s
+
+    def run(v: float) -> VPoint:
+        policy = OnlineAllocator.from_relative_v(
+            shape, latency_budget_s=latency_budget_s, relative_v=v, total_bandwidth_hz=cell.total_bandwidth_hz,
+            downlink_s=downlink_s, max_latency_s=cap, allow_skip=True, drift=settings.online_drift)
+        res = simulate_allocation(_RelativeProfiles(policy), cell, clients, rounds=rounds, compute_s=compute_s,
+                                  error_model=settings.error_model, data_weight=settings.data_weight, rng=seed)
+        lat = res.time_average_latency_s
+        return VPoint(relative_v=float(v), time_average_latency_s=lat,
+                      average_dropped_energy=res.average_dropped_energy, average_queue_s=res.average_queue,
+                      mean_keep=float(res.mean_keep.mean()),
+                      meets_budget=bool(lat <= latency_budget_s * (1 + FEASIBILITY_RTOL)))
+
+    points = [run(float(v)) for v in np.sort(settings.v_grid)]
+    for _ in range(settings.v_refine):
+        # Bracket the budget's edge: the largest V that meets τ̄ and the next larger V that does
+        # not (at small V the dropped energy is flat up to simulation noise, so bisecting from
+        # the least-energy point could stall there).
+        meets = [p.relative_v for p in points if p.meets_budget]
+        if not meets:
+            break
+        lo = max(meets)
+        above = [p.relative_v for p in points if not p.meets_budget and p.relative_v > lo]
+        if not above:
+            break
+        points.append(run(math.sqrt(lo * min(above))))
+    return tuple(sorted(points, key=lambda p: p.relative_v))
+
+
+def pick_v(sweep: tuple[VPoint, ...]) -> VPoint | None:
+    """Least dropped energy among the V that meet τ̄ (ties: the larger V); None if none does."""
+    ok = [p for p in sweep if p.meets_budget]
+    if not ok:
+        return None
+    return min(ok, key=lambda p: (p.average_dropped_energy, -p.relative_v))

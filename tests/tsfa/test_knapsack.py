@@ -217,11 +217,13 @@ def test_status_tables():
     import highspy
     from pyomo.opt import TerminationCondition as tc
 
-    hs = kn._highs_status_table()
+    from tsfa.status import highs_status_table, pyomo_status_table
+
+    hs = highs_status_table()
     assert hs[highspy.HighsModelStatus.kOptimal] is Status.OPTIMAL
     assert hs[highspy.HighsModelStatus.kInfeasible] is Status.INFEASIBLE
     assert hs[highspy.HighsModelStatus.kTimeLimit] is None  # ITERATION_LIMIT or ERROR by solution
-    ps = kn._pyomo_status_table()
+    ps = pyomo_status_table()
     assert ps[tc.optimal] is Status.OPTIMAL and ps[tc.infeasible] is Status.INFEASIBLE
     assert ps[tc.maxTimeLimit] is None and tc.unknown not in ps
 

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tsfa
+from tsfa.choice import choose_enumerate, choose_milp
 from tsfa.model import rate_bps
-from tsfa.offline import _choose_enumerate, _choose_milp, _fast_batched, _saa
+from tsfa.saa import saa_latency
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -35,14 +36,23 @@ def setup(k=8, seed=0):
     return cell, clients, clients.compute_time_s(2e11)
 
 
-def design(latency_budget_s, **kw):
+def problem(latency_budget_s=0.8):
     cell, clients, compute = setup()
-    args = dict(cell=cell, clients=clients, compute_s=compute, latency_budget_s=latency_budget_s,
-                ranks=[1, 2, 4, 8, 16], keep_ratios=[0.25, 0.5, 1.0], predict=predict, rounds=[50, 200],
-                time_budget_s=None, downlink_rate_bps=100e6, max_latency_s=1.0, draws=100, rng=3,
-                method="enumerate", choose_weight_v=False)
-    args.update(kw)
-    return tsfa.design_offline(tsfa.minilm_l6_qv(), **args)
+    return tsfa.OfflineProblem(
+        system=tsfa.SystemSpec(tsfa.minilm_l6_qv(), cell, clients, compute, downlink_rate_bps=100e6),
+        grid=tsfa.CandidateGrid(ranks=[1, 2, 4, 8, 16], keep_ratios=[0.25, 0.5, 1.0], rounds=[50, 200]),
+        budgets=tsfa.Budgets(latency_budget_s, time_budget_s=None, max_latency_s=1.0),
+        saa=tsfa.SaaSettings(draws=100),
+        vsweep=tsfa.VSweepSettings(choose_v=False),
+    )
+
+
+def design(latency_budget_s, **kw):
+    """design_offline on the test system; ``kw``: settings by name, or predict / method / rng."""
+    run = {"predict": predict, "method": "enumerate", "rng": 3}
+    run.update({k: kw.pop(k) for k in list(kw) if k in run})
+    base = problem()
+    return tsfa.design_offline(base.replace(latency_budget_s=latency_budget_s, **kw), run.pop("predict"), **run)
 
 
 # --------------------------------------------------------------------------------------
@@ -54,10 +64,10 @@ def test_vectorised_kernel_matches_per_draw_solver(cap):
     cell, clients, compute = setup(k=10)
     shape = tsfa.minilm_l6_qv(8)
     S = np.array([[shape.payload_bits(s)] * 10 for s in (1, 4, 8)], dtype=float)
-    T = 0.02 + np.tile(compute, (3, 1))
+    T = np.tile(compute, (3, 1))  # compute times; the downlink 0.02 s is the next argument
     snr = cell.sample_snr_hz(clients, rng=1, rounds=40)
-    fast, pf = _saa(S, T, snr, cell.total_bandwidth_hz, np.full(3, 0.02), cap, "fast")
-    loop, pl = _saa(S, T, snr, cell.total_bandwidth_hz, np.full(3, 0.02), cap, "loop")
+    fast, pf = saa_latency(S, T, snr, cell.total_bandwidth_hz, np.full(3, 0.02), cap, "fast")
+    loop, pl = saa_latency(S, T, snr, cell.total_bandwidth_hz, np.full(3, 0.02), cap, "loop")
     np.testing.assert_allclose(fast, loop, rtol=1e-12)
     np.testing.assert_array_equal(pf, pl)
     if cap is not None:
@@ -70,7 +80,7 @@ def test_kernel_closed_forms():
     S = np.array([[3e6, 0, 0], [2e6, 2e6, 2e6], [0, 0, 0]])
     c = np.array([[5e7, 1e7, 1e7], [3e7, 3e7, 3e7], [1e7, 1e7, 1e7]])
     T = np.full((3, 3), 0.1)
-    b = _fast_batched(S, c, T, B)
+    b = tsfa.min_latency_bandwidth_batch(S, c, T, B).bandwidth_hz
     np.testing.assert_allclose(b[0], [B, 0, 0])
     np.testing.assert_allclose(b[1], B / 3, rtol=1e-12)
     assert np.all(b[2] == 0)
@@ -80,7 +90,7 @@ def test_kernel_closed_forms():
     S[:, 0] = 1e6
     c = rng.lognormal(17, 1.5, (50, 6))
     T = rng.uniform(0, 0.5, (50, 6))
-    b = _fast_batched(S, c, T, B)
+    b = tsfa.min_latency_bandwidth_batch(S, c, T, B).bandwidth_hz
     with np.errstate(divide="ignore", invalid="ignore"):
         finish = np.where(S > 0, T + S / rate_bps(b, c), np.nan)
     spread = (np.nanmax(finish, axis=1) - np.nanmin(finish, axis=1)) / np.nanmax(finish, axis=1)
@@ -145,8 +155,8 @@ def test_milp_matches_enumeration(n, seed, loss_levels, tau, use_time, min_part)
     rounds = rng.integers(1, 100, n)
     part = rng.uniform(0.4, 1.0, n)
     kw = dict(latency_budget=tau, time_budget=40.0 if use_time else None, min_participation=min_part)
-    enum = _choose_enumerate(loss, lat, rounds, part, **kw)
-    milp = _choose_milp(loss, lat, rounds, part, **kw)
+    enum = choose_enumerate(loss, lat, rounds, part, **kw)
+    milp = choose_milp(loss, lat, rounds, part, **kw)
     assert milp.status is enum.status
     assert milp.index == enum.index
     if enum.index is not None:  # the least loss among feasible candidates, lowest index on ties
@@ -241,14 +251,14 @@ def test_plan_fields_and_predict_arguments():
 
 
 def test_v_rule_picks_least_dropped_energy_within_budget():
-    plan = design(0.8, choose_weight_v=True, v_grid=(0.01, 1.0, 100.0), v_rounds=40, v_refine=1)
+    plan = design(0.8, choose_v=True, v_grid=(0.01, 1.0, 100.0), v_rounds=40, v_refine=1)
     assert plan.success and plan.v_sweep
     ok = [p for p in plan.v_sweep if p.meets_budget]
     assert ok, "the online stage must be able to meet τ̄ at some V"
-    chosen = next(p for p in plan.v_sweep if p.weight_v == plan.weight_v)
+    chosen = next(p for p in plan.v_sweep if p.relative_v == plan.relative_v)
     assert chosen.meets_budget and chosen.time_average_latency_s <= 0.8
     assert chosen.average_dropped_energy == min(p.average_dropped_energy for p in ok)
-    assert plan.allocator_weight_v == pytest.approx(plan.weight_v * 0.8**2)
+    assert plan.weight_v == pytest.approx(plan.relative_v * 0.8**2)
     assert len(plan.v_sweep) in (3, 4)  # the grid plus at most one refinement
 
 
@@ -295,8 +305,7 @@ def test_bad_inputs_expected_latency():
     with pytest.raises(ValueError, match="compute_s"):
         tsfa.expected_latency(shape, cell, clients, compute[:2], 1)
     with pytest.raises(ValueError, match="modules"):
-        tsfa.design_offline([], cell=cell, clients=clients, compute_s=compute, latency_budget_s=1.0, ranks=[1],
-                            keep_ratios=[1.0], predict=predict, rounds=10)
+        tsfa.SystemSpec([], cell, clients, compute)
 
 
 def test_7b_example_plans_from_shapes_alone(tmp_path, capsys):

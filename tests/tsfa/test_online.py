@@ -312,7 +312,7 @@ def _default_cell_problem(k, seed=0, r=16):
 
 @pytest.mark.parametrize("k", [20, 100])
 def test_fast_gap_on_default_cell(k):
-    """fast's discrete answer is within 0.5 % of the certified exact optimum (issue target)."""
+    """fast's discrete answer is within 0.5 % of the certified exact optimum (the accuracy target)."""
     p = _default_cell_problem(k)
     fast, milp = allocate(p), allocate(p, backend="milp")
     assert milp.relative_gap <= 1e-6
