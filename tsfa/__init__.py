@@ -2,6 +2,13 @@
 
 `tsfa` imports neither torch nor pyomo (nor cvxpy) at import time; backends import their
 solvers lazily.
+
+Layout: the system model (model.py), the bandwidth split and the one least-latency kernel
+(bandwidth.py), the per-round problem and its search (online.py, oracles.py, knapsack.py),
+the online policies (allocator.py), the offline stage (offline.py: ``OfflineProblem`` and
+``design_offline``; saa.py, choice.py, plan.py), the allocation-only simulator and V sweep
+(simulate.py), one result contract (status.py). Section references (spec §N) are to
+docs/spec.md, the project's statement of its model.
 """
 
 from tsfa._version import __version__
@@ -66,7 +73,7 @@ __all__ = [
     "DensePolicy",
 ]
 
-from tsfa.offline import (  # noqa: E402  (TSFA stage 1, SPEC §6)
+from tsfa.offline import (  # noqa: E402  (TSFA stage 1, spec §6)
     DEFAULT_V_GRID,
     Budgets,
     Candidate,

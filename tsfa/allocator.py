@@ -26,7 +26,7 @@ import numpy as np
 from tsfa._validate import as_scalar
 from tsfa.bandwidth import min_latency_bandwidth
 from tsfa.model import LoraShape
-from tsfa.online import Allocation, RoundProblem, _assemble, allocate
+from tsfa.online import Allocation, RoundProblem, allocate, assemble_allocation
 from tsfa.status import InfeasibleError, Status
 
 __all__ = ["OnlineAllocator", "FixedPolicy", "DensePolicy", "FALLBACKS"]
@@ -216,7 +216,7 @@ class OnlineAllocator(_Policy):
             keep = np.zeros(prob.num_clients, dtype=np.int64)
             bw = min_latency_bandwidth(np.zeros(prob.num_clients), prob.snr_hz, prob.compute_s,
                                        prob.total_bandwidth_hz, downlink_s=prob.downlink_s)
-            alloc = _assemble(prob, keep, bw, lower=math.nan, name="skip_round", t0=t0, evals=0)
+            alloc = assemble_allocation(prob, keep, bw, lower=math.nan, name="skip_round", t0=t0, evals=0)
             note = f"skip_round: {failed.message}; nobody scheduled"
         return dataclasses.replace(alloc, fallback=note, message=f"{alloc.message} [fallback {note}]")
 
@@ -288,7 +288,7 @@ class FixedPolicy(_Policy):
             equal.__name__ = "equal"
             bw = min_latency_bandwidth(bits, prob.snr_hz, prob.compute_s, prob.total_bandwidth_hz,
                                        downlink_s=prob.downlink_s, backend=equal)
-        return _assemble(prob, keep, bw, lower=math.nan, name=f"fixed-{self.bandwidth}", t0=t0, evals=0)
+        return assemble_allocation(prob, keep, bw, lower=math.nan, name=f"fixed-{self.bandwidth}", t0=t0, evals=0)
 
 
 class DensePolicy(FixedPolicy):

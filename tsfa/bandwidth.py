@@ -1,4 +1,4 @@
-"""Min–max latency bandwidth split (SPEC §2): the first solver.
+"""Min–max latency bandwidth split (spec §2): the first solver.
 
 Given payloads S_k (bit), SNR products c_k (Hz), compute times T_k (s) and a total
 bandwidth B (Hz), choose b_k ≥ 0 with Σ b_k ≤ B minimising the round latency
@@ -183,7 +183,7 @@ def _newton_tau(S, c, T, B, *, rtol=1e-13, max_iter=200):
 
 
 @cached_program
-def _cvxpy_program(D: int, K: int):
+def least_latency_program(D: int, K: int):
     """One DPP program for D independent rows of K clients (compiled once per (D, K)).
 
     Scaled units, per row: bandwidth in B_total, time in τ_ref (the row's equal-split
@@ -230,7 +230,7 @@ def _cvxpy_rows(S, c, T, B, *, solver="CLARABEL"):
     n = sch.sum(axis=1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         t_ref = np.where(sch, T + S / rate_bps(B / n, c), -np.inf).max(axis=1)  # equal split: feasible
-    prob, pS, pc, pT, b = _cvxpy_program(N, K)
+    prob, pS, pc, pT, b = least_latency_program(N, K)
     pS.value = np.where(sch, S, 0.0) / (B * t_ref[:, None])
     pc.value = c / B
     pT.value = np.where(sch, T / t_ref[:, None], 0.0)  # an unscheduled client's offset must not bind
@@ -298,11 +298,13 @@ def min_latency_bandwidth_batch(payload_bits, snr_hz, compute_s, total_bandwidth
     c = np.broadcast_to(np.asarray(snr_hz, dtype=float), S.shape)
     T = np.broadcast_to(dl[..., None] + np.asarray(compute_s, dtype=float), S.shape)
     bw = _batch_kernel(S, c, T, B, backend)[0]
-    return BatchLatency(latency_s=_row_latency(S, c, T, bw, dl), bandwidth_hz=bw)
+    return BatchLatency(latency_s=split_latency_s(S, c, T, bw, dl), bandwidth_hz=bw)
 
 
-def _row_latency(S, c, T, bw, downlink):
-    """max over scheduled clients of T + S/R(b) per row; the downlink where none is scheduled."""
+def split_latency_s(S, c, T, bw, downlink):
+    """The latency of a bandwidth split, per row [s]: the max over scheduled clients (S > 0) of
+    T + S/R(b) (payload bits S, c = B·SNR per Hz, compute-plus-downlink T, bandwidth b in Hz;
+    arrays (..., K)); the downlink time where no client is scheduled."""
     sch = S > 0
     with np.errstate(divide="ignore", invalid="ignore"):
         finish = np.where(sch, T + S / rate_bps(bw, c), -np.inf)

@@ -1,4 +1,4 @@
-"""The offline stage's discrete choice (SPEC §6, step 4): enumeration and the MILP.
+"""The offline stage's discrete choice (spec §6, step 4): enumeration and the MILP.
 
 Minimise the predicted loss over candidates subject to latency ≤ τ̄, rounds · latency ≤ the
 time budget and participation ≥ the least share: a MILP (one binary per candidate, Σ x = 1,

@@ -43,7 +43,7 @@ def _bandwidth_demo(args: argparse.Namespace) -> int:
     downlink = shape.downlink_bits / rate_bps(cell.total_bandwidth_hz, float(np.median(snr)))
     payload = np.full(len(clients), shape.dense_payload_bits)
 
-    print(f"tsfa {__version__} demo — min–max latency bandwidth split (SPEC §2)")
+    print(f"tsfa {__version__} demo — min–max latency bandwidth split (spec §2)")
     print(
         f"cell: {len(clients)} clients in a {cell.radius_m:.0f} m cell, B = {cell.total_bandwidth_hz / 1e6:g} MHz, "
         f"P = {cell.transmit_power_w} W, N0 = {cell.noise_psd_dbm_hz} dBm/Hz, seed {args.seed}"

@@ -1,9 +1,9 @@
-"""The system model of SPEC §1–2: LoRA payloads in bits, the radio cell, and the rate.
+"""The system model of spec §1–2: LoRA payloads in bits, the radio cell, and the rate.
 
-Symbols (SPEC → code):
+Symbols (spec → code):
 
 =============  ===========================================  =======
-SPEC           code                                         unit
+spec           code                                         unit
 =============  ===========================================  =======
 m_ℓ, n_ℓ       ``ModuleShape.out_features / in_features``   values
 r              ``LoraShape.rank``                           —
@@ -54,7 +54,7 @@ __all__ = [
 LN2 = math.log(2.0)
 
 # --------------------------------------------------------------------------------------
-# LoRA shapes and payloads (SPEC §1)
+# LoRA shapes and payloads (spec §1)
 # --------------------------------------------------------------------------------------
 
 
@@ -86,7 +86,7 @@ DEFAULT_HEADER_BITS = 128
 
 @dataclass(frozen=True)
 class LoraShape:
-    """The LoRA adapter's shape and its cost on the wire (SPEC §1).
+    """The LoRA adapter's shape and its cost on the wire (spec §1).
 
     Attributes:
         modules: the adapted modules (name, out_features, in_features).
@@ -150,7 +150,7 @@ class LoraShape:
 
     # -- payloads ------------------------------------------------------------------------
     def payload_bits(self, keep):
-        """Uplink bits S_k for keeping ``keep`` components per module (SPEC §1).
+        """Uplink bits S_k for keeping ``keep`` components per module (spec §1).
 
         ``keep`` is an int or an integer array with entries in 0..rank (vectorised over
         clients). Returns an int for an int, else an int64 array of the same shape.
@@ -265,7 +265,7 @@ def training_flops_per_sample(num_parameters: float, tokens: int) -> float:
 
 
 # --------------------------------------------------------------------------------------
-# Rate and its inverse (SPEC §2)
+# Rate and its inverse (spec §2)
 # --------------------------------------------------------------------------------------
 
 
@@ -290,8 +290,8 @@ def rate_cap_bps(snr_hz):
     return c if c.ndim else float(c)
 
 
-def _inverse_x_newton(a: np.ndarray, max_iter: int = 60) -> tuple[np.ndarray, int]:
-    """Newton from an asymptotic start (any a ∈ (0, 1)); see :func:`_inverse_x`."""
+def log1p_ratio_root_newton(a: np.ndarray, max_iter: int = 60) -> tuple[np.ndarray, int]:
+    """Newton from an asymptotic start (any a ∈ (0, 1)); see :func:`log1p_ratio_root`."""
     la = -np.log(a)
     # W_{-1} asymptotics for small a: x ≈ (L + ln L)/a − 1 with L = a − ln a.
     big = la + a
@@ -310,7 +310,7 @@ def _inverse_x_newton(a: np.ndarray, max_iter: int = 60) -> tuple[np.ndarray, in
 
 
 # A table of log x against logit(a) on a uniform grid starts Newton within ~1e-5 of the root,
-# so two steps reach rounding level (quadratic convergence); outside the grid, _inverse_x_newton.
+# so two steps reach rounding level (quadratic convergence); outside the grid, log1p_ratio_root_newton.
 _TABLE_T0, _TABLE_T1, _TABLE_N = -40.0, 30.0, 14001
 _TABLE_H = (_TABLE_T1 - _TABLE_T0) / (_TABLE_N - 1)
 _TABLE_Z: np.ndarray | None = None
@@ -320,12 +320,12 @@ def _table() -> np.ndarray:
     global _TABLE_Z
     if _TABLE_Z is None:
         t = np.linspace(_TABLE_T0, _TABLE_T1, _TABLE_N)
-        x, _ = _inverse_x_newton(1.0 / (1.0 + np.exp(-t)))
+        x, _ = log1p_ratio_root_newton(1.0 / (1.0 + np.exp(-t)))
         _TABLE_Z = np.log(x)
     return _TABLE_Z
 
 
-def _inverse_x(a: np.ndarray, max_iter: int = 60) -> tuple[np.ndarray, int]:
+def log1p_ratio_root(a: np.ndarray, max_iter: int = 60) -> tuple[np.ndarray, int]:
     """Solve ln(1+x) = a·x for x > 0, elementwise, a ∈ (0, 1).
 
     x = c/b is the SNR per Hz at which bandwidth b carries rate a·c/ln2. h(x) = ln(1+x) − a x
@@ -340,9 +340,9 @@ def _inverse_x(a: np.ndarray, max_iter: int = 60) -> tuple[np.ndarray, int]:
         t = np.log(a) - np.log1p(-a)
     inside = (t > _TABLE_T0) & (t < _TABLE_T1)
     if not inside.all():
-        x, it = _inverse_x_newton(a, max_iter)
+        x, it = log1p_ratio_root_newton(a, max_iter)
         if inside.any():
-            x[inside], _ = _inverse_x(a[inside])
+            x[inside], _ = log1p_ratio_root(a[inside])
         return x, it
     u = (t - _TABLE_T0) / _TABLE_H
     i = np.minimum(u.astype(np.intp), _TABLE_N - 2)
@@ -365,7 +365,7 @@ def bandwidth_for_rate(rate, snr_hz):
     ok = (r > 0) & (a < 1.0)
     out[(r > 0) & ~ok] = np.inf
     if ok.any():
-        x, _ = _inverse_x(a[ok])
+        x, _ = log1p_ratio_root(a[ok])
         out[ok] = c[ok] / x
     return out if out.ndim else float(out)
 
@@ -373,9 +373,9 @@ def bandwidth_for_rate(rate, snr_hz):
 def min_bandwidth(payload_bits, snr_hz, slack_s, *, slope: bool = False):
     """b^min and its slope: the least bandwidth (Hz) that uploads S bits within a slack.
 
-    The kernel behind every least-latency computation of the library (SPEC §2): client k,
+    The kernel behind every least-latency computation of the library (spec §2): client k,
     with ``slack_s`` = τ − T_k seconds left for its upload, needs b^min = c/x with
-    ln(1+x) = a·x, a = S ln2 / (c (τ − T)) (:func:`_inverse_x`); implicit differentiation
+    ln(1+x) = a·x, a = S ln2 / (c (τ − T)) (:func:`log1p_ratio_root`); implicit differentiation
     gives ∂b^min/∂τ = b a / ((1/(1+x) − a)(τ − T)) ≤ 0.
 
     Args:
@@ -396,7 +396,7 @@ def min_bandwidth(payload_bits, snr_hz, slack_s, *, slope: bool = False):
     ok = (S > 0) & (w > 0) & (c > 0) & (a < 1.0)
     b[(S > 0) & ~ok] = np.inf
     if ok.any():
-        x, _ = _inverse_x(a[ok])
+        x, _ = log1p_ratio_root(a[ok])
         bo = c[ok] / x
         b[ok] = bo
         if slope:
@@ -430,7 +430,7 @@ def keep_from_ratio(rank, keep_ratio):
 
 
 # --------------------------------------------------------------------------------------
-# The radio cell (SPEC §2, defaults SPEC §9)
+# The radio cell (spec §2, defaults spec §9)
 # --------------------------------------------------------------------------------------
 
 
@@ -473,7 +473,7 @@ class Clients:
 
 @dataclass(frozen=True)
 class Cell:
-    """A single-cell frequency-division uplink (SPEC §2) with the defaults of SPEC §9.
+    """A single-cell frequency-division uplink (spec §2) with the defaults of spec §9.
 
     Attributes:
         radius_m: cell radius, metres; clients are uniform in the disc.

@@ -1,4 +1,4 @@
-"""TSFA stage 1 — the offline design (SPEC §6).
+"""TSFA stage 1 — the offline design (spec §6).
 
 Before training, with channel *statistics* only (no realised gains), choose the structural
 rank r, a nominal keep count s (keep ratio ρ = s/r), the number of rounds and the Lyapunov
@@ -32,7 +32,7 @@ candidates, the grid ranks × keep_ratios (× a rounds grid):
    or plain enumeration, with the same tie-break (smaller rank, then smaller keep, then
    fewer rounds); the MILP is always cross-checked against enumeration.
    ``latency_statistic`` says which latency the constraints use: the SAA mean ("mean", the
-   SPEC's expectation) or the interval's upper end ("upper", guarding against an
+   spec's expectation) or the interval's upper end ("upper", guarding against an
    optimistic sample).
 
 5. **V** (:func:`tsfa.simulate.sweep_v`): the allocation-only simulator runs the online stage
@@ -44,7 +44,7 @@ candidates, the grid ranks × keep_ratios (× a rounds grid):
    min(rounds, v_rounds) rounds (the planned horizon: a large V's queue transient must fit
    in it). Larger V drops less energy and lets the queue, hence the latency, run higher.
 
-Symbols (SPEC → code): r ``rank``; s ``keep``; ρ ``keep_ratio``; τ̄ ``latency_budget_s``;
+Symbols (spec → code): r ``rank``; s ``keep``; ρ ``keep_ratio``; τ̄ ``latency_budget_s``;
 τ_max ``max_latency_s``; D ``draws``; V ``relative_v`` (scale-free) and ``weight_v``
 (absolute); T^dl ``downlink_s`` = r·M·q / ``downlink_rate_bps``; T^cmp_k ``compute_s``.
 

@@ -1,4 +1,4 @@
-"""TSFA stage 2 — the online, per-round allocation (SPEC §7).
+"""TSFA stage 2 — the online, per-round allocation (spec §7).
 
 Each round t, given channel SNRs c_k, compute times T_k, data weights p_k, error profiles
 e_k(s) (update energy dropped if client k keeps s of its r components) and the virtual
@@ -21,7 +21,7 @@ by interval branch-and-bound: on [τ_a, τ_b] the round objective is at least
 Q τ_a + KP(τ_b), since weights only shrink as τ grows. Every discrete choice is polished
 by its exact least latency (``min_latency_bandwidth``), which never raises its cost.
 
-Symbols (SPEC → code): V ``weight_v``; Q ``queue``; τ̄ ``latency_budget_s``;
+Symbols (spec → code): V ``weight_v``; Q ``queue``; τ̄ ``latency_budget_s``;
 τ_max ``max_latency_s``; s_k ``keep``; e_k(s) ``error_profile[k, s]``; p_k ``data_weight``.
 """
 
@@ -151,7 +151,7 @@ class RoundProblem:
 
 @dataclass(frozen=True, eq=False)
 class Allocation(ResultMixin):
-    """One round's decision (SPEC §7). Arrays have length K.
+    """One round's decision (spec §7). Arrays have length K.
 
     Attributes:
         keep: s_k, components kept per module (0 = not scheduled).
@@ -222,7 +222,7 @@ class _Point:
     resolved_from: float = math.inf  # [resolved_from, tau] is certified by a polished exact choice
 
 
-class _Search:
+class TauSearch:
     """Interval branch-and-bound over τ with first-order (tangent) Lagrangian bounds.
 
     For an interval [a, b] and an evaluated point r ≥ b with LP multiplier λ_r, every
@@ -454,7 +454,7 @@ def allocate(
     tau_hi = dense.latency_s if p.max_latency_s is None else min(dense.latency_s, p.max_latency_s)
     tau_hi = max(tau_hi, tau_lo)
 
-    search = _Search(p, oracle, exact, lazy=not exact)
+    search = TauSearch(p, oracle, exact, lazy=not exact)
     if dense.success:
         search.polish(np.full(K, r))
     points = {tau_lo, tau_hi}
@@ -468,8 +468,8 @@ def allocate(
         lower = min(lower, p.queue * tau_hi + float(allowed_cost.min(axis=1).sum()))
     if search.best_alloc is None:  # no discrete choice fitted (cannot happen once tau_lo is feasible)
         return _infeasible(p, "no discrete allocation found in the τ search", name, t0)
-    return _assemble(p, search.best_keep, search.best_alloc, lower=min(lower, search.best_obj), name=name, t0=t0,
-                     evals=search.evals)
+    return assemble_allocation(p, search.best_keep, search.best_alloc, lower=min(lower, search.best_obj), name=name,
+                               t0=t0, evals=search.evals)
 
 
 def _resolve_backend(backend):
@@ -495,8 +495,11 @@ def _least_latency(p: RoundProblem) -> tuple[float, str | None]:
     return least.latency_s, None
 
 
-def _assemble(p: RoundProblem, keep, bw, *, lower: float, name: str, t0: float, evals: int) -> Allocation:
-    """The :class:`Allocation` of a keep vector and its least-latency split ``bw``."""
+def assemble_allocation(p: RoundProblem, keep, bw, *, lower: float, name: str, t0: float, evals: int) -> Allocation:
+    """The :class:`Allocation` of a keep vector and its least-latency split ``bw`` (a
+    :class:`BandwidthAllocation`): objective, gap to ``lower``, message; ``name`` is the backend,
+    ``t0`` the solve's start (perf_counter), ``evals`` the τ evaluations. Policies that choose
+    the keep vector themselves (:mod:`tsfa.allocator`) build their result with it."""
     r = p.shape.rank
     keep = np.asarray(keep, dtype=np.int64)
     dropped = float(np.sum(p.data_weight * p.error_profile[np.arange(p.num_clients), keep]))

@@ -1,4 +1,4 @@
-"""Knapsack oracles of the online stage at fixed τ (SPEC §7).
+"""Knapsack oracles of the online stage at fixed τ (spec §7).
 
 At fixed τ the round problem is a multiple-choice knapsack: W (K × (r+1)) weights in Hz
 (``inf`` = not allowed), C costs, budget B. An oracle maps (W, C, B) to (bound, choice):

@@ -1,4 +1,4 @@
-"""Results of the offline stage (SPEC §6): the design table's rows and the plan."""
+"""Results of the offline stage (spec §6): the design table's rows and the plan."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tsfa._validate import as_array, as_scalar
-from tsfa.bandwidth import _row_latency, min_latency_bandwidth, min_latency_bandwidth_batch
+from tsfa.bandwidth import min_latency_bandwidth, min_latency_bandwidth_batch, split_latency_s
 from tsfa.model import Cell, Clients, LoraShape, bandwidth_for_deadline
 
 __all__ = ["LatencyEstimate", "expected_latency", "saa_latency", "LATENCY_BACKENDS"]
@@ -120,7 +120,7 @@ def saa_latency(payload_bits, compute_s, snr_hz, total_bandwidth_hz, downlink_s,
         bw = np.zeros(shape)
         for i in np.ndindex(shape[:-1]):
             bw[i] = min_latency_bandwidth(S[i], c[i], T[i], total_bandwidth_hz).bandwidth_hz
-        lat = _row_latency(S, c, T, bw, down)
+        lat = split_latency_s(S, c, T, bw, down)
     else:
         lat = min_latency_bandwidth_batch(S, c, comp, total_bandwidth_hz, downlink_s=down, backend=backend).latency_s
     return lat, (S > 0).mean(axis=-1)

@@ -13,7 +13,7 @@ from tsfa import (
     minilm_l6_qv,
     rate_bps,
 )
-from tsfa.bandwidth import BANDWIDTH_BACKENDS, _cvxpy_program
+from tsfa.bandwidth import BANDWIDTH_BACKENDS, least_latency_program
 
 B = 20e6
 
@@ -119,11 +119,11 @@ def test_nothing_scheduled():
 
 
 def test_cvxpy_compiled_once_per_size():
-    a = _cvxpy_program(1, 5)
-    b = _cvxpy_program(1, 5)
+    a = least_latency_program(1, 5)
+    b = least_latency_program(1, 5)
     assert a[0] is b[0]
     assert a[0].is_dcp(dpp=True)
-    assert _cvxpy_program.cache_info().maxsize is not None  # the cache is bounded
+    assert least_latency_program.cache_info().maxsize is not None  # the cache is bounded
 
 
 # ---------------------------------------------------------------- infeasible deadlines

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from tsfa import Cell, InfeasibleError, LoraShape, ModuleShape, Status, min_latency_bandwidth, minilm_l6_qv
 from tsfa.allocator import DensePolicy, FixedPolicy, OnlineAllocator
-from tsfa.knapsack import mckp_greedy as _greedy
+from tsfa.knapsack import mckp_greedy
 from tsfa.online import RoundProblem, allocate, relaxation_value
 
 B = 20e6
@@ -111,7 +111,7 @@ def test_relaxation_kkt(p, frac):
     lo = min_latency_bandwidth(p.shape.payload_bits(np.full(p.num_clients, p.min_keep)), p.snr_hz, p.compute_s,
                                B, downlink_s=p.downlink_s).latency_s
     W, C = p.item_weights(lo * (1 + frac)), p.item_costs()
-    lp, choice, lam = _greedy(W, C, B)
+    lp, choice, lam = mckp_greedy(W, C, B)
     assert np.isfinite(lp)
     rows = np.arange(p.num_clients)
     dual = np.where(np.isfinite(W), C + lam * np.where(np.isfinite(W), W, 0.0), np.inf).min(axis=1).sum() - lam * B
@@ -273,27 +273,27 @@ def test_slopes_match_finite_differences(p, frac):
 @given(problems, st.floats(0.0, 1.0), st.floats(0.05, 3.0))
 def test_interval_bounds_are_valid(p, start, width):
     """The search's interval lower bound never exceeds Qτ + LP(τ) anywhere in the interval."""
-    from tsfa.online import _Search
+    from tsfa.online import TauSearch
 
     lo = min_latency_bandwidth(p.shape.payload_bits(np.full(p.num_clients, p.min_keep)), p.snr_hz, p.compute_s,
                                B, downlink_s=p.downlink_s).latency_s
     a = lo * (1 + start)
     b = a * (1 + width)
-    s = _Search(p, None, exact=False, lazy=True)
+    s = TauSearch(p, None, exact=False, lazy=True)
     left, ref = s.evaluate(a), s.evaluate(b)
     bound = s.bound(a, b, ref, left)
     grid = np.linspace(a, b, 41)
     C = p.item_costs()
-    values = [p.queue * t + _greedy(p.item_weights(t), C, B)[0] for t in grid]
+    values = [p.queue * t + mckp_greedy(p.item_weights(t), C, B)[0] for t in grid]
     assert bound <= min(values) * (1 + 1e-9) + 1e-12
 
 
 def test_inverse_kernel_table_matches_newton():
-    from tsfa.model import _inverse_x, _inverse_x_newton
+    from tsfa.model import log1p_ratio_root, log1p_ratio_root_newton
 
     a = np.concatenate([10 ** np.random.default_rng(1).uniform(-17, -1e-6, 20000), [1e-300, 1e-20, 0.5, 0.999999]])
-    x, _ = _inverse_x(a)
-    x2, _ = _inverse_x_newton(a)
+    x, _ = log1p_ratio_root(a)
+    x2, _ = log1p_ratio_root_newton(a)
     np.testing.assert_allclose(x, x2, rtol=1e-9)  # near a → 1 the root itself is conditioned ~eps/x
     assert np.max(np.abs(np.log1p(x) - a * x) / (a * x)) < 1e-14
 
