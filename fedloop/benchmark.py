@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedloop.checkpoint import CHECKPOINT
 from fedloop.config import RunConfig
 from fedloop.history import History, write_csv
 
@@ -228,7 +229,7 @@ def _run_or_reuse(cfg: RunConfig, progress: bool) -> History:
                                                                       if k != "out"}
         if same and len(h.rounds) == cfg.rounds:
             return h
-    if (folder / "checkpoint.pt").is_file():
+    if (folder / CHECKPOINT).is_file():
         return run(cfg, resume=True, progress=progress)
     return run(cfg, progress=progress)
 

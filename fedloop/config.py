@@ -16,6 +16,34 @@ __all__ = ["RunConfig", "STRATEGIES", "TASKS", "SOFT_STRATEGIES"]
 
 TASKS = ("rt-minilm", "rt-distill", "linear")
 
+#: The linear task's settings and defaults (``[linear]`` table); see :class:`fedloop.tasks.LinearTask`.
+LINEAR_DEFAULTS = {"modules": 2, "dim": 32, "true_rank": 4, "decay": 1.0, "scale": 1.0, "samples": 200, "noise": 0.1,
+                   "heterogeneity": 0.5, "test_samples": 2000}
+#: rt-distill's settings and defaults (``[distill]`` table); see :class:`fedloop.tasks.RTDistillTask`.
+DISTILL_DEFAULTS = {"teacher_rank": 16, "decay": 0.0, "scale": 0.5, "subspace": 64, "classes": 10,
+                    "examples": 3000, "teacher_seed": 0}
+#: For each table key: (integer?, lower bound, lower bound strict?).
+_TABLE_RULES = {"modules": (True, 1, False), "dim": (True, 1, False), "true_rank": (True, 1, False),
+                "samples": (True, 1, False), "test_samples": (True, 1, False), "decay": (False, 0, False),
+                "scale": (False, 0, True), "noise": (False, 0, False), "heterogeneity": (False, 0, False),
+                "teacher_rank": (True, 1, False), "subspace": (True, 1, False), "classes": (True, 1, False),
+                "examples": (True, 1, False), "teacher_seed": (True, 0, False)}
+
+
+def _check_table(table: str, values, defaults: dict) -> None:
+    if not isinstance(values, dict):
+        raise ValueError(f"{table} must be a table of settings; got {table} = {values!r}")
+    unknown = sorted(set(values) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown {table} settings {unknown}; known: {sorted(defaults)}")
+    for key, v in values.items():
+        integer, low, strict = _TABLE_RULES[key]
+        kind = "an integer" if integer else "a finite number"
+        ok = not isinstance(v, bool) and isinstance(v, int if integer else (int, float)) and math.isfinite(v) \
+            and (v > low if strict else v >= low)
+        if not ok:
+            raise ValueError(f"{table}.{key} must be {kind} {'>' if strict else '>='} {low}; got {table}.{key} = {v!r}")
+
 
 @dataclass
 class RunConfig:
@@ -49,7 +77,9 @@ class RunConfig:
     ``initial_queue`` (the allocator's Q(0) in seconds, or "auto": the price at which the first
     round meets τ̄),
     ``flops_per_s_scale`` (scales device speeds), ``deadline_factor``
-    (a client finishing after factor × τ̄ misses the round; None = never).
+    (a client finishing after factor × τ̄ misses the round; None = never),
+    ``reject_norm_factor`` (the server rejects a SOFT update whose norm exceeds factor × the
+    round's median norm, recorded as ``rejected: ...``; None = no norm rule).
     Run: ``rounds``, ``seed``, ``eval_every``, ``checkpoint_every``, ``out`` (run folder).
     """
 
@@ -85,6 +115,7 @@ class RunConfig:
     drift: str = "exact"
     initial_queue: float | str = 0.0
     deadline_factor: float | None = None
+    reject_norm_factor: float | None = None
     eval_every: int = 1
     checkpoint_every: int = 5
     out: str = "runs/run"
@@ -148,6 +179,10 @@ class RunConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 bad(name, "must be a finite number > 0")
+        rn = self.reject_norm_factor
+        if rn is not None and (isinstance(rn, bool) or not isinstance(rn, (int, float)) or not math.isfinite(rn)
+                               or rn <= 1):
+            bad("reject_norm_factor", "must be None or a finite number > 1")
         for name in ("alpha", "latency_budget_s", "cap_factor", "deadline_factor"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
@@ -159,18 +194,22 @@ class RunConfig:
         if not (q0 == "auto" or (isinstance(q0, (int, float)) and not isinstance(q0, bool) and math.isfinite(q0)
                                  and q0 >= 0)):
             bad("initial_queue", "must be 'auto' or a finite number >= 0")
-        if self.penalty is not None and (not isinstance(self.penalty, (int, float)) or not math.isfinite(self.penalty)
-                                         or self.penalty < 0):
+        if self.penalty is not None and (isinstance(self.penalty, bool) or not isinstance(self.penalty, (int, float))
+                                         or not math.isfinite(self.penalty) or self.penalty < 0):
             bad("penalty", "must be None or a finite number >= 0")
-        if not 0 < self.test_fraction < 1:
-            bad("test_fraction", "must lie in (0, 1)")
+        tf = self.test_fraction
+        if isinstance(tf, bool) or not isinstance(tf, (int, float)) or not 0 < tf < 1:
+            bad("test_fraction", "must be a number in (0, 1)")
+        if not isinstance(self.out, str) or not self.out.strip():
+            bad("out", "must be a non-empty path of the run folder")
         for name in ("allow_skip", "train_head"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be true or false")
-        if not isinstance(self.linear, dict):
-            bad("linear", "must be a table of linear-task settings")
-        if not isinstance(self.distill, dict):
-            bad("distill", "must be a table of rt-distill settings")
+        _check_table("linear", self.linear, LINEAR_DEFAULTS)
+        _check_table("distill", self.distill, DISTILL_DEFAULTS)
+        for name in ("split", "scope", "optimizer", "drift", "task", "strategy"):
+            if not isinstance(getattr(self, name), str):
+                bad(name, "must be a string")
 
     @property
     def structural_rank(self) -> int:

@@ -39,8 +39,8 @@ overrides keys the app lists): every :class:`~fedloop.RunConfig` field, spelled 
 ``_`` (``local-steps``), ``linear.*`` and ``distill.*`` for the tasks' tables, ``"none"`` for a ``None``
 value; and the Flower settings ``round-timeout`` (s, default 300), ``min-nodes`` (nodes to wait
 for before the first round; 0 or absent = ``clients``), ``wait-timeout`` (s to wait for them,
-default 600) and ``resume`` (continue from ``out/checkpoint.pt``). ``out`` should be an absolute
-path in a deployment (the ServerApp runs in its own process and working directory).
+default 600) and ``resume`` (continue from the checkpoint in ``out``, :mod:`fedloop.checkpoint`).
+``out`` should be an absolute path in a deployment (the ServerApp runs in its own process and working directory).
 
 Supported strategies: :data:`fedloop.strategies.REMOTE_STRATEGIES` (tsfa, fixed, random, fedit).
 """
@@ -71,6 +71,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("fedloop.flower needs Flower >= 1.42: pip install 'tsfa[flower]'") from exc
 
 import soft
+from fedloop.checkpoint import RunFolder, check_run_folder, load_checkpoint
 from fedloop.client import RunFailed, TrainReport, Upload, train_client
 from fedloop.config import RunConfig
 from fedloop.server import Server
@@ -115,7 +116,8 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, Fl
         else:
             data[key.replace("-", "_")] = value
     data.update({name: values for name, values in tables.items() if values})
-    for name in ("lr", "head_lr", "bandwidth_hz", "budget_factor", "relative_v", "dirichlet_alpha", "test_fraction"):
+    for name in ("lr", "head_lr", "bandwidth_hz", "budget_factor", "relative_v", "dirichlet_alpha", "test_fraction",
+                 "reject_norm_factor"):
         if isinstance(data.get(name), int) and not isinstance(data[name], bool):
             data[name] = float(data[name])  # TOML `lr = 1` is an int
     return RunConfig.from_dict(data), FlowerSettings(**settings)
@@ -168,7 +170,7 @@ def _task_for(cfg: RunConfig):
     key = json.dumps({k: v for k, v in cfg.to_dict().items()
                       if k not in ("rounds", "out", "checkpoint_every", "eval_every", "strategy", "keep", "relative_v",
                                    "budget_factor", "latency_budget_s", "cap_factor", "allow_skip",
-                                   "deadline_factor", "bandwidth_hz")}, sort_keys=True)
+                                   "deadline_factor", "reject_norm_factor", "bandwidth_hz")}, sort_keys=True)
     if key not in _TASKS:
         _TASKS.clear()
         _TASKS[key] = make_task(cfg)
@@ -266,7 +268,7 @@ class TsfaStrategy(FedAvg):
     The server state is a :class:`fedloop.Server` (``self.server``): global factors and head, the
     policy (with the Lyapunov queue), the round counter and the ledger (``self.history``). The
     strategy itself is the server's client pool (``train`` and ``upload``). The state is
-    checkpointed to ``config.out/checkpoint.pt`` every ``checkpoint_every`` rounds and at the
+    checkpointed to ``config.out`` (:mod:`fedloop.checkpoint`) every ``checkpoint_every`` rounds and at the
     end, with ``history.json``; ``settings.resume`` continues from there.
     """
 
@@ -282,10 +284,7 @@ class TsfaStrategy(FedAvg):
         self.server = Server(config)
         self.server.history.meta["engine"] = "flower"
         if self.settings.resume:
-            out = Path(config.out)
-            if not (out / "checkpoint.pt").is_file():
-                raise FileNotFoundError(f"cannot resume: no checkpoint.pt in {out}")
-            self.server.load_checkpoint(out)
+            self.server.load_checkpoint(check_run_folder(config.out))
         self._grid: Grid | None = None
         self._phase1_nodes: list[int] = []
         self._lost: set[int] = set()  # nodes that stopped answering: not contacted again
@@ -451,8 +450,12 @@ def make_server_app(config: RunConfig | None = None, settings: FlowerSettings | 
             cfg, st = config_from_run_config(context.run_config)
         else:
             cfg, st = config, settings or FlowerSettings()
-        strategy = TsfaStrategy(cfg, st)
-        strategy.execute(grid)
+        out = check_run_folder(cfg.out)
+        if st.resume:  # verified before the lock file is touched
+            load_checkpoint(out)
+        with RunFolder(out):  # one server per run folder
+            strategy = TsfaStrategy(cfg, st)
+            strategy.execute(grid)
         if on_done is not None:
             on_done(strategy)
 

@@ -10,7 +10,21 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["History", "write_csv"]
+__all__ = ["History", "write_csv", "REQUIRED_ROUND_COLUMNS"]
+
+#: Columns every round row of a ledger has (the plots, comparisons and the protocol read them).
+REQUIRED_ROUND_COLUMNS = ("round", "latency_s", "wallclock_s", "uplink_bits", "downlink_bits", "test_loss",
+                          "accuracy")
+
+
+def _plain(v) -> bool:
+    if v is None or isinstance(v, str):
+        return True
+    if isinstance(v, (int, float)):
+        return True
+    if isinstance(v, list):
+        return all(isinstance(x, (int, float)) or x is None for x in v)
+    return False
 
 
 def _clean(v):
@@ -79,16 +93,44 @@ class History:
 
     @classmethod
     def load(cls, folder) -> History:
+        """Read ``folder/history.json``, validated (:meth:`from_dict`); a file that is not a ledger
+        is a ValueError naming it."""
         p = Path(folder) / "history.json"
         if not p.is_file():
             raise FileNotFoundError(f"no history.json in {folder}")
-        return cls.from_dict(json.loads(p.read_text()))
+        try:
+            return cls.from_dict(json.loads(p.read_text()))
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{p}: not a run ledger: {exc}") from None
 
     @classmethod
     def from_dict(cls, d: dict) -> History:
-        """Inverse of :meth:`to_dict` (None back to NaN)."""
+        """Inverse of :meth:`to_dict` (None back to NaN), validated: an object with a config and
+        meta object and lists of round and client rows; every round row has the core columns
+        (:data:`REQUIRED_ROUND_COLUMNS`) and every value is a number, a string, null or a list
+        of numbers."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a ledger is a JSON object; got {type(d).__name__}")
+        config, meta = d.get("config", {}), d.get("meta", {})
+        rounds, clients = d.get("rounds", []), d.get("clients", [])
+        for name, value, typ in (("config", config, dict), ("meta", meta, dict), ("rounds", rounds, list),
+                                 ("clients", clients, list)):
+            if not isinstance(value, typ):
+                raise ValueError(f"{name} must be a JSON {'object' if typ is dict else 'array'}; got {value!r:.60}")
+        for part, rows in (("rounds", rounds), ("clients", clients)):
+            for i, row in enumerate(rows):
+                if not isinstance(row, dict):
+                    raise ValueError(f"{part}[{i}] must be an object; got {row!r:.60}")
+                for k, v in row.items():
+                    if not _plain(v):
+                        raise ValueError(f"{part}[{i}].{k} must be a number, string, null or list of numbers; "
+                                         f"got {v!r:.60}")
+        for i, row in enumerate(rounds):
+            missing = [k for k in REQUIRED_ROUND_COLUMNS if k not in row]
+            if missing:
+                raise ValueError(f"rounds[{i}] lacks the columns {missing}")
         nan = lambda rows: [{k: (math.nan if v is None else v) for k, v in r.items()} for r in rows]  # noqa: E731
-        return cls(d.get("config", {}), nan(d.get("rounds", [])), nan(d.get("clients", [])), d.get("meta", {}))
+        return cls(config, nan(rounds), nan(clients), meta)
 
 
 def write_csv(path, rows) -> Path:

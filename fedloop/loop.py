@@ -8,8 +8,8 @@ steps); the clients are a :class:`fedloop.client.LocalPool` in this process, or 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
+from fedloop.checkpoint import RunFolder, check_run_folder, load_checkpoint
 from fedloop.client import LocalPool, RunFailed
 from fedloop.config import RunConfig
 from fedloop.history import History
@@ -23,7 +23,8 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True, clien
 
     Args:
         config: the run's :class:`RunConfig`; results go to ``config.out``.
-        resume: continue from ``config.out/checkpoint.pt`` (same config, possibly more rounds).
+        resume: continue from the run folder's checkpoint (same config, possibly more rounds);
+            a checkpoint that fails verification is refused (:mod:`fedloop.checkpoint`).
         progress: show a tqdm bar over rounds (accuracy, uplink bits so far, queue).
         client_hook: ``hook(round, client)`` called before each client trains; an exception
             raised there marks the client failed for that round (used to test faults).
@@ -33,29 +34,33 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True, clien
 
     Raises:
         RunFailed: a non-finite loss; the last checkpoint in ``config.out`` is left intact.
+        CheckpointError: ``resume`` with a missing, corrupt or foreign checkpoint.
+        RunFolderBusy: another run holds ``config.out``.
+        ValueError: ``config.out`` is empty or names a file.
     """
     from tqdm.auto import tqdm
 
     cfg = config
-    out = Path(cfg.out)
-    server = Server(cfg)
-    pool = LocalPool(server, client_hook)
-    if resume:
-        if not (out / "checkpoint.pt").is_file():
-            raise FileNotFoundError(f"cannot resume: no checkpoint.pt in {out}")
-        server.load_checkpoint(out)
-    if server.round == 0 and "initial_test_loss" not in server.history.meta:
-        server.evaluate_start()
-    bar = tqdm(range(server.round, cfg.rounds), initial=server.round, total=cfg.rounds, disable=not progress,
-               desc=f"{cfg.strategy}/{cfg.task}", unit="round", leave=False)
-    for _ in bar:
-        row = server.step(pool)
-        metric = {"acc": f"{row['accuracy']:.3f}"} if cfg.task != "linear" else {"loss": f"{row['test_loss']:.4f}"}
-        bar.set_postfix(**metric, Mbit=f"{server.history.total_uplink_bits / 1e6:.1f}",
-                        Q=f"{row['queue_s']:.2f}" if not math.isnan(row["queue_s"]) else "-")
-        if server.round % cfg.checkpoint_every == 0 or server.round == cfg.rounds:
-            server.save_checkpoint(out)
-            server.history.save(out)
-    bar.close()
-    server.history.save(out)
+    out = check_run_folder(cfg.out)  # before any training
+    if resume:  # verified before anything, even the lock file, is touched
+        load_checkpoint(out)
+    with RunFolder(out):  # a second run on this folder stops here
+        server = Server(cfg)
+        pool = LocalPool(server, client_hook)
+        if resume:
+            server.load_checkpoint(out)
+        if server.round == 0 and "initial_test_loss" not in server.history.meta:
+            server.evaluate_start()
+        bar = tqdm(range(server.round, cfg.rounds), initial=server.round, total=cfg.rounds, disable=not progress,
+                   desc=f"{cfg.strategy}/{cfg.task}", unit="round", leave=False)
+        for _ in bar:
+            row = server.step(pool)
+            metric = {"acc": f"{row['accuracy']:.3f}"} if cfg.task != "linear" else {"loss": f"{row['test_loss']:.4f}"}
+            bar.set_postfix(**metric, Mbit=f"{server.history.total_uplink_bits / 1e6:.1f}",
+                            Q=f"{row['queue_s']:.2f}" if not math.isnan(row["queue_s"]) else "-")
+            if server.round % cfg.checkpoint_every == 0 or server.round == cfg.rounds:
+                server.save_checkpoint(out)
+                server.history.save(out)
+        bar.close()
+        server.history.save(out)
     return server.history

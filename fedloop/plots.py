@@ -39,6 +39,11 @@ def summary_row(h: History, label: str) -> dict:
             "latency_over_budget": float(np.mean(lat) / budget) if len(lat) and budget == budget else math.nan}
 
 
+def _require_rounds(h: History, where) -> None:
+    if not h.rounds:
+        raise ValueError(f"{where}: the ledger has no rounds to plot")
+
+
 def plot_run(h: History, path) -> Path:
     """Four panels: the metric against rounds and cumulative uplink, latency per round with τ̄
     (and the queue), uplink bits per round."""
@@ -47,6 +52,7 @@ def plot_run(h: History, path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    _require_rounds(h, path)
     key, ylabel = _metric(h)
     rnd = h.column("round")
     y = h.column(key)
@@ -95,6 +101,8 @@ def compare_runs(folders, out) -> tuple[list[dict], Path]:
     import matplotlib.pyplot as plt
 
     hs = [History.load(f) for f in folders]
+    for h, f in zip(hs, folders, strict=True):
+        _require_rounds(h, f)
     labels = [Path(f).name for f in folders]
     rows = [summary_row(h, lab) for h, lab in zip(hs, labels, strict=True)]
     key, ylabel = _metric(hs[0])

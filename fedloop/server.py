@@ -20,8 +20,8 @@ uninterrupted one exactly and every strategy sees the same channels and batches 
 
 from __future__ import annotations
 
+import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -31,6 +31,7 @@ import torch
 
 import soft
 from fedloop import measure
+from fedloop.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, save_checkpoint
 from fedloop.config import RunConfig
 from fedloop.history import History
 from fedloop.strategies import derive_rng
@@ -183,9 +184,10 @@ class Server:
 
     def receive(self, pool, t: int, sent: list, decision: Decision, status: list) -> tuple[np.ndarray, list]:
         """Uplink and aggregation: the scheduled clients upload; a client that does not deliver
-        (no reply, an error, a payload that does not decode or fit) is dropped with its reason
-        in ``status``; the others' updates and heads are averaged with the data weights.
-        Returns (bits per client, the clients aggregated)."""
+        (no reply, an error) is dropped with ``error: <reason>`` in ``status``, one whose upload
+        fails validation (:meth:`check_upload`, the norm rule) with ``rejected: <reason>``; the
+        others' updates and heads are averaged with the data weights. Returns (bits per client,
+        the clients aggregated)."""
         bits = np.zeros(self.config.clients, dtype=np.int64)
         if not sent:
             uploads = {}
@@ -199,21 +201,50 @@ class Server:
                 status[k] = f"error: {up}"[:200]
                 continue
             try:
-                item = self.strategy.decode(up.payload, int(decision.keep[k]), self)
-                if set(up.head) != set(self.global_head):
-                    raise ValueError(f"head tensors {sorted(up.head)} != {sorted(self.global_head)}")
+                decoded.append(self.check_upload(up, int(decision.keep[k])))
             except ValueError as exc:  # WireFormatError is a ValueError
-                status[k] = f"error: bad payload: {exc}"[:200]
+                status[k] = f"rejected: {exc}"[:200]
                 continue
             got.append(k)
-            decoded.append(item)
             bits[k] = up.bits + self.head_bits
+        got, decoded = self.reject_outliers(got, decoded, status, bits)
         if got:
             self.strategy.aggregate(self, decoded, self.weights[got])
             w = self.weights[got] / self.weights[got].sum()
             self.global_head = {n: sum(wk * uploads[k].head[n] for wk, k in zip(w, got, strict=True))
                                 for n in self.global_head}
         return bits, got
+
+    def check_upload(self, up, keep: int):
+        """The strategy's reading of one upload, validated at the trust boundary: the payload
+        decodes and fits its allocation (SOFT's decoder also rejects non-finite values), and the
+        head has this run's tensors, shapes and finite values. Raises ValueError with the reason."""
+        import torch
+
+        item = self.strategy.decode(up.payload, keep, self)
+        if not isinstance(up.head, dict) or set(up.head) != set(self.global_head):
+            raise ValueError(f"head tensors {sorted(up.head) if isinstance(up.head, dict) else up.head!r} "
+                             f"!= {sorted(self.global_head)}")
+        for name, ref in self.global_head.items():
+            h = up.head[name]
+            if not isinstance(h, torch.Tensor) or h.shape != ref.shape or not bool(torch.isfinite(h).all()):
+                raise ValueError(f"head tensor {name} is not a finite {tuple(ref.shape)} tensor")
+        return item
+
+    def reject_outliers(self, got: list, decoded: list, status: list, bits: np.ndarray) -> tuple[list, list]:
+        """The norm rule (``RunConfig.reject_norm_factor``): a client whose update norm exceeds the
+        factor times the round's median norm is rejected (SOFT wire strategies)."""
+        factor = self.config.reject_norm_factor
+        if factor is None or self.strategy.norm is None or len(got) < 2:
+            return got, decoded
+        norms = np.array([self.strategy.norm(item) for item in decoded])
+        limit = factor * float(np.median(norms))
+        keep = [i for i, n in enumerate(norms) if n <= limit]
+        for i in sorted(set(range(len(got))) - set(keep)):
+            median = limit / factor
+            status[got[i]] = f"rejected: update norm {norms[i]:.4g} > {factor:g} × the round's median {median:.4g}"
+            bits[got[i]] = 0
+        return [got[i] for i in keep], [decoded[i] for i in keep]
 
     def record(self, t, report, decision, status, sent, bits, snr, latency, queue_before, start) -> dict:
         """Evaluate (every ``eval_every`` rounds and at the end) and append the ledger rows."""
@@ -258,37 +289,64 @@ class Server:
         self.task.fold(name, delta)
         self.folded[name] = delta.clone() if self.folded[name] is None else self.folded[name] + delta
 
-    # -- checkpoints -----------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"round": self.round, "wallclock": self.wallclock, "global_factors": self.global_factors,
-                "global_head": self.global_head, "folded": self.folded, "history": self.history.to_dict(),
-                "policy": self.policy.state_dict() if isinstance(self.policy, OnlineAllocator) else None,
-                "config": self.config.to_dict()}
+    # -- checkpoints (fedloop.checkpoint: safetensors + JSON + SHA-256) -----------------------------
+    def named_tensors(self) -> dict:
+        """The server's tensors by checkpoint name: global/<module>/A|B, head/<name>, folded/<module>."""
+        out = {f"global/{n}/A": A for n, (A, _) in self.global_factors.items()}
+        out |= {f"global/{n}/B": B for n, (_, B) in self.global_factors.items()}
+        out |= {f"head/{n}": t for n, t in self.global_head.items()}
+        return out | {f"folded/{n}": t for n, t in self.folded.items() if t is not None}
 
     def save_checkpoint(self, folder) -> None:
-        """Write ``folder/checkpoint.pt`` atomically (a crash leaves the previous one intact)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "checkpoint.pt.tmp"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, folder / "checkpoint.pt")
+        """Write ``folder/checkpoint.safetensors`` atomically (a crash leaves the previous one intact)."""
+        tensors = self.named_tensors()
+        state = {"round": self.round, "wallclock": self.wallclock, "history": self.history.to_dict(),
+                 "policy": self.policy.state_dict() if isinstance(self.policy, OnlineAllocator) else None,
+                 "config": self.config.to_dict()}
+        save_checkpoint(folder, tensors, state)
 
     def load_checkpoint(self, folder) -> None:
-        """Continue from ``folder/checkpoint.pt``, written by a run of the same config (rounds,
-        out and checkpoint_every may differ)."""
-        st = torch.load(Path(folder) / "checkpoint.pt", weights_only=False)
-        mine, theirs = self.config.to_dict(), dict(st["config"])
+        """Continue from ``folder``'s checkpoint, written by a run of the same config (rounds, out
+        and checkpoint_every may differ). Everything is verified before anything changes."""
+        tensors, st = load_checkpoint(folder)
+        path = Path(folder) / CHECKPOINT
+        mine, theirs = json.loads(json.dumps(self.config.to_dict())), st.get("config")
+        if not isinstance(theirs, dict):
+            raise CheckpointError(f"{path}: no config in the checkpoint")
         for key in ("rounds", "out", "checkpoint_every"):
             mine.pop(key, None)
             theirs.pop(key, None)
         if mine != theirs:
-            diff = sorted(k for k in mine if mine[k] != theirs.get(k))
-            raise ValueError(f"cannot resume: the checkpoint was written with a different config ({diff})")
-        self.round, self.wallclock = st["round"], st["wallclock"]
-        self.global_factors, self.global_head, self.folded = st["global_factors"], st["global_head"], st["folded"]
-        for name, delta in self.folded.items():
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise CheckpointError(f"cannot resume from {path}: it was written with a different config ({diff})")
+        want = {k: t for k, t in self.named_tensors().items() if not k.startswith("folded/")}
+        folded = {n: tensors.get(f"folded/{n}") for n in self.names}
+        extra = sorted(set(tensors) - set(want) - {f"folded/{n}" for n in self.names})
+        missing = sorted(set(want) - set(tensors))
+        odd = sorted(k for k, t in want.items() if k in tensors and (tensors[k].shape != t.shape
+                                                                     or tensors[k].dtype != t.dtype))
+        odd += sorted(f"folded/{n}" for n, d in folded.items() if d is not None and d.shape != (
+            self.global_factors[n][1].shape[0], self.global_factors[n][0].shape[1]))
+        if missing or extra or odd:
+            raise CheckpointError(f"{path}: tensors do not fit this run (missing {missing}, unexpected {extra}, "
+                                  f"wrong shape or dtype {odd})")
+        try:
+            history = History.from_dict(st.get("history"))
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: its ledger is not valid: {exc}") from None
+        round_, wallclock = st.get("round"), st.get("wallclock")
+        if isinstance(round_, bool) or not isinstance(round_, int) or round_ != len(history.rounds) \
+                or not isinstance(wallclock, (int, float)) or not math.isfinite(wallclock):
+            raise CheckpointError(f"{path}: round {round_!r} / wallclock {wallclock!r} do not fit its ledger")
+        policy = st.get("policy")
+        if (policy is None) != (not isinstance(self.policy, OnlineAllocator)):
+            raise CheckpointError(f"{path}: allocator state {'missing' if policy is None else 'unexpected'}")
+        if policy is not None:
+            self.policy.load_state_dict(policy)  # validates everything before it changes anything
+        self.round, self.wallclock, self.history = round_, float(wallclock), history
+        self.global_factors = {n: (tensors[f"global/{n}/A"], tensors[f"global/{n}/B"]) for n in self.names}
+        self.global_head = {n: tensors[f"head/{n}"] for n in self.global_head}
+        self.folded = folded
+        for name, delta in folded.items():
             if delta is not None:
                 self.task.fold(name, delta)
-        self.history = History.from_dict(st["history"])
-        if st["policy"] is not None:
-            self.policy.load_state_dict(st["policy"])

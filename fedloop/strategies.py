@@ -67,6 +67,8 @@ class Strategy:
             re-orthogonalises the global factors (each ``RunConfig`` setting can override).
         remote: the payload is SOFT's wire format, so clients may run elsewhere.
         train_a, train_b: which LoRA factors the clients train.
+        norm: the norm of a decoded update for the server's norm rule
+            (``RunConfig.reject_norm_factor``), or None where the rule does not apply.
         encode: client side, ``encode(config, global_factors, local_factors, keep, round, client)``
             → (payload, uplink bits of the adapter part).
         decode: server side, ``decode(payload, keep, server)`` → what ``aggregate`` takes;
@@ -85,6 +87,7 @@ class Strategy:
     aggregate: Callable[..., None]
     train_a: bool = True
     train_b: bool = True
+    norm: Callable[[Any], float] | None = None
 
 
 # -- policies --------------------------------------------------------------------------------
@@ -248,7 +251,13 @@ def _table(*rows: Strategy) -> dict[str, Strategy]:
     return {row.name: row for row in rows}
 
 
-_WIRE = dict(encode=_encode_wire, decode=_decode_wire, aggregate=_aggregate_wire)
+def _wire_norm(update) -> float:
+    import soft
+
+    return soft.update_norm(update)
+
+
+_WIRE = dict(encode=_encode_wire, decode=_decode_wire, aggregate=_aggregate_wire, norm=_wire_norm)
 STRATEGY_TABLE: dict[str, Strategy] = _table(
     Strategy("tsfa", policy=_online, soft=True, remote=True, **_WIRE),
     Strategy("ideal", policy=_dense, soft=False, remote=False, encode=_encode_ideal, decode=_decode_ideal,

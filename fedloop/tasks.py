@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fedloop import data as fd
-from fedloop.config import RunConfig
+from fedloop.config import DISTILL_DEFAULTS, LINEAR_DEFAULTS, RunConfig
 
 __all__ = ["Task", "RTMiniLMTask", "RTDistillTask", "LinearTask", "make_task", "DISTILL_DEFAULTS"]
 
@@ -129,8 +129,6 @@ class RTMiniLMTask(Task):
 
 
 #: rt-distill's settings (``RunConfig.distill``) and their defaults.
-DISTILL_DEFAULTS = {"teacher_rank": 16, "decay": 0.0, "scale": 0.5, "subspace": 64, "classes": 10,
-                    "examples": 3000, "teacher_seed": 0}
 
 
 class RTDistillTask(RTMiniLMTask):
@@ -168,21 +166,7 @@ class RTDistillTask(RTMiniLMTask):
     name = "rt-distill"
 
     def __init__(self, cfg: RunConfig):
-        s = dict(DISTILL_DEFAULTS)
-        unknown = sorted(set(cfg.distill) - set(s))
-        if unknown:
-            raise ValueError(f"unknown distill settings {unknown}; known: {sorted(s)}")
-        s.update(cfg.distill)
-        for key in ("teacher_rank", "classes", "examples", "subspace"):
-            if isinstance(s[key], bool) or not isinstance(s[key], int) or s[key] < 1:
-                raise ValueError(f"distill.{key} must be an integer >= 1; got {s[key]!r}")
-        for key in ("decay", "scale"):
-            if isinstance(s[key], bool) or not isinstance(s[key], (int, float)) or not math.isfinite(s[key]) \
-                    or s[key] < 0 or (key == "scale" and s[key] == 0):
-                raise ValueError(f"distill.{key} must be a finite number {'> 0' if key == 'scale' else '>= 0'}; "
-                                 f"got {s[key]!r}")
-        if isinstance(s["teacher_seed"], bool) or not isinstance(s["teacher_seed"], int) or s["teacher_seed"] < 0:
-            raise ValueError(f"distill.teacher_seed must be an integer >= 0; got {s['teacher_seed']!r}")
+        s = {**DISTILL_DEFAULTS, **cfg.distill}  # types and ranges validated by RunConfig
         if not s["teacher_rank"] <= s["subspace"] <= 384:
             raise ValueError(f"distill.subspace must lie in teacher_rank..384; got {s['subspace']}")
         n_all = len(fd.load_rotten_tomatoes().texts)
@@ -370,12 +354,7 @@ class LinearTask(Task):
     name = "linear"
 
     def __init__(self, cfg: RunConfig):
-        s = {"modules": 2, "dim": 32, "true_rank": 4, "decay": 1.0, "scale": 1.0, "samples": 200, "noise": 0.1,
-             "heterogeneity": 0.5, "test_samples": 2000}
-        unknown = sorted(set(cfg.linear) - set(s))
-        if unknown:
-            raise ValueError(f"unknown linear-task settings {unknown}; known: {sorted(s)}")
-        s.update(cfg.linear)
+        s = {**LINEAR_DEFAULTS, **cfg.linear}  # validated by RunConfig
         self.settings = s
         self.config = cfg
         L, d, tr = int(s["modules"]), int(s["dim"]), int(s["true_rank"])

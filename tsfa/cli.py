@@ -81,6 +81,7 @@ def _bandwidth_demo(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from fedloop import RunConfig
+    from fedloop.checkpoint import RunFolderBusy
     from fedloop.data import TaskUnavailable
     from fedloop.loop import RunFailed, run
 
@@ -94,8 +95,10 @@ def _run(args: argparse.Namespace) -> int:
         cfg = cfg.replace(**overrides)
     try:
         h = run(cfg, resume=args.resume, progress=not args.quiet)
-    except (TaskUnavailable, RunFailed, FileNotFoundError) as exc:
+    except (TaskUnavailable, RunFailed, RunFolderBusy, FileNotFoundError) as exc:
         raise UserError(str(exc)) from None
+    except OSError as exc:
+        raise UserError(f"cannot write the run folder {cfg.out}: {exc.strerror or exc}") from None
     last = h.rounds[-1]
     acc = "" if last["accuracy"] != last["accuracy"] else f", accuracy {h.final_accuracy:.4f}"
     print(f"{cfg.strategy} on {cfg.task}: {len(h.rounds)} rounds, test loss {last['test_loss']:.4f}{acc}, "
@@ -109,6 +112,7 @@ def _design(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fedloop import RunConfig
+    from fedloop.checkpoint import RunFolderBusy
     from fedloop.data import TaskUnavailable
     from fedloop.design import plan_for
     from fedloop.history import History, write_csv
@@ -123,7 +127,7 @@ def _design(args: argparse.Namespace) -> int:
     try:
         plan, pilot, constants = plan_for(cfg, pilot=pilot, ranks=args.ranks, keep_ratios=args.keep_ratios,
                                           pilot_rounds=args.pilot_rounds, draws=args.draws, progress=not args.quiet)
-    except (TaskUnavailable, FileNotFoundError) as exc:
+    except (TaskUnavailable, RunFolderBusy, FileNotFoundError) as exc:
         raise UserError(str(exc)) from None
     print(plan.message)
     print(plan.format_table())
@@ -172,7 +176,10 @@ def _plot(args: argparse.Namespace) -> int:
         h = History.load(args.run_dir)
     except FileNotFoundError as exc:
         raise UserError(f"{exc} (is {args.run_dir} a run folder written by tsfa run?)") from None
-    out = plot_run(h, args.out or Path(args.run_dir) / "run.png")
+    try:
+        out = plot_run(h, args.out or Path(args.run_dir) / "run.png")
+    except OSError as exc:
+        raise UserError(f"cannot write the figure: {exc.strerror or exc}") from None
     print(f"wrote {out}")
     return 0
 
@@ -184,6 +191,8 @@ def _compare(args: argparse.Namespace) -> int:
         rows, path = compare_runs(args.run_dirs, args.out)
     except FileNotFoundError as exc:
         raise UserError(str(exc)) from None
+    except OSError as exc:
+        raise UserError(f"cannot write {args.out}: {exc.strerror or exc}") from None
     metric = rows[0]["metric"].replace("_", " ")
     print(f"{'run':<24} {'strategy':>8} {'final ' + metric:>16} {'uplink Mbit':>12} {'sim time s':>10} "
           f"{'latency/τ̄':>10}")
@@ -197,6 +206,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _benchmark(args: argparse.Namespace) -> int:
     from fedloop import RunConfig
     from fedloop.benchmark import benchmark
+    from fedloop.checkpoint import RunFolderBusy
     from fedloop.data import TaskUnavailable
     from fedloop.loop import RunFailed
 
@@ -209,8 +219,10 @@ def _benchmark(args: argparse.Namespace) -> int:
     seeds = args.seeds if args.seeds is not None else (3 if args.quick else 5)
     try:
         b = benchmark(cfg, args.strategies, seeds, out=args.out, delta=args.delta, progress=not args.quiet)
-    except (TaskUnavailable, RunFailed, FileNotFoundError) as exc:
+    except (TaskUnavailable, RunFailed, RunFolderBusy, FileNotFoundError) as exc:
         raise UserError(str(exc)) from None
+    except OSError as exc:
+        raise UserError(f"cannot write {args.out}: {exc.strerror or exc}") from None
     print(b.format_table())
     print(f"wrote {b.out / 'summary.csv'}, summary.json, rounds.csv and benchmark.png")
     return 0

@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 
 from fedloop import History, RunConfig, run  # noqa: E402
 from fedloop import flower as fl  # noqa: E402
+from fedloop.checkpoint import load_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "examples" / "flower_app"
@@ -35,7 +36,10 @@ def lin(out, **kw):
 
 
 def checkpoint_of(folder):
-    return torch.load(Path(folder) / "checkpoint.pt", weights_only=False)
+    """A run folder's verified checkpoint: its state with the global factors as {module: (A, B)}."""
+    tensors, state = load_checkpoint(folder)
+    names = sorted({k.split("/")[1] for k in tensors if k.startswith("global/")})
+    return {**state, "global_factors": {n: (tensors[f"global/{n}/A"], tensors[f"global/{n}/B"]) for n in names}}
 
 
 def adapter_of(folder):

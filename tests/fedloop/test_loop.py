@@ -6,6 +6,7 @@ import torch
 
 import soft
 from fedloop import History, LocalPool, RunConfig, Server, run
+from fedloop.checkpoint import CHECKPOINT, load_checkpoint
 from fedloop.loop import RunFailed
 
 
@@ -64,6 +65,13 @@ def test_fedit_reproduces_fedavg_of_factors(tmp_path):
             torch.testing.assert_close(r.global_factors[name][i].double(), avg, rtol=1e-6, atol=1e-7)
 
 
+def checkpoint_of(folder):
+    """A run folder's verified checkpoint: its state with the global factors as {module: (A, B)}."""
+    tensors, state = load_checkpoint(folder)
+    names = sorted({k.split("/")[1] for k in tensors if k.startswith("global/")})
+    return {**state, "global_factors": {n: (tensors[f"global/{n}/A"], tensors[f"global/{n}/B"]) for n in names}}
+
+
 def test_resume_is_bit_identical(tmp_path):
     full = run(lin(tmp_path, strategy="tsfa", rounds=6, checkpoint_every=3, out=str(tmp_path / "a")), progress=False)
     run(lin(tmp_path, strategy="tsfa", rounds=3, checkpoint_every=3, out=str(tmp_path / "b")), progress=False)
@@ -76,8 +84,7 @@ def test_resume_is_bit_identical(tmp_path):
             r.pop("solve_time_s")
     assert b_rows["rounds"] == a_rows["rounds"]
     assert b_rows["clients"] == a_rows["clients"]
-    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["global_factors"]
-    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["global_factors"]
+    a, b = checkpoint_of(tmp_path / "a")["global_factors"], checkpoint_of(tmp_path / "b")["global_factors"]
     for name in a:
         assert torch.equal(a[name][0], b[name][0]) and torch.equal(a[name][1], b[name][1])
     loaded = History.load(tmp_path / "b")
@@ -113,13 +120,13 @@ def test_deadline_misses_are_dropped(tmp_path):
 def test_nan_loss_stops_with_checkpoint_intact(tmp_path):
     cfg = lin(tmp_path, strategy="fedit", rounds=2, checkpoint_every=1)
     run(cfg, progress=False)
-    ckpt = tmp_path / "run" / "checkpoint.pt"
+    ckpt = tmp_path / "run" / CHECKPOINT
     before = ckpt.read_bytes()
     with pytest.raises(RunFailed, match="non-finite loss at round 1|non-finite loss .* at round 1"):
         run(cfg.replace(rounds=6, optimizer="sgd", lr=1e30), progress=False)
     # the failing run never completed a round, so the good run's checkpoint is untouched
     assert ckpt.read_bytes() == before
-    assert torch.load(ckpt, weights_only=False)["round"] == 2
+    assert checkpoint_of(tmp_path / "run")["round"] == 2
 
 
 def test_memory_is_adapters_not_models(tmp_path):

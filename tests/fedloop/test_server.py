@@ -32,7 +32,7 @@ def test_a_bad_or_missing_upload_drops_only_that_client(tmp_path, strategy):
     clean = Server(lin(tmp_path, strategy=strategy))
     row = server.step(Tampering(server))
     clients = server.history.clients
-    assert clients[0]["status"].startswith("error: bad payload") and clients[0]["uplink_bits"] == 0
+    assert clients[0]["status"].startswith("rejected: ") and clients[0]["uplink_bits"] == 0
     assert clients[1]["status"] == "error: no reply" and clients[1]["uplink_bits"] == 0
     assert [c["status"] for c in clients[2:]] == ["ok", "ok"]
     assert row["scheduled"] == 2 and row["dropped"] == 2

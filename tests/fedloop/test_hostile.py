@@ -1,0 +1,227 @@
+"""Hostile inputs at the loop's trust boundaries: checkpoints, run folders, ledgers, configs, the CLI."""
+
+import hashlib
+import json
+import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedloop import LocalPool, RunConfig, Server, run
+from fedloop.checkpoint import CHECKPOINT, LOCK, CheckpointError, RunFolder, RunFolderBusy
+from fedloop.client import Upload
+from tsfa.cli import main
+
+
+def lin(out, **kw):
+    base = dict(task="linear", strategy="tsfa", rounds=2, clients=3, rank=4, keep=2, lr=0.02, checkpoint_every=1,
+                out=str(out), linear={"dim": 8, "samples": 32, "test_samples": 64})
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def write_toml(path: Path, cfg: RunConfig, **raw) -> Path:
+    """A TOML file of ``cfg`` with some keys replaced by raw TOML text."""
+    d = {k: v for k, v in cfg.to_dict().items() if v is not None and k not in ("linear", "distill")}
+    lines = [f"{k} = {raw.pop(k) if k in raw else json.dumps(v)}" for k, v in d.items()]
+    lines += [f"{k} = {v}" for k, v in raw.items() if not k.startswith("[")]
+    table = raw.get("[linear]", "dim = 8\nsamples = 32\ntest_samples = 64")
+    path.write_text("\n".join(lines) + f"\n[linear]\n{table}\n")
+    return path
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tsfa: error: "), err
+    return err[0]
+
+
+class Marker:
+    """Unpickling this creates a file: the proof that a checkpoint ran code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("finished") / "run"
+    run(lin(folder), progress=False)
+    return folder
+
+
+@pytest.mark.parametrize("name", [CHECKPOINT, "checkpoint.pt"])
+def test_a_crafted_pickle_checkpoint_never_runs(tmp_path, capsys, name):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    marker = tmp_path / "pwned"
+    (folder / name).write_bytes(pickle.dumps({"round": Marker(marker)}))
+    before = snapshot(folder)
+    cfg = write_toml(tmp_path / "c.toml", lin(folder))
+    assert main(["run", str(cfg), "--resume", "--quiet"]) == 2
+    line = one_error_line(capsys)
+    assert "pickle" in line or "not a tsfa checkpoint" in line or "corrupt" in line
+    assert not marker.exists() and snapshot(folder) == before
+
+
+def tensor_regions(path: Path) -> dict:
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1]) for k, v in header.items()
+            if k != "__metadata__"}
+
+
+def test_one_flipped_bit_in_any_tensor_or_the_state_is_detected(finished, tmp_path):
+    path = finished / CHECKPOINT
+    good = path.read_bytes()
+    regions = tensor_regions(path)
+    assert len(regions) >= 4  # global A and B of two modules at least
+    (n,) = struct.unpack("<Q", good[:8])
+    state_at = good.index(b'"state"', 8, 8 + n) + 20  # inside the state's JSON text
+    offsets = [(a + b) // 2 for a, b in regions.values()] + [state_at]
+    for offset in offsets:
+        bad = bytearray(good)
+        bad[offset] ^= 0x04
+        copy = tmp_path / f"flip{offset}"
+        copy.mkdir()
+        (copy / CHECKPOINT).write_bytes(bytes(bad))
+        before = snapshot(copy)
+        with pytest.raises(CheckpointError, match="SHA-256 mismatch|corrupt"):
+            run(lin(copy, rounds=3), resume=True, progress=False)
+        assert snapshot(copy) == before
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 7, b"\xff" * 64, b"not a checkpoint at all"])
+def test_empty_or_garbage_checkpoint_is_one_cli_line(tmp_path, capsys, content):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / CHECKPOINT).write_bytes(content)
+    cfg = write_toml(tmp_path / "c.toml", lin(folder))
+    assert main(["run", str(cfg), "--resume", "--quiet"]) == 2
+    assert CHECKPOINT in one_error_line(capsys)
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(finished, tmp_path):
+    import shutil
+
+    shutil.copytree(finished, tmp_path / "run")
+    with pytest.raises(CheckpointError, match="different config"):
+        run(lin(tmp_path / "run", rounds=3, lr=0.5), resume=True, progress=False)
+    # and a checkpoint that is sound resumes exactly where it stopped
+    h = run(lin(tmp_path / "run", rounds=3), resume=True, progress=False)
+    assert len(h.rounds) == 3
+
+
+def test_out_must_name_a_folder_checked_before_training(tmp_path):
+    with pytest.raises(ValueError, match="out must be a non-empty path"):
+        lin("")
+    with pytest.raises(ValueError, match="out must be a non-empty path"):
+        RunConfig(task="linear", out=123)
+    f = tmp_path / "a_file"
+    f.write_text("keep me")
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="is a file"):
+        run(lin(f), progress=False)
+    assert f.read_text() == "keep me" and time.perf_counter() - t0 < 5
+
+
+def test_a_second_run_on_the_same_folder_stops_at_once(tmp_path):
+    folder = tmp_path / "run"
+    with RunFolder(folder):
+        t0 = time.perf_counter()
+        with pytest.raises(RunFolderBusy, match="in use by another run"):
+            run(lin(folder), progress=False)
+        assert time.perf_counter() - t0 < 5 and not (folder / CHECKPOINT).exists()
+    assert len(run(lin(folder), progress=False).rounds) == 2  # released on exit
+
+
+def test_the_lock_of_a_killed_run_is_recovered(tmp_path):
+    folder = tmp_path / "run"
+    code = (f"import time; from fedloop.checkpoint import RunFolder\n"
+            f"with RunFolder({str(folder)!r}):\n    print('held', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(RunFolderBusy):
+            run(lin(folder), progress=False)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        proc.kill()
+    assert (folder / LOCK).exists()  # the file stays, the lock does not
+    assert len(run(lin(folder), progress=False).rounds) == 2
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"test_fraction": '"0.1"'}, "test_fraction"),
+    ({"out": "123"}, "out"),
+    ({"penalty": "true"}, "penalty"),
+    ({"[linear]": 'dim = "x"'}, "linear.dim"),
+    ({"[linear]": "dim = 0"}, "linear.dim"),
+    ({"[linear]": "noise = -1.0"}, "linear.noise"),
+    ({"[linear]": "colour = 3"}, "colour"),
+    ({"reject_norm_factor": "0.5"}, "reject_norm_factor"),
+])
+def test_bad_config_values_are_one_line_naming_the_key(tmp_path, capsys, raw, key):
+    cfg = write_toml(tmp_path / "c.toml", lin(tmp_path / "run"), **raw)
+    assert main(["run", str(cfg), "--quiet"]) == 2
+    assert key in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("ledger, why", [
+    ([], "JSON object"),
+    ({"rounds": None}, "rounds must be"),
+    ({"rounds": [{"round": 1}]}, "lacks the columns"),
+    ({"rounds": [{"round": 1, "latency_s": {"x": 1}}]}, "latency_s"),
+    ({"rounds": []}, "no rounds"),
+    ({"config": [], "rounds": []}, "config must be"),
+])
+@pytest.mark.parametrize("command", ["plot", "compare"])
+def test_a_bad_ledger_is_one_cli_line(tmp_path, capsys, ledger, why, command):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "history.json").write_text(json.dumps(ledger))
+    argv = [command, str(folder)] + (["--out", str(tmp_path / "cmp")] if command == "compare" else [])
+    assert main(argv) == 2
+    assert why in one_error_line(capsys)
+
+
+def test_a_figure_into_a_missing_folder_is_one_cli_line(finished, tmp_path, capsys):
+    assert main(["plot", str(finished), "--out", str(tmp_path / "missing" / "deeper" / "x.png")]) in (0, 2)
+    err = capsys.readouterr().err.strip()
+    assert not err or (len(err.splitlines()) == 1 and err.startswith("tsfa: error: "))
+
+
+def test_uploads_are_validated_at_the_trust_boundary(tmp_path):
+    server = Server(lin(tmp_path / "run", strategy="fixed"))
+    pool = LocalPool(server)
+    pool.train(0)
+    up = pool.upload(0, [0], {0: 2}, {0: 1e6})[0]
+    server.global_head = {"w": torch.zeros(2)}  # a run with a head: its tensors, shapes and values are checked
+    good = torch.zeros(2)
+    assert server.check_upload(Upload(payload=up.payload, bits=up.bits, head={"w": good}), 2).keep == 2
+    nan = torch.tensor([0.0, float("nan")])
+    for head, why in (({"w": nan}, "not a finite"), ({"w": torch.zeros(3)}, "not a finite"),
+                      ({"v": good}, "head tensors"), ({"w": [0.0, 0.0]}, "not a finite")):
+        with pytest.raises(ValueError, match=why):
+            server.check_upload(Upload(payload=up.payload, bits=up.bits, head=head), 2)
+    with pytest.raises(ValueError, match="components"):
+        server.check_upload(Upload(payload=up.payload, bits=up.bits, head={"w": good}), 3)
+    with pytest.raises(ValueError):
+        server.check_upload(Upload(payload=up.payload[:-1], bits=up.bits, head={"w": good}), 2)
