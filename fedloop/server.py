@@ -32,6 +32,7 @@ import torch
 import soft
 from fedloop import measure
 from fedloop.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, save_checkpoint
+from fedloop.client import RunFailed
 from fedloop.config import RunConfig
 from fedloop.history import History
 from fedloop.strategies import derive_rng
@@ -209,7 +210,10 @@ class Server:
             bits[k] = up.bits + self.head_bits
         got, decoded = self.reject_outliers(got, decoded, status, bits)
         if got:
-            self.strategy.aggregate(self, decoded, self.weights[got])
+            try:
+                self.strategy.aggregate(self, decoded, self.weights[got])
+            except ValueError as exc:  # e.g. valid updates whose sum overflows: stop, the checkpoint stays
+                raise RunFailed(f"round {t + 1}: aggregation failed: {exc}; the last checkpoint is kept") from None
             w = self.weights[got] / self.weights[got].sum()
             self.global_head = {n: sum(wk * uploads[k].head[n] for wk, k in zip(w, got, strict=True))
                                 for n in self.global_head}

@@ -5,7 +5,9 @@ with :func:`orthogonality_penalty`, rank their components by :func:`component_im
 (vector norms only), report :func:`error_profile`, and send :func:`sparsify`'s
 :class:`RankSparseUpdate` as bytes (:meth:`RankSparseUpdate.encode`, :func:`decode`). The
 server :func:`aggregate` s rank-wise and may :func:`reorthogonalize_factors` the global
-factors (B·A unchanged). :func:`covariance_norm` measures what separate averaging loses.
+factors (B·A unchanged); :func:`update_norm` is the norm it can screen updates by. Every
+codec refuses values that are not finite (or, in float16, out of range).
+:func:`covariance_norm` measures what separate averaging loses.
 
 Section references (spec §N) are to docs/spec.md, the project's statement of its model.
 """
@@ -32,7 +34,7 @@ from soft.factors import (
 from soft.importance import component_importance, dropped_error, error_profile, select_top, update_energy
 from soft.optim import TensorwiseAdam
 from soft.peft_io import read_lora, write_lora
-from soft.update import RankSparseUpdate, WireFormatError, aggregate, decode, sparsify
+from soft.update import RankSparseUpdate, WireFormatError, aggregate, decode, sparsify, update_norm
 
 __all__ = [
     "RankSparseUpdate",
@@ -64,5 +66,6 @@ __all__ = [
     "svd_truncation_qr",
     "topk_elementwise",
     "update_energy",
+    "update_norm",
     "write_lora",
 ]

@@ -11,6 +11,11 @@
 
 All return per-module product updates in factored form (P_ℓ m×k, Q_ℓ k×n with D̂_ℓ = P_ℓ Q_ℓ)
 or factor increments, plus their bits, so errors are comparable at equal bits.
+
+As in SOFT's codec, values are finite: the selectors and :meth:`TopKUpdate.encode` refuse
+(ValueError naming the module and the factor) an increment that overflows or that the wire
+type cannot hold (float16: |x| > 65 504), and :func:`decode_topk` refuses (WireFormatError)
+a payload carrying NaN or inf even under a valid checksum.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import numpy as np
 import torch
 
 from soft.factors import Factors, check_same_layout, product_norm_sq, shape_of
-from soft.update import RankSparseUpdate, check_keep, updates_from_indices
+from soft.update import RankSparseUpdate, WireFormatError, check_keep, dtype_name, updates_from_indices
+from tsfa.model import LoraShape
 
 __all__ = [
     "random_components",
@@ -58,6 +64,26 @@ _TK_HEAD = struct.Struct("<2sBBBBHI")  # magic, version, dtype, coding, pad, ten
 _TK_BITMAP, _TK_INDEX = 0, 1
 
 
+def _tensor_problem(name: str, label: str, t: torch.Tensor, wire_dtype: torch.dtype | None = None,
+                    nonfinite: str = "has non-finite values (NaN or inf)") -> str | None:
+    """What is wrong with one dense increment tensor (ΔA or ΔB of module ``name``), or None:
+    a value that is not finite, or (with ``wire_dtype``) one the wire type rounds to ±inf."""
+    t = t.detach()
+    if t.numel() == 0:
+        return None
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        at = torch.nonzero(bad)[0].tolist()
+        return f"module {name!r}: {label} {nonfinite} (first at {at})"
+    if wire_dtype is not None and t.dtype != wire_dtype:
+        over = ~torch.isfinite(t.to(wire_dtype))
+        if bool(over.any()):
+            at = torch.nonzero(over)[0].tolist()
+            return (f"module {name!r}: {label} has values outside {dtype_name(wire_dtype)}'s finite range "
+                    f"(|x| ≤ {torch.finfo(wire_dtype).max:g}; first at {at}, |x| = {abs(float(t[tuple(at)])):.6g})")
+    return None
+
+
 class TopKUpdate:
     """Element-wise sparse increments of ΔA and ΔB (per module, dense tensors with zeros),
     with a real wire format: :meth:`encode` / :func:`decode_topk`.
@@ -66,12 +92,26 @@ class TopKUpdate:
     1 fp16, position coding 0 = bitmap / 1 = indices, pad, tensor count u16, k u32,
     CRC-32 of the first 12 bytes and the body); positions (an N-bit bitmap over all N
     factor entries in the order A₁, B₁, A₂, B₂, …, or k indices of ⌈log2 N⌉ bits each,
-    bit-packed, padded to whole bytes); the k values in position order.
+    bit-packed, padded to whole bytes); the k values in position order. Padding bits and
+    the pad byte are zero; the values are finite.
+
+    ``names`` (optional) are the module names, used in error messages.
     """
 
-    def __init__(self, delta_a, delta_b, k: int, bits: int, coding: int = _TK_BITMAP, dtype=torch.float32):
+    def __init__(self, delta_a, delta_b, k: int, bits: int, coding: int = _TK_BITMAP, dtype=torch.float32,
+                 names=None):
         self.delta_a, self.delta_b, self.k, self.bits = delta_a, delta_b, k, bits
         self.coding, self.dtype = coding, dtype
+        self.names = tuple(names) if names is not None else tuple(f"#{i}" for i in range(len(delta_a)))
+
+    def values_problem(self, wire_dtype: torch.dtype | None = None) -> str | None:
+        """What is wrong with the increments (not finite; with ``wire_dtype``, outside its
+        finite range), naming the module and ΔA/ΔB; None when they can be sent."""
+        for name, da, db in zip(self.names, self.delta_a, self.delta_b, strict=True):
+            problem = _tensor_problem(name, "ΔA", da, wire_dtype) or _tensor_problem(name, "ΔB", db, wire_dtype)
+            if problem:
+                return problem
+        return None
 
     def apply_to(self, factors: Factors) -> dict:
         return {n: (A + da.to(A.dtype), B + db.to(B.dtype))
@@ -84,9 +124,16 @@ class TopKUpdate:
         return out
 
     def encode(self) -> bytes:
-        """The payload; 8·len(bytes) == :attr:`bits` (the budget :func:`topk_budget` chose)."""
+        """The payload; 8·len(bytes) == :attr:`bits` (the budget :func:`topk_budget` chose).
+
+        Raises ValueError, naming the module and ΔA/ΔB, if an increment is not finite or
+        lies outside the wire type's finite range (float16: |x| > 65 504).
+        """
         if self.k == 0:
             return b""
+        problem = self.values_problem(self.dtype)
+        if problem:
+            raise ValueError(f"cannot encode the top-k update: {problem}")
         flat = torch.cat([d.reshape(-1) for d in self._tensors()])
         pos = torch.nonzero(flat != 0).reshape(-1).numpy()
         if len(pos) < self.k:  # a selected increment that is exactly 0: send it anyway, as a 0
@@ -116,34 +163,49 @@ def _index_bits(n_total: int) -> int:
 
 def decode_topk(data: bytes, shape) -> TopKUpdate:
     """Parse :meth:`TopKUpdate.encode`'s bytes for a :class:`tsfa.LoraShape`; raises
-    :class:`soft.WireFormatError` naming the problem (magic, version, length, checksum)."""
-    from soft.update import WireFormatError
-
+    :class:`soft.WireFormatError` naming the problem (magic, version, dtype, coding, pad
+    byte, tensor count, k, length, checksum, positions, padding bits, or a value that is
+    not finite — named by module and ΔA/ΔB — even under a valid checksum)."""
+    if not isinstance(shape, LoraShape):
+        raise TypeError(f"shape must be a tsfa.LoraShape; got {type(shape).__name__}")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes; got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) == 0:
+        raise WireFormatError("empty top-k payload: a client keeping 0 entries sends nothing, there is nothing "
+                              "to decode")
     if len(data) < 16:
         raise WireFormatError(f"top-k payload truncated: {len(data)} bytes, shorter than the 16-byte header")
-    magic, version, code, coding, _, tensors, k = _TK_HEAD.unpack_from(data, 0)
+    magic, version, code, coding, pad, tensors, k = _TK_HEAD.unpack_from(data, 0)
     (crc,) = struct.unpack_from("<I", data, 12)
     if magic != b"TK" or version != 1 or code not in (0, 1) or coding not in (0, 1):
         raise WireFormatError(f"not a top-k payload (magic {magic!r}, version {version}, dtype {code}, "
                               f"coding {coding})")
+    if pad != 0:
+        raise WireFormatError(f"top-k header pad byte is {pad}, must be 0")
     sizes = []
     for m in shape.modules:
         sizes += [shape.rank * m.in_features, m.out_features * shape.rank]
     if tensors != len(sizes):
         raise WireFormatError(f"payload has {tensors} tensors; the adapter has {len(sizes)}")
     n = sum(sizes)
+    if not 1 <= k <= n:
+        raise WireFormatError(f"top-k payload has k = {k} entries; expected 1..{n}")
     q = 2 if code else 4
     pos_bytes = -(-n // 8) if coding == _TK_BITMAP else -(-(k * _index_bits(n)) // 8)
     if len(data) != 16 + pos_bytes + k * q:
         raise WireFormatError(f"top-k payload length {len(data)} bytes, expected {16 + pos_bytes + k * q}")
     if zlib.crc32(data[16:], zlib.crc32(data[:12])) != crc:
         raise WireFormatError("checksum mismatch: the top-k payload is corrupted")
-    raw = np.frombuffer(data, np.uint8, pos_bytes, 16)
+    raw = np.unpackbits(np.frombuffer(data, np.uint8, pos_bytes, 16))
+    used = n if coding == _TK_BITMAP else k * _index_bits(n)
+    if raw[used:].any():
+        raise WireFormatError(f"top-k position padding bits (after the {used} position bits) must be zero")
     if coding == _TK_BITMAP:
-        pos = np.flatnonzero(np.unpackbits(raw)[:n])
+        pos = np.flatnonzero(raw[:n])
     else:
         ib = _index_bits(n)
-        bits = np.unpackbits(raw)[: k * ib].reshape(k, ib).astype(np.uint64)
+        bits = raw[: k * ib].reshape(k, ib).astype(np.uint64)
         pos = (bits << np.arange(ib - 1, -1, -1, dtype=np.uint64)).sum(axis=1).astype(np.int64)
     if len(pos) != k or (len(pos) and (pos.max() >= n or np.any(np.diff(pos) <= 0))):
         raise WireFormatError("top-k positions are inconsistent with k or the adapter size")
@@ -158,7 +220,12 @@ def decode_topk(data: bytes, shape) -> TopKUpdate:
         out.append(flat[off:off + size].reshape(dim))
         off += size
     bits = 8 * len(data)
-    return TopKUpdate(out[0::2], out[1::2], k, bits, coding, torch.float16 if code else torch.float32)
+    upd = TopKUpdate(out[0::2], out[1::2], k, bits, coding, torch.float16 if code else torch.float32,
+                     names=[m.name for m in shape.modules])
+    problem = upd.values_problem()
+    if problem:
+        raise WireFormatError(f"{problem}: the top-k payload carries values no client can send")
+    return upd
 
 
 def topk_budget(old: Factors, keep: int, bits_per_value: int = 32) -> tuple[int, int, int]:
@@ -196,6 +263,9 @@ def topk_elementwise(old: Factors, new: Factors, keep: int, bits_per_value: int 
     ``joint=False`` (spec §8: ΔA and ΔB each): every factor tensor keeps the same
     fraction k/N of its own entries, its largest; ``joint=True``: the k largest over all
     tensors together.
+
+    Raises ValueError, naming the module and ΔA/ΔB, if an increment overflows the factors'
+    dtype or lies outside the wire type's finite range (float16: |x| > 65 504).
     """
     r = check_same_layout(old, new)
     keep = check_keep(keep, r)
@@ -204,9 +274,14 @@ def topk_elementwise(old: Factors, new: Factors, keep: int, bits_per_value: int 
         raise ValueError(f"bits_per_value must be 16 or 32; got bits_per_value = {bits_per_value!r}")
     wire = torch.float16 if bits_per_value == 16 else torch.float32
     deltas = []
-    for (A0, B0), (A1, B1) in zip(old.values(), new.values(), strict=True):
+    for name, (A0, B0), (A1, B1) in zip(old, old.values(), new.values(), strict=True):
+        da, db = (A1 - A0).detach(), (B1 - B0).detach()
+        for label, d in (("ΔA", da), ("ΔB", db)):
+            problem = _tensor_problem(name, label, d, wire, "= new − old overflows (not finite)")
+            if problem:
+                raise ValueError(f"cannot send the top-k update: {problem}")
         # values travel at the wire precision, as SOFT's do
-        deltas += [(A1 - A0).detach().to(wire).to(A0.dtype), (B1 - B0).detach().to(wire).to(B0.dtype)]
+        deltas += [da.to(wire).to(A0.dtype), db.to(wire).to(B0.dtype)]
     n_total = sum(d.numel() for d in deltas)
     out = []
     if joint:
@@ -230,7 +305,7 @@ def topk_elementwise(old: Factors, new: Factors, keep: int, bits_per_value: int 
             if kt:
                 mask[torch.topk(flat.abs(), int(kt), sorted=False).indices] = True
             out.append(torch.where(mask.reshape(d.shape), d, torch.zeros_like(d)))
-    return TopKUpdate(out[0::2], out[1::2], k, bits, coding, wire)
+    return TopKUpdate(out[0::2], out[1::2], k, bits, coding, wire, names=list(old))
 
 
 def _two_sided(A0, B0, A1, B1):
@@ -240,16 +315,29 @@ def _two_sided(A0, B0, A1, B1):
 
 
 def svd_truncation_qr(old: Factors, new: Factors, keep: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per module (P, Q) with P Q the best rank-``keep`` approximation of D, via QR + 2r×2r SVD."""
+    """Per module (P, Q) with P Q the best rank-``keep`` approximation of D, via QR + 2r×2r SVD.
+
+    Raises ValueError naming the module if D overflows float64 (factors beyond ~1e150).
+    """
     r = check_same_layout(old, new)
     keep = check_keep(keep, r)
     out = []
-    for (A0, B0), (A1, B1) in zip(old.values(), new.values(), strict=True):
+    for name, (A0, B0), (A1, B1) in zip(old, old.values(), new.values(), strict=True):
         P, Q = _two_sided(A0.detach(), B0.detach(), A1.detach(), B1.detach())
+        overflow = ValueError(f"svd_truncation_qr: the product update of module {name!r} overflows float64")
         qp, rp = torch.linalg.qr(P, mode="reduced")
         qq, rq = torch.linalg.qr(Q.transpose(0, 1), mode="reduced")
-        u, s, vh = torch.linalg.svd(rp @ rq.transpose(0, 1))
-        out.append(((qp @ u[:, :keep]) * s[:keep], vh[:keep] @ qq.transpose(0, 1)))
+        core = rp @ rq.transpose(0, 1)
+        if not bool(torch.isfinite(core).all()):
+            raise overflow
+        try:
+            u, s, vh = torch.linalg.svd(core)
+        except torch.linalg.LinAlgError as e:  # pragma: no cover - finite cores converge
+            raise ValueError(f"svd_truncation_qr: the SVD of module {name!r} failed: {e}") from e
+        pair = ((qp @ u[:, :keep]) * s[:keep], vh[:keep] @ qq.transpose(0, 1))
+        if not all(bool(torch.isfinite(t).all()) for t in pair):
+            raise overflow
+        out.append(pair)
     return out
 
 
@@ -272,9 +360,20 @@ def ffa_bits(factors: Factors, bits_per_value: int = 32) -> int:
 
 
 def ffa_update(old: Factors, new: Factors, bits_per_value: int = 32) -> tuple[list[torch.Tensor], int]:
-    """FFA-LoRA: the dense ΔB of every module (A stays frozen) and its bits (header included)."""
+    """FFA-LoRA: the dense ΔB of every module (A stays frozen) and its bits (header included).
+
+    Raises ValueError naming the module if ΔB overflows the factors' dtype or, with
+    ``bits_per_value=16``, lies outside float16's finite range (|x| > 65 504).
+    """
     check_same_layout(old, new)
-    db = [(B1 - B0).detach() for (_, B0), (_, B1) in zip(old.values(), new.values(), strict=True)]
+    wire = torch.float16 if bits_per_value == 16 else None
+    db = []
+    for name, (_, B0), (_, B1) in zip(old, old.values(), new.values(), strict=True):
+        d = (B1 - B0).detach()
+        problem = _tensor_problem(name, "ΔB", d, wire, "= new − old has non-finite values (overflow)")
+        if problem:
+            raise ValueError(f"ffa_update: {problem}")
+        db.append(d)
     return db, ffa_bits(old, bits_per_value)
 
 

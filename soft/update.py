@@ -12,6 +12,13 @@ The shape tag is the low 16 bits of a CRC-32 of the module names and shapes, so 
 cannot be decoded against the wrong model; the CRC-32 covers the first 12 header bytes and
 everything after the header, so a flipped or truncated byte is an error, never garbage.
 A client that keeps 0 components is not scheduled and sends nothing (0 bits).
+
+Every value on the wire is finite. The encoder refuses (ValueError, before any byte is
+produced) an increment that is NaN or inf, or that the wire type cannot hold (float16:
+|x| > 65 504 after rounding); the decoder refuses (WireFormatError) a payload whose values
+are not finite even when its CRC is right, and a mask whose padding bits are set, so every
+payload it accepts re-encodes to the same bytes. The server's :func:`aggregate` re-checks
+the updates it is handed (structure and finiteness) and refuses a result that overflows.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from soft.factors import Factors, check_factors, check_same_layout, shape_of
 from soft.importance import component_importance, select_top
 from tsfa.model import LoraShape
 
-__all__ = ["RankSparseUpdate", "WireFormatError", "sparsify", "decode", "aggregate", "WIRE_VERSION"]
+__all__ = ["RankSparseUpdate", "WireFormatError", "sparsify", "decode", "aggregate", "update_norm", "WIRE_VERSION"]
 
 WIRE_VERSION = 1
 _MAGIC = b"SF"
@@ -39,7 +46,77 @@ _CODES = {torch.float32: 0, torch.float16: 1}
 
 
 class WireFormatError(ValueError):
-    """A payload that cannot be decoded: wrong magic/version/shape, bad length or checksum."""
+    """A payload that cannot be decoded: wrong magic/version/shape, bad length or checksum,
+    mask, or a value that is not finite."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` -> ``"float16"`` (for messages)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _component_problem(name: str, indices, label: str, values: torch.Tensor, axis: int,
+                      wire_dtype: torch.dtype | None = None, nonfinite: str = "has non-finite values (NaN or inf)"
+                      ) -> str | None:
+    """What is wrong with one module's increments, or None.
+
+    ``values`` holds one component per column (``axis=1``, Δb: m×s) or per row (``axis=0``,
+    Δa: s×n); ``indices`` are the rank indices of those components. A value that is not
+    finite is reported with ``nonfinite``; with ``wire_dtype``, a finite value that the wire
+    type rounds to ±inf (float16 beyond 65 504) is reported as out of range. The message
+    names the module, the rank component and the factor (``label``).
+    """
+    if values.numel() == 0:
+        return None
+    values = values.detach()
+    reduce = 1 - axis
+
+    def where(bad: torch.Tensor) -> tuple[int, int]:
+        j = int(torch.nonzero(bad.any(dim=reduce)).reshape(-1)[0])
+        comp = int(indices[j]) if j < len(indices) else j
+        return j, comp
+
+    bad = ~torch.isfinite(values)
+    if bool(bad.any()):
+        _, comp = where(bad)
+        return f"module {name!r}, component {comp}: {label} {nonfinite}"
+    if wire_dtype is not None and values.dtype != wire_dtype:
+        over = ~torch.isfinite(values.to(wire_dtype))
+        if bool(over.any()):
+            j, comp = where(over)
+            big = float(values.select(axis, j).double().abs().max())
+            return (f"module {name!r}, component {comp}: {label} has values outside {dtype_name(wire_dtype)}'s "
+                    f"finite range (|x| ≤ {torch.finfo(wire_dtype).max:g}); largest |x| = {big:.6g}")
+    return None
+
+
+def _values_problem(names, indices, delta_b, delta_a, wire_dtype=None) -> str | None:
+    for name, idx, db, da in zip(names, indices, delta_b, delta_a, strict=True):
+        problem = (_component_problem(name, idx, "Δb", db, 1, wire_dtype)
+                   or _component_problem(name, idx, "Δa", da, 0, wire_dtype))
+        if problem:
+            return problem
+    return None
+
+
+def _structure_problem(u: RankSparseUpdate) -> str | None:
+    """Whether a (possibly hand-built) update is consistent with its shape, or None."""
+    L, r = u.shape.num_modules, u.shape.rank
+    if not len(u.indices) == len(u.delta_b) == len(u.delta_a) == L:
+        return (f"has {len(u.indices)} index sets, {len(u.delta_b)} Δb and {len(u.delta_a)} Δa "
+                f"for {L} modules")
+    for mod, idx, db, da in zip(u.shape.modules, u.indices, u.delta_b, u.delta_a, strict=True):
+        m, n = mod.out_features, mod.in_features
+        if not isinstance(idx, torch.Tensor) or idx.ndim != 1 or idx.is_floating_point() or idx.is_complex():
+            return f"module {mod.name!r}: indices must be a 1-D integer tensor"
+        c = len(idx)
+        if c and (int(idx.min()) < 0 or int(idx.max()) >= r or bool((idx[1:] <= idx[:-1]).any())):
+            return f"module {mod.name!r}: indices {idx.tolist()} must be ascending, distinct and in 0..{r - 1}"
+        for label, t, want in (("Δb", db, (m, c)), ("Δa", da, (c, n))):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != want:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                return f"module {mod.name!r}: {label} must be a floating tensor of shape {want}; got {got}"
+    return None
 
 
 def shape_tag(shape: LoraShape) -> int:
@@ -84,10 +161,17 @@ class RankSparseUpdate:
         return m
 
     def encode(self) -> bytes:
-        """The payload bytes (see the module docstring)."""
+        """The payload bytes (see the module docstring).
+
+        Raises ValueError, naming the module, the component and the factor, if an increment
+        is not finite or lies outside the wire type's finite range (float16: |x| > 65 504).
+        """
         if self.keep == 0:
             return b""
-        code = _CODES[self.dtype]
+        code = _CODES[_check_dtype(self.dtype)]
+        problem = _values_problem(self.names, self.indices, self.delta_b, self.delta_a, self.dtype)
+        if problem:
+            raise ValueError(f"cannot encode the update: {problem}")
         _, np_dtype, _ = _DTYPES[code]
         L, r = self.shape.num_modules, self.shape.rank
         head = _HEAD.pack(_MAGIC, WIRE_VERSION, code, r, L, self.keep, shape_tag(self.shape))
@@ -143,11 +227,18 @@ def updates_from_indices(old: Factors, new: Factors, indices: Sequence[torch.Ten
             raise ValueError(f"the modules must send keep = {keep} indices each (or keep·L = {keep * len(counts)} "
                              f"in total when all modules have the same size m + n); got {counts}")
     dbs, das, idxs = [], [], []
-    for (A0, B0), (A1, B1), idx in zip(old.values(), new.values(), indices, strict=True):
+    for name, (A0, B0), (A1, B1), idx in zip(old, old.values(), new.values(), indices, strict=True):
         idx = torch.sort(torch.as_tensor(idx, dtype=torch.int64)).values
         idxs.append(idx)
-        dbs.append((B1[:, idx].detach() - B0[:, idx].detach()).to(dtype))
-        das.append((A1[idx].detach() - A0[idx].detach()).to(dtype))
+        raw_b = B1[:, idx].detach() - B0[:, idx].detach()
+        raw_a = A1[idx].detach() - A0[idx].detach()
+        overflow = f"= new − old overflows {dtype_name(raw_b.dtype)} (not finite)"
+        problem = (_component_problem(name, idx, "Δb", raw_b, 1, dtype, overflow)
+                   or _component_problem(name, idx, "Δa", raw_a, 0, dtype, overflow))
+        if problem:
+            raise ValueError(f"cannot send the update: {problem}")
+        dbs.append(raw_b.to(dtype))
+        das.append(raw_a.to(dtype))
     return RankSparseUpdate(shape, keep, tuple(idxs), tuple(dbs), tuple(das), dtype)
 
 
@@ -161,6 +252,10 @@ def sparsify(old: Factors, new: Factors, keep: int, *, dtype=torch.float32, scop
     the keep · L largest components over all modules, so modules whose update is larger get
     more of the same payload; needs every module to have the same size m + n (then the
     payload is exactly ``LoraShape.payload_bits(keep)`` either way).
+
+    Raises ValueError, naming the module, the component and the factor, if a kept increment
+    overflows the factors' dtype or lies outside the wire type's finite range (float16:
+    |x| > 65 504 after rounding), before any byte is produced.
     """
     r = check_same_layout(old, new)
     keep = check_keep(keep, r)
@@ -183,7 +278,9 @@ def decode(data: bytes, shape: LoraShape) -> RankSparseUpdate:
     """Parse a payload produced by :meth:`RankSparseUpdate.encode` for this adapter shape.
 
     Raises :class:`WireFormatError` naming what is wrong (magic, version, dtype, rank,
-    module count, keep, shape tag, length, checksum, mask).
+    module count, keep, shape tag, length, checksum, mask popcounts or padding bits, or a
+    value that is not finite — named by module, component and factor — even under a valid
+    checksum). An accepted payload re-encodes to the same bytes.
     """
     if not isinstance(shape, LoraShape):
         raise TypeError(f"shape must be a tsfa.LoraShape; got {type(shape).__name__}")
@@ -219,7 +316,10 @@ def decode(data: bytes, shape: LoraShape) -> RankSparseUpdate:
     if zlib.crc32(data[HEADER_BYTES:], zlib.crc32(data[: _HEAD.size])) != crc:
         raise WireFormatError("checksum mismatch: the payload is corrupted")
     mask_bytes = wire_shape.mask_bits // 8
-    bits = np.unpackbits(np.frombuffer(data, np.uint8, mask_bytes, HEADER_BYTES))[: L * r].reshape(L, r)
+    all_bits = np.unpackbits(np.frombuffer(data, np.uint8, mask_bytes, HEADER_BYTES))
+    if all_bits[L * r:].any():
+        raise WireFormatError(f"mask padding bits (after the {L * r} mask bits) must be zero")
+    bits = all_bits[: L * r].reshape(L, r)
     counts = bits.sum(axis=1)
     sizes = {m.out_features + m.in_features for m in shape.modules}
     if np.any(counts != keep) and (len(sizes) != 1 or counts.sum() != keep * L):
@@ -238,6 +338,9 @@ def decode(data: bytes, shape: LoraShape) -> RankSparseUpdate:
         idxs.append(torch.from_numpy(np.flatnonzero(bits[ell]).astype(np.int64)))
         dbs.append(torch.from_numpy(db.copy()).transpose(0, 1).contiguous())
         das.append(torch.from_numpy(da.copy()))
+    problem = _values_problem([m.name for m in shape.modules], idxs, dbs, das)
+    if problem:
+        raise WireFormatError(f"{problem}: the payload carries values no client can send")
     return RankSparseUpdate(wire_shape, keep, tuple(idxs), tuple(dbs), tuple(das), dtype)
 
 
@@ -250,6 +353,12 @@ def aggregate(global_factors: Factors, updates: Sequence[RankSparseUpdate], weig
     an index nobody sent stays unchanged. ``fill="zero"`` treats an unsent increment as 0
     and normalises the weights over all clients (plain FedAvg of sparse updates).
     Returns new float32/float64 tensors in the global factors' dtype.
+
+    Validates before aggregating: the global factors (shapes, one rank, finite), the weights
+    (one per update, finite, ≥ 0), and every update, whatever its weight (same modules and
+    rank; indices ascending, distinct, in 0..r−1; Δb m×s and Δa s×n; every value finite).
+    A result that overflows the global factors' dtype is refused too. Each failure is a
+    ValueError naming the update (``updates[k]``) and the module.
     """
     r = check_factors(global_factors, "global_factors")
     if fill not in ("renormalise", "zero"):
@@ -266,6 +375,13 @@ def aggregate(global_factors: Factors, updates: Sequence[RankSparseUpdate], weig
         if list(u.names) != names or u.shape.rank != r:
             raise ValueError(f"updates[{k}] is for modules {list(u.names)} at rank {u.shape.rank}; "
                              f"the global factors have {names} at rank {r}")
+        for mod, (A, B) in zip(u.shape.modules, global_factors.values(), strict=True):
+            if (mod.out_features, mod.in_features) != (B.shape[0], A.shape[1]):
+                raise ValueError(f"updates[{k}] has module {mod.name!r} of size {mod.out_features}×{mod.in_features}; "
+                                 f"the global factors have {B.shape[0]}×{A.shape[1]}")
+        problem = _structure_problem(u) or _values_problem(u.names, u.indices, u.delta_b, u.delta_a)
+        if problem:
+            raise ValueError(f"updates[{k}]: {problem}")
     out = {}
     total = float(w.sum())
     for ell, name in enumerate(names):
@@ -286,5 +402,54 @@ def aggregate(global_factors: Factors, updates: Sequence[RankSparseUpdate], weig
             den = torch.where(wsum > 0, wsum, torch.ones_like(wsum))
         A2 = (A.detach().double() + acc_a / den[:, None]).to(A.dtype)
         B2 = (B.detach().double() + acc_b / den[None, :]).to(B.dtype)
+        for label, t in (("A", A2), ("B", B2)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"the aggregated {label} of module {name!r} overflows {dtype_name(t.dtype)}: "
+                                 "the updates are too large for the global factors' dtype")
         out[name] = (A2, B2)
     return out
+
+
+def update_norm(update) -> float:
+    """‖Δ‖_F of the transmitted increments: √(Σ_ℓ Σ_{i sent} ‖Δb_i‖² + ‖Δa_i‖²).
+
+    For a server screening updates (e.g. refusing a client whose norm exceeds a multiple
+    of the round's median). It is the norm of what the client adds to the global factors
+    (``update.apply_to(g) − g`` for any g), computed from the wire values alone, in float64
+    and scaled so that it neither overflows nor underflows.
+
+    Why the increments and not the product change D = (B + ΔB)(A + ΔA) − BA: the server
+    averages Δb_i and Δa_i separately (:func:`aggregate`), so a client's contribution to
+    the new global factors is its increments times a weight ≤ 1 (p_k over the clients that
+    sent that index, or over all clients with ``fill="zero"``), and this norm bounds it.
+    The product change of a single update does not: Δa_i = −a_i with an arbitrarily large
+    Δb_i changes that client's own product by only −b_i a_iᵀ, yet once averaged with other
+    clients' increments it moves the global product without bound. The increments are
+    also comparable across the clients of a round, since all start from the same broadcast
+    factors (one choice of LoRA's scale freedom B·c, A/c for everyone), and need no m×n
+    matrix.
+
+    Accepts a :class:`RankSparseUpdate` or a :class:`soft.baselines.TopKUpdate` (the norm of
+    all its ΔA, ΔB entries). Raises ValueError, naming the module, if a value is not
+    finite: a NaN norm would pass any "norm > c · median" test.
+    """
+    from soft.baselines import TopKUpdate
+
+    if isinstance(update, RankSparseUpdate):
+        problem = _values_problem(update.names, update.indices, update.delta_b, update.delta_a)
+        tensors = list(update.delta_b) + list(update.delta_a)
+    elif isinstance(update, TopKUpdate):
+        problem = update.values_problem()
+        tensors = list(update.delta_a) + list(update.delta_b)
+    else:
+        raise TypeError(f"update must be a RankSparseUpdate or a TopKUpdate; got {type(update).__name__}")
+    if problem:
+        raise ValueError(f"update_norm: {problem}")
+    flat = [t.detach().double().reshape(-1) for t in tensors if t.numel()]
+    if not flat:
+        return 0.0
+    x = torch.cat(flat)
+    scale = float(x.abs().max())
+    if scale == 0.0:
+        return 0.0
+    return scale * float(torch.linalg.vector_norm(x / scale))

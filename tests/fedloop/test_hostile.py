@@ -225,3 +225,26 @@ def test_uploads_are_validated_at_the_trust_boundary(tmp_path):
         server.check_upload(Upload(payload=up.payload, bits=up.bits, head={"w": good}), 3)
     with pytest.raises(ValueError):
         server.check_upload(Upload(payload=up.payload[:-1], bits=up.bits, head={"w": good}), 2)
+
+
+class Inflating(LocalPool):
+    """Client 1's update is 100 times what it trained (a finite, well-formed, hostile payload)."""
+
+    def train(self, t):
+        report = super().train(t)
+        g = self.server.global_factors
+        self.local_factors[1] = {n: tuple(o + 100 * (x - o) for o, x in zip(g[n], pair, strict=True))
+                                 for n, pair in self.local_factors[1].items()}
+        return report
+
+
+@pytest.mark.parametrize("factor", [None, 3.0])
+def test_the_norm_rule_rejects_an_outsized_update(tmp_path, factor):
+    server = Server(lin(tmp_path / "run", strategy="fixed", clients=4, reject_norm_factor=factor))
+    row = server.step(Inflating(server))
+    status = server.history.clients[1]["status"]
+    if factor is None:
+        assert status == "ok" and row["scheduled"] == 4
+    else:
+        assert status.startswith("rejected: update norm") and row["scheduled"] == 3
+        assert server.history.clients[1]["uplink_bits"] == 0
