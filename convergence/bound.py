@@ -96,9 +96,13 @@ class BoundConstants:
             raise ValueError(f"step_size must be > 0; got step_size = {self.step_size!r}")
         if int(self.local_steps) != self.local_steps or self.local_steps < 1:
             raise ValueError(f"local_steps must be an integer >= 1; got local_steps = {self.local_steps!r}")
-        if not isinstance(self.floor, (int, float, np.integer, np.floating)) or not math.isfinite(self.floor):
+        real = (int, float, np.integer, np.floating)
+        if isinstance(self.floor, (bool, np.bool_)) or not isinstance(self.floor, real) \
+                or not math.isfinite(self.floor):
             raise ValueError(f"floor must be a finite number; got floor = {self.floor!r}")
-        if self.split is not None and (not math.isfinite(self.split) or self.split <= 0):
+        if self.split is not None and (isinstance(self.split, (bool, np.bool_))
+                                       or not isinstance(self.split, (int, float, np.integer, np.floating))
+                                       or not math.isfinite(self.split) or self.split <= 0):
             raise ValueError(f"split must be None or a finite number > 0; got split = {self.split!r}")
         object.__setattr__(self, "spectrum", check_spectrum(self.spectrum))
 
@@ -176,14 +180,16 @@ def contraction_factor(c: BoundConstants) -> float:
 def noise_term(c: BoundConstants) -> float:
     """The per-round stochastic-gradient noise increment (1+β) η² L E σ² / 2."""
     _, beta = _a_beta(c)
-    return (1.0 + beta) * c.step_size**2 * c.smoothness * c.local_steps * c.noise / 2.0
+    eta = float(c.step_size)  # products, not **: an overflow is inf (reported by bound), not OverflowError
+    return (1.0 + beta) * (eta * eta) * c.smoothness * c.local_steps * c.noise / 2.0
 
 
 def drift_term(c: BoundConstants) -> float:
     """The per-round client-drift increment (1+β)[η² L E G²/2 + η² L G √(G²+σ²) E(E−1)]."""
     _, beta = _a_beta(c)
-    eta, L, E, G2 = c.step_size, c.smoothness, c.local_steps, c.gradient_bound
-    return (1.0 + beta) * (eta**2 * L * E * G2 / 2.0 + eta**2 * L * math.sqrt(G2 * (G2 + c.noise)) * E * (E - 1))
+    eta, L, E, G2 = float(c.step_size), float(c.smoothness), float(c.local_steps), float(c.gradient_bound)
+    e2 = eta * eta
+    return (1.0 + beta) * (e2 * L * E * G2 / 2.0 + e2 * L * math.sqrt(G2 * (G2 + c.noise)) * E * (E - 1))
 
 
 def _aggregation_weight(c: BoundConstants) -> float:
@@ -192,7 +198,7 @@ def _aggregation_weight(c: BoundConstants) -> float:
         return 0.0
     if beta <= 0:
         return math.inf
-    return (1.0 + 1.0 / beta) * c.product_smoothness * c.scaling**2
+    return (1.0 + 1.0 / beta) * c.product_smoothness * (float(c.scaling) * float(c.scaling))
 
 
 def sparsification_term(c: BoundConstants, sparsification):
@@ -229,6 +235,115 @@ def _per_round(name, x, T):
 #: total over this grid is reported, per candidate).
 SPLIT_GRID = np.logspace(-4, 1, 26)
 
+#: The most per-round values :func:`bound` returns (the product of the leading shape and T + 1);
+#: beyond it, ask for the final round only (:func:`convergence.make_predictor` does).
+MAX_OUTPUT_VALUES = 2**28
+
+
+def _rounds(T) -> int:
+    if isinstance(T, (bool, np.bool_)) or not isinstance(T, (int, np.integer, float, np.floating)):
+        raise ValueError(f"rounds must be an integer >= 0; got rounds = {T!r}")
+    if not math.isfinite(T) or int(T) != T or T < 0:
+        raise ValueError(f"rounds must be an integer >= 0; got rounds = {T!r}")
+    return int(T)
+
+
+class _Series:
+    """A per-round series x_τ (τ = 0..T−1) as a head (..., n) followed by a constant tail (...)
+    for τ ≥ n: a scalar schedule is n = 0, a full array n = T. Lets the convolution
+    Σ_{τ<t} ρ^{t−1−τ} x_τ be evaluated at any t in O(n), whatever T."""
+
+    def __init__(self, head: np.ndarray, tail: np.ndarray):
+        self.head, self.tail = head, tail
+        self.n = head.shape[-1]
+
+    @classmethod
+    def of(cls, name: str, x, T: int) -> _Series:
+        x = np.asarray(x)
+        if x.dtype.kind not in "iuf":
+            raise ValueError(f"{name} must be real numbers; got {name} of dtype {x.dtype}")
+        x = x.astype(float)
+        _check_nonneg(name, x)
+        if x.ndim == 0:
+            return cls(np.zeros((0,)), x)
+        if x.shape[-1] != T:
+            raise ValueError(f"{name} must be a scalar or have a last axis of length rounds ({T}); got shape {x.shape}")
+        return cls(x, np.zeros(x.shape[:-1]))
+
+    def scaled(self, w: float) -> _Series:
+        return _Series(_mul(w, self.head), _mul(w, self.tail))
+
+    def lead_shape(self) -> tuple:
+        return np.broadcast_shapes(self.head.shape[:-1], self.tail.shape)
+
+    def conv(self, rho: float, t: np.ndarray, geo_t: np.ndarray | None = None) -> np.ndarray:
+        """acc_t = Σ_{τ<t} ρ^{t−1−τ} x_τ at rounds ``t`` (int array; its last axis is the rounds
+        axis of the result, its leading axes broadcast with the series')."""
+        n = self.n
+        if n:
+            from scipy.signal import lfilter  # the recursion acc ← ρ acc + x, in C
+
+            with np.errstate(over="ignore", invalid="ignore"):
+                y = lfilter([1.0], [1.0, -rho], self.head, axis=-1)
+            Y = np.concatenate([np.zeros(y.shape[:-1] + (1,)), y], axis=-1)  # Y[..., t] = acc_t, t ≤ n
+            idx = np.minimum(t, n).astype(np.intp)
+            if idx.ndim == 1:
+                base = Y[..., idx]
+            else:
+                shp = np.broadcast_shapes(Y.shape[:-1] + (1,), idx.shape[:-1] + (1,))
+                base = np.take_along_axis(np.broadcast_to(Y, shp[:-1] + Y.shape[-1:]),
+                                          np.broadcast_to(idx, shp[:-1] + idx.shape[-1:]), axis=-1)
+        else:
+            base = np.zeros(())
+        k = np.maximum(t - n, 0) if n else t
+        with np.errstate(over="ignore", invalid="ignore"):
+            tail = _mul(self.tail[..., None], geo_t if (geo_t is not None and not n) else _geo(rho, k))
+            return _mul(base, _power(rho, k)) + tail if n else tail
+
+
+def _mul(a, b):
+    """a·b with 0·inf = 0 (a zero increment contributes nothing, however long the horizon)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.ndim == 0 and float(a) == 0.0:
+        return np.zeros(b.shape)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = a * b
+        if np.isnan(out).any():
+            out = np.where((a == 0) | (b == 0), 0.0, out)
+    return out
+
+
+def _power(rho: float, k) -> np.ndarray:
+    """ρ^k (ρ^0 = 1, also for ρ = 0). For ρ < 1 only the k where ρ^k is not 0 in floating point
+    are computed (k > 760/|ln ρ| gives 0), so long horizons cost a fill, not a pow each."""
+    k = np.asarray(k, dtype=float)
+    if 0.0 < rho < 1.0 and k.size > 4096:
+        out = np.zeros(k.shape)
+        live = k < 760.0 / -math.log(rho)
+        out[live] = np.power(rho, k[live])
+        out[k == 0] = 1.0
+        return out
+    with np.errstate(over="ignore", under="ignore"):
+        return np.power(rho, k)
+
+
+def _geo(rho: float, k) -> np.ndarray:
+    """Σ_{j<k} ρ^j in closed form, accurate for ρ near 1: expm1(k ln ρ)/(ρ − 1). For ρ < 1,
+    where ρ^k is below 2⁻⁶⁰ the sum equals its limit 1/(1 − ρ) to rounding."""
+    k = np.asarray(k, dtype=float)
+    if rho == 1.0:
+        return k
+    if rho == 0.0:
+        return (k > 0).astype(float)
+    lr = math.log(rho)
+    if rho < 1.0 and k.size > 4096:
+        out = np.full(k.shape, 1.0 / (1.0 - rho))
+        live = k < 42.0 / -lr
+        out[live] = np.expm1(k[live] * lr) / (rho - 1.0)
+        return out
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.expm1(k * lr) / (rho - 1.0)
+
 
 def bound(constants: BoundConstants, schedule: Schedule) -> BoundTerms:
     """Evaluate the bound for rounds 0..T (docs/theory.md, Theorem 1).
@@ -237,54 +352,137 @@ def bound(constants: BoundConstants, schedule: Schedule) -> BoundTerms:
     together; every term has shape (broadcast shape, T+1). With ``constants.split`` None the
     Young split β is chosen from :data:`SPLIT_GRID` (and a/2) to make the final total least,
     separately for each candidate; ``BoundTerms.rate`` is then ρ of the first candidate.
+
+    Closed form (geometric sums; the per-round series by one C-level recursion), so the cost
+    is O(T) numpy with a small constant, and the choice of β costs O(1) per β for scalar
+    schedules. Raises ValueError naming the constant responsible when a term overflows.
     """
     c = constants
     if not isinstance(c, BoundConstants):
-        raise TypeError(f"constants must be BoundConstants; got {type(c).__name__}")
-    if c.split is None:
-        a, _ = _a_beta(c)
-        best = None
-        for beta in sorted({*SPLIT_GRID.tolist(), *([a / 2] if a > 0 else [])}):
-            if (1.0 + beta) * (1.0 - a) > 1.0 + 1e-12 and best is not None:
-                continue  # ρ > 1: the bound grows without limit; never the least
-            with np.errstate(over="ignore", invalid="ignore"):
-                b = _bound(c.replace(split=float(beta)), schedule)
-            if best is None:
-                best = b
-                continue
-            better = b.total[..., -1] < best.total[..., -1]
-            for name in (*TERMS, "total"):
-                setattr(best, name, np.where(better[..., None], getattr(b, name), getattr(best, name)))
-        return best
-    return _bound(c, schedule)
-
-
-def _bound(c: BoundConstants, schedule: Schedule) -> BoundTerms:
-    T = schedule.rounds
-    if isinstance(T, bool) or int(T) != T or T < 0:
-        raise ValueError(f"rounds must be an integer >= 0; got rounds = {T!r}")
-    T = int(T)
+        raise ValueError(f"constants must be BoundConstants; got {type(c).__name__}")
+    if not isinstance(schedule, Schedule):
+        raise ValueError(f"schedule must be a Schedule; got {type(schedule).__name__}")
+    T = _rounds(schedule.rounds)
     eps = np.asarray(rank_term(c.spectrum, schedule.rank, weight=c.rank_weight), dtype=float)
-    e = sparsification_term(c, _per_round("sparsification", schedule.sparsification, T))
-    cv = covariance_term(c, _per_round("covariance", schedule.covariance, T))
-    shape = np.broadcast_shapes(eps.shape, e.shape[:-1], cv.shape[:-1])
+    e = _Series.of("sparsification", schedule.sparsification, T)
+    cv = _Series.of("covariance", schedule.covariance, T)
+    shape = np.broadcast_shapes(eps.shape, e.lead_shape(), cv.lead_shape())
+    if (T + 1) * math.prod(shape) > MAX_OUTPUT_VALUES:
+        raise ValueError(f"rounds = {T} with {math.prod(shape)} candidates asks for "
+                         f"{(T + 1) * math.prod(shape)} per-round values (at most {MAX_OUTPUT_VALUES}); "
+                         "evaluate the final round only (convergence.make_predictor)")
+    t_sel = np.array([T])
+    rounds = np.arange(T + 1, dtype=float)
+    return _evaluate(c, eps, e, cv, t_sel, rounds, shape)
+
+
+def _betas(c: BoundConstants) -> list[float]:
+    if c.split is not None:
+        return [float(c.split)]
+    a, _ = _a_beta(c)
+    return sorted({*SPLIT_GRID.tolist(), *([a / 2] if a > 0 else [])})
+
+
+def _evaluate(c: BoundConstants, eps, e: _Series, cv: _Series, t_sel, t_out, shape) -> BoundTerms:
+    """Terms at rounds ``t_out`` (int array, last axis = rounds), β chosen per candidate by the
+    total at rounds ``t_sel`` (same conventions, one round), as the loop of the old recursion
+    did: the first β of the sorted grid with the least finite total, skipping ρ > 1."""
+    betas = _betas(c)
+    best_total, best_i = None, None
+    candidates = []
+    for i, beta in enumerate(betas):
+        ci = c.replace(split=beta)
+        if c.split is None and contraction_factor(ci) > 1.0 + 1e-12 and best_total is not None:
+            continue  # ρ > 1: the bound grows without limit; never the least
+        candidates.append(i)
+        if len(betas) == 1:
+            best_i = np.zeros(shape, dtype=np.intp)
+            break
+        tot = _terms(ci, eps, e, cv, t_sel, shape)["total"][..., -1]
+        tot = np.where(np.isfinite(tot), tot, np.inf)
+        if best_total is None:
+            best_total, best_i = tot, np.full(shape, i, dtype=np.intp)
+        else:
+            better = tot < best_total
+            best_total, best_i = np.where(better, tot, best_total), np.where(better, i, best_i)
+    out = None
+    for i in np.unique(best_i):
+        ci = c.replace(split=betas[int(i)])
+        terms = _terms(ci, eps, e, cv, t_out, shape)
+        _check_finite(ci, terms, eps, e, cv, t_out)
+        if out is None:
+            out, rate = terms, contraction_factor(ci)
+        else:
+            pick = (best_i == i)[..., None]
+            out = {k: np.where(pick, terms[k], out[k]) for k in out}
+    if c.split is None:
+        rate = contraction_factor(c.replace(split=betas[int(np.ravel(best_i)[0])]))
+    return BoundTerms(**out, floor=float(c.floor), rate=rate)
+
+
+def _terms(c: BoundConstants, eps, e: _Series, cv: _Series, t, shape) -> dict:
     rho = contraction_factor(c)
     _, beta = _a_beta(c)
+    w = _aggregation_weight(c)
     n, d = noise_term(c), drift_term(c)
     u0 = np.maximum(c.initial_gap - eps, 0.0)
-    powers = rho ** np.arange(T + 1)
-    geo = np.concatenate([[0.0], np.cumsum(powers[:-1])])  # Σ_{j<t} ρ^j
-    out = {
-        "contraction": np.broadcast_to(u0[..., None] * powers, (*shape, T + 1)),
-        "noise": np.broadcast_to(n * geo, (*shape, T + 1)),
-        "drift": np.broadcast_to(d * geo, (*shape, T + 1)),
-        "rank": np.broadcast_to(eps[..., None] * (1.0 + beta * geo), (*shape, T + 1)),
+    t = np.asarray(t)
+    full = (*shape, t.shape[-1])
+    powers, geo = _power(rho, t), _geo(rho, t)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = {
+            "contraction": _mul(u0[..., None], powers),
+            "noise": _mul(n, geo),
+            "drift": _mul(d, geo),
+            "sparsification": e.scaled(_mul(w, c.sparsification_factor)).conv(rho, t, geo),
+            "covariance": cv.scaled(w).conv(rho, t, geo),
+            "rank": _mul(eps[..., None], 1.0 + _mul(beta, geo)),
+        }
+        out = {k: (v if v.shape == full else np.array(np.broadcast_to(v, full), dtype=float))
+               for k, v in out.items()}
+        total = out["contraction"] + out["noise"]
+        for k in TERMS[2:]:
+            total += out[k]
+    return {**out, "total": total}
+
+
+def _check_finite(c: BoundConstants, terms: dict, eps, e: _Series, cv: _Series, t) -> None:
+    """Raise ValueError naming the constant behind a non-finite term (instead of inf/nan)."""
+    if all(np.all(np.isfinite(terms[k])) for k in (*TERMS, "total")):
+        return
+    rho = contraction_factor(c)
+    T = int(np.max(t))
+    vals = {f.name: getattr(c, f.name) for f in fields(c) if f.name not in ("spectrum", "source", "floor")}
+    culprits = {
+        "contraction": ("initial_gap", "pl", "split"),
+        "noise": ("step_size", "smoothness", "local_steps", "noise"),
+        "drift": ("step_size", "smoothness", "local_steps", "gradient_bound", "noise"),
+        "sparsification": ("product_smoothness", "scaling", "sparsification_factor", "split"),
+        "covariance": ("product_smoothness", "scaling", "split"),
+        "rank": ("spectrum", "rank_weight", "split"),
     }
-    for name, x in (("sparsification", e), ("covariance", cv)):
-        acc = np.zeros(np.broadcast_shapes(x.shape[:-1], shape) + (T + 1,))
-        for t in range(T):
-            acc[..., t + 1] = rho * acc[..., t] + x[..., t]
-        out[name] = acc
-    out = {k: np.array(v, dtype=float) for k, v in out.items()}
-    total = sum(out[k] for k in TERMS)
-    return BoundTerms(**out, total=total, floor=float(c.floor), rate=rho)
+    increments = {"noise": noise_term(c), "drift": drift_term(c), "sparsification": _aggregation_weight(c)
+                  * c.sparsification_factor, "covariance": _aggregation_weight(c)}
+    for name in (*TERMS, "total"):
+        if np.all(np.isfinite(terms[name])):
+            continue
+        if name == "total":
+            raise ValueError(f"the bound's total overflows the float range over rounds = {T}; "
+                             "the terms are finite but their sum is not: scale down initial_gap or the schedules")
+        inc = increments.get(name)
+        names = culprits[name]
+        if inc is not None and not math.isfinite(inc):  # the per-round increment itself overflows
+            big = max((k for k in names if k in vals), key=lambda k: abs(math.log10(max(abs(vals[k]), 1e-300))))
+            raise ValueError(f"the {name} term overflows: its per-round increment is {inc!r} "
+                             f"({', '.join(f'{k} = {vals[k]!r}' for k in names if k in vals)}); "
+                             f"{big} = {vals[big]!r} is too large")
+        if rho > 1.0:
+            raise ValueError(f"the {name} term overflows over rounds = {T}: the contraction factor "
+                             f"rho = (1 + split)(1 - a) = {rho!r} > 1 compounds (split = {c.split!r}, pl = {c.pl!r}, "
+                             f"step_size = {c.step_size!r}, local_steps = {c.local_steps!r}); choose a smaller split, "
+                             "a larger pl, or fewer rounds")
+        big = max((k for k in names if k in vals), key=lambda k: abs(math.log10(max(abs(vals[k]), 1e-300))),
+                  default=names[0])
+        raise ValueError(f"the {name} term overflows the float range "
+                         f"({', '.join(f'{k} = {vals[k]!r}' for k in names if k in vals)}); "
+                         f"{big} = {vals[big]!r} is too large")

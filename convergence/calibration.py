@@ -53,6 +53,34 @@ MEASUREMENTS: dict[str, str] = {
 }
 
 
+#: Columns that are energies: ≥ 0 in every round that measured them.
+_ENERGIES = ("dropped_energy", "covariance_sq", "update_energy", "grad_sq_mean", "grad_mean_sq")
+
+
+def _check_history(history) -> None:
+    """A pilot history: ``rounds`` a list of dicts, ``config`` and ``meta`` dicts, and every
+    measured value of a declared column a real number (energies ≥ 0, finite); errors name the
+    column and the round."""
+    for attr in ("rounds", "config", "meta"):
+        if not hasattr(history, attr):
+            raise ValueError(f"history must be a fedloop History (with rounds, config, meta); "
+                             f"got {type(history).__name__} without {attr!r}")
+    if not isinstance(history.rounds, list) or not all(isinstance(r, dict) for r in history.rounds):
+        raise ValueError("history.rounds must be a list of dicts (one per round)")
+    if not isinstance(history.config, dict) or not isinstance(history.meta, dict):
+        raise ValueError("history.config and history.meta must be dicts")
+    for t, row in enumerate(history.rounds):
+        for name in MEASUREMENTS:
+            v = row.get(name)
+            if v is None or name == "profile":
+                continue
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise ValueError(f"history column {name!r} must hold numbers; got {v!r} in round {t}")
+            if name in _ENERGIES and (v < 0 or math.isinf(v)):
+                raise ValueError(f"history column {name!r} must be finite and >= 0 (an energy); "
+                                 f"got {v!r} in round {t}")
+
+
 def _column(history, name: str) -> np.ndarray:
     if name not in MEASUREMENTS:  # one schema: a column read here is a declared measurement
         raise KeyError(f"{name!r} is not a declared measurement; see convergence.calibration.MEASUREMENTS")
@@ -95,6 +123,16 @@ def calibrate(history, spectrum=None, *, rank_weight: float = 0.5, skip: int = 0
     """
     from scipy.optimize import lsq_linear
 
+    _check_history(history)
+    if isinstance(skip, (bool, np.bool_)) or not isinstance(skip, (int, np.integer)) or skip < 0:
+        raise ValueError(f"skip must be an integer >= 0; got skip = {skip!r}")
+    if floor_min is not None and (isinstance(floor_min, (bool, np.bool_))
+                                  or not isinstance(floor_min, (int, float, np.integer, np.floating))
+                                  or not math.isfinite(floor_min)):
+        raise ValueError(f"floor_min must be a finite number or None; got floor_min = {floor_min!r}")
+    if isinstance(rank_weight, (bool, np.bool_)) or not isinstance(rank_weight, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(rank_weight) or rank_weight < 0:
+        raise ValueError(f"rank_weight must be a finite number >= 0; got rank_weight = {rank_weight!r}")
     cfg = history.config
     spectrum = check_spectrum(np.zeros(int(cfg.get("rank", 1))) if spectrum is None else spectrum)
     loss, _ = loss_curve(history)
@@ -181,9 +219,14 @@ def _pilot_series(pilot, key):
     """A pilot's per-round series: a History's column, or a value/array from a mapping (planning
     without a pilot run, e.g. from module shapes alone)."""
     if hasattr(pilot, "column"):
+        _check_history(pilot)
         return np.nan_to_num(_column(pilot, key), nan=0.0)
     if isinstance(pilot, dict) and key in pilot:
-        x = np.atleast_1d(np.asarray(pilot[key], dtype=float))
+        from tsfa._validate import real_array
+
+        x = np.atleast_1d(real_array(f"pilot[{key!r}]", pilot[key]))
+        if x.ndim != 1:
+            raise ValueError(f"pilot[{key!r}] must be a scalar or a 1-D per-round array; got shape {x.shape}")
         if np.any(~np.isfinite(x)) or np.any(x < 0):
             raise ValueError(f"pilot[{key!r}] must be finite and >= 0; got {pilot[key]!r}")
         return x
@@ -207,12 +250,34 @@ def make_predictor(constants: BoundConstants, pilot):
     """A ``predict(rank, keep_ratio, rounds) -> {term: array, "total": predicted loss}`` callable
     for :func:`tsfa.design_offline`; "total" is the predicted final *loss* (gap + F*)."""
 
+    if not isinstance(constants, BoundConstants):
+        raise ValueError(f"constants must be BoundConstants; got {type(constants).__name__}")
+    U_all, c_all = _pilot_series(pilot, "update_energy"), _pilot_series(pilot, "covariance_sq")
+
     def predict(rank, keep_ratio, rounds):
-        r, kr, T = np.broadcast_arrays(np.asarray(rank), np.asarray(keep_ratio, dtype=float), np.asarray(rounds))
-        Tmax = int(T.max()) if T.size else 0
-        terms = predict_final_loss(constants, pilot, r, kr, Tmax)
-        Ti = T.astype(int)[..., None]
-        out = {name: np.take_along_axis(v, Ti, axis=-1)[..., 0] for name, v in terms.as_dict().items()}
+        """Closed form at each candidate's own round count: the cost does not grow with rounds."""
+        from convergence.bound import _evaluate, _rounds, _Series
+
+        T = np.asarray(rounds)
+        if T.dtype.kind not in "iuf" or np.any(~np.isfinite(T)) or np.any(T < 0) or np.any(T != np.round(T)):
+            raise ValueError(f"rounds must be integers >= 0; got rounds = {rounds!r}")
+        r, kr, T = np.broadcast_arrays(np.asarray(rank), np.asarray(keep_ratio, dtype=float), T.astype(np.int64))
+        if kr.dtype.kind != "f" or np.any(~np.isfinite(kr)) or np.any(kr <= 0) or np.any(kr > 1):
+            raise ValueError(f"keep_ratio must lie in (0, 1]; got keep_ratio = {keep_ratio!r}")
+        Tmax = _rounds(int(T.max()) if T.size else 0)
+        eps = np.asarray(rank_term(constants.spectrum, r, weight=constants.rank_weight), dtype=float)
+        share = _dropped_share(constants.spectrum, r, keep_from_ratio(r, kr))
+        series = []
+        for x in (U_all, c_all):  # the pilot's rounds, then the mean of its second half (_extend)
+            head = x[:Tmax]
+            tail = float(np.mean(x[len(x) // 2:])) if len(x) else 0.0
+            series.append((head, tail if len(x) < Tmax else 0.0))
+        (Uh, Ut), (ch, ct) = series
+        e = _Series(share[..., None] * Uh, share * Ut)
+        cv = _Series(np.asarray(ch, dtype=float), np.asarray(ct, dtype=float))
+        shape = np.broadcast_shapes(eps.shape, share.shape, T.shape)
+        terms = _evaluate(constants, eps, e, cv, np.array([Tmax]), T[..., None], shape)
+        out = {name: v[..., 0] for name, v in terms.as_dict().items()}
         out["total"] = out["total"] + constants.floor
         return out
 

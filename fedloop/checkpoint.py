@@ -30,7 +30,7 @@ import os
 import struct
 from pathlib import Path
 
-__all__ = ["CHECKPOINT", "CheckpointError", "RunFolderBusy", "RunFolder", "save_checkpoint", "load_checkpoint",
+__all__ = ["CHECKPOINT", "CheckpointError", "CheckpointMissing", "RunFolderBusy", "RunFolder", "save_checkpoint", "load_checkpoint",
            "check_run_folder"]
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -44,6 +44,10 @@ MAX_HEADER = 64 * 2**20
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used (missing, corrupt, foreign, tampered, or pickle)."""
+
+
+class CheckpointMissing(CheckpointError, FileNotFoundError):
+    """No checkpoint to resume from (both a CheckpointError and a FileNotFoundError)."""
 
 
 class RunFolderBusy(RuntimeError):
@@ -100,7 +104,7 @@ def load_checkpoint(folder) -> tuple[dict, dict]:
         if (folder / LEGACY_CHECKPOINT).is_file():
             raise CheckpointError(f"{folder / LEGACY_CHECKPOINT} is a pickle checkpoint of an earlier version; "
                                   "it is not loaded (unpickling can run code): start the run again")
-        raise CheckpointError(f"cannot resume: no {CHECKPOINT} in {folder}")
+        raise CheckpointMissing(f"cannot resume: no {CHECKPOINT} in {folder}")
 
     def refuse(why: str):
         raise CheckpointError(f"{path}: {why}; the checkpoint is not used (nothing in {folder} was changed)")

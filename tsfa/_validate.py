@@ -1,5 +1,7 @@
 """Input validation: every public entry point turns bad input into a ValueError that names
-the argument and the offending value, before any solver sees it."""
+the argument and the offending value, before any solver sees it. One exception type for
+every kind of input mistake (a wrong value and a wrong type alike: booleans, complex
+numbers, strings where a real number is meant): ValueError (docs/model.md, "Errors")."""
 
 from __future__ import annotations
 
@@ -8,13 +10,46 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["as_array", "as_scalar", "check_same_length"]
+__all__ = ["as_array", "as_scalar", "check_same_length", "real_array"]
 
 
 def _first_bad(arr: np.ndarray, mask: np.ndarray) -> str:
     idx = np.argwhere(mask)[0]
     where = f"[{', '.join(str(int(i)) for i in idx)}]" if arr.ndim else ""
     return f"{where} = {arr[tuple(idx)].item()!r}"
+
+
+_NUMERIC = "must be numeric (real numbers, not bool or complex)"
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def real_array(name: str, value) -> np.ndarray:
+    """A float64 copy of ``value``, which must hold real numbers only: booleans, complex
+    numbers, strings and other objects raise ValueError naming the argument."""
+    try:
+        raw = np.asarray(value)
+    except (TypeError, ValueError, OverflowError) as exc:  # ragged nesting, huge ints
+        raise ValueError(f"{name} {_NUMERIC}; got {name} = {_short(value)}") from exc
+    kind = raw.dtype.kind
+    if kind == "O":
+        for x in raw.ravel():
+            if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)):
+                raise ValueError(f"{name} {_NUMERIC}; got {name} containing {_short(x)}")
+    elif kind not in "iuf":
+        raise ValueError(f"{name} {_NUMERIC}; got {name} = {_short(value)} (dtype {raw.dtype})")
+    elif not isinstance(value, np.ndarray) and raw.ndim > 0:  # a list may mix booleans into numbers
+        for x in np.asarray(value, dtype=object).ravel():
+            if isinstance(x, (bool, np.bool_, complex, np.complexfloating)):
+                raise ValueError(f"{name} {_NUMERIC}; got {name} containing {_short(x)}")
+    try:
+        with np.errstate(over="ignore"):
+            return np.array(raw, dtype=float, copy=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"{name} {_NUMERIC}; got {name} = {_short(value)}") from exc
 
 
 def as_array(
@@ -32,10 +67,7 @@ def as_array(
 
     ``lower``/``strict``: every entry must be ``>= lower`` (``> lower`` if strict).
     """
-    try:
-        arr = np.array(value, dtype=float, copy=True)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be numeric; got {value!r}") from exc
+    arr = real_array(name, value)
     if ndim is not None and arr.ndim != ndim:
         if ndim == 1 and arr.ndim == 0:
             arr = arr.reshape(1)
@@ -71,9 +103,20 @@ def as_scalar(
     integer: bool = False,
 ):
     """Check a scalar: a real number, finite (unless ``allow_inf``), bounded below."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a number; got {value!r}")
-    v = float(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number (real, not bool or complex); got {name} = {_short(value)}")
+    try:
+        v = float(value)
+    except OverflowError:  # an int beyond the float range
+        raise ValueError(f"{name} must be finite; got {name} = {_short(value)}") from None
+    if integer and isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        iv = int(value)
+        if lower is not None and (iv <= lower if strict else iv < lower):
+            rel = ">" if strict else ">="
+            raise ValueError(f"{name} must be {rel} {lower:g}; got {name} = {_short(value)}")
+        if abs(iv) > 2**53:
+            raise ValueError(f"{name} must be an integer of at most 2**53; got {name} = {_short(value)}")
+        return iv
     if math.isnan(v) or (math.isinf(v) and not allow_inf):
         raise ValueError(f"{name} must be finite; got {name} = {value!r}")
     if lower is not None and (v <= lower if strict else v < lower):
@@ -100,7 +143,10 @@ def as_int_array(name: str, value, lower: int, upper: int, what: str = "") -> np
 
     Errors name the argument: "<name> must be integers ..." / "<name> must lie in lower..upper".
     """
-    a = np.asarray(value)
+    try:
+        a = np.asarray(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name} must be integers in {lower}..{upper}; got {name} = {_short(value)}") from None
     if a.dtype.kind not in "iu" and not (a.dtype.kind == "f" and np.all(np.isfinite(a)) and np.all(a == np.round(a))):
         raise ValueError(f"{name} must be integers in {lower}..{upper}; got {name} = {value!r}")
     a = a.astype(np.int64)

@@ -223,7 +223,11 @@ class OnlineAllocator(_Policy):
     def observe(self, latency_s: float) -> None:
         """Feed back the realised latency τ(t): Q ← max(Q + τ − τ̄, 0)."""
         tau = as_scalar("latency_s", latency_s, lower=0)
-        self.queue = max(self.queue + tau - self.latency_budget_s, 0.0)
+        queue = max(self.queue + tau - self.latency_budget_s, 0.0)
+        if not math.isfinite(queue):  # the state stays as it was
+            raise ValueError(f"latency_s = {latency_s!r} would make the queue non-finite "
+                             f"(queue = {self.queue!r}); the queue must stay finite")
+        self.queue = queue
         self.last_latency_s = tau
         self.round += 1
 
@@ -235,23 +239,27 @@ class OnlineAllocator(_Policy):
                 "calibrating": self.calibrating, "drift": self.drift}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output. Every field is validated before any is set, so a
+        bad state raises ValueError (naming the field) and leaves the allocator unchanged."""
+        if not isinstance(state, dict):
+            raise ValueError(f"state must be a dict; got {type(state).__name__}")
         for key in ("queue", "round", "latency_budget_s", "weight_v"):
             if key not in state:
                 raise ValueError(f"state is missing {key!r}")
-        self.queue = as_scalar("queue", state["queue"], lower=0)
-        self.round = as_scalar("round", state["round"], lower=0, integer=True)
-        self.latency_budget_s = as_scalar("latency_budget_s", state["latency_budget_s"], lower=0, strict=True)
-        self.weight_v = as_scalar("weight_v", state["weight_v"], lower=0, strict=True)
+        queue = as_scalar("queue", state["queue"], lower=0)
+        rnd = as_scalar("round", state["round"], lower=0, integer=True)
+        budget = as_scalar("latency_budget_s", state["latency_budget_s"], lower=0, strict=True)
+        weight_v = as_scalar("weight_v", state["weight_v"], lower=0, strict=True)
         last = state.get("last_latency_s")
-        self.last_latency_s = None if last is None else as_scalar("last_latency_s", last, lower=0)
+        last = None if last is None else as_scalar("last_latency_s", last, lower=0)
         calibrating = state.get("calibrating", False)
         if not isinstance(calibrating, bool):
             raise ValueError(f"calibrating must be true or false; got {calibrating!r}")
-        self.calibrating = calibrating
         drift = state.get("drift", self.drift)
-        if drift not in ("linear", "exact"):
+        if not isinstance(drift, str) or drift not in ("linear", "exact"):
             raise ValueError(f"drift must be 'linear' or 'exact'; got {drift!r}")
-        self.drift = drift
+        self.queue, self.round, self.latency_budget_s, self.weight_v = queue, rnd, budget, weight_v
+        self.last_latency_s, self.calibrating, self.drift = last, calibrating, drift
 
     def save(self, path) -> None:
         with open(path, "w") as f:

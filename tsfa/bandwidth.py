@@ -156,9 +156,10 @@ def _newton_tau(S, c, T, B, *, rtol=1e-13, max_iter=200):
     sch = S > 0
     n = sch.sum(axis=1)
     nn = np.maximum(n, 1)[:, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         lo = np.where(sch, T + S / rate_bps(B, c), -np.inf).max(axis=1)
         hi = np.where(sch, T + S / rate_bps(B / nn, c), -np.inf).max(axis=1)
+    hi = np.minimum(hi, _FMAX)  # the equal split may overflow the float range: cap the bracket
     bw = np.where(sch, B / nn, 0.0)  # the answer for 0/1 client rows and degenerate brackets
     iterations = np.zeros(len(S), dtype=np.int64)
     act = np.flatnonzero((n >= 2) & (hi > lo * (1 + 1e-15)))
@@ -175,11 +176,49 @@ def _newton_tau(S, c, T, B, *, rtol=1e-13, max_iter=200):
         hi_a = np.where(g > 0, hi[act], t)
         lo[act], hi[act] = lo_a, hi_a
         done = (np.abs(total - B) <= rtol * B) | (hi_a - lo_a <= 4e-16 * hi_a)
-        bw[act] = b * (B / total)[:, None]
-        new = t - g * total / db.sum(axis=1)  # Newton on log Σ b
-        tau[act] = np.where((lo_a < new) & (new < hi_a), new, 0.5 * (lo_a + hi_a))
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            scaled = b * (B / total)[:, None]
+        usable = (total > 0) & np.all(np.isfinite(scaled), axis=1)
+        bw[act[usable]] = scaled[usable]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            g = np.where(total > 0, g, -np.inf)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            new = t - g * total / db.sum(axis=1)  # Newton on log Σ b
+        tau[act] = np.where((lo_a < new) & (new < hi_a), new, lo_a + 0.5 * (hi_a - lo_a))
         act = act[~done]
     return bw, iterations
+
+
+_FMAX = float(np.finfo(float).max)
+_U = 2.0**-53  # unit roundoff
+
+
+def cap_total(bw: np.ndarray, B: float) -> np.ndarray:
+    """Scale rows of ``bw`` (..., K) down, where needed, so that their sum in floating point
+    is at most ``B`` in *any* summation order (Python's ``sum``, ``np.sum``, ``math.fsum``).
+
+    A row whose ``np.sum`` exceeds B·(1 − 4(K−1)u) (u = 2⁻⁵³) is scaled to that level: the
+    exact sum is then below B/(1 + γ_{K−1}), so no order of K − 1 rounded additions can
+    exceed B. The change is a few ulps of each bandwidth (none for one client). A scaled row
+    is then checked, and stepped toward 0 (``nextafter``) until its sums fit (subnormals)."""
+    bw = np.array(bw, dtype=float)
+    if bw.size == 0:
+        return bw
+    K = bw.shape[-1]
+    level = B * (1.0 - 4.0 * (K - 1) * _U)
+    s = bw.sum(axis=-1, keepdims=True)
+    over = s > level
+    if not over.any():
+        return bw
+    with np.errstate(divide="ignore", invalid="ignore", under="ignore"):
+        bw = np.where(over, bw * (level / np.where(over, s, 1.0)), bw)
+    rows = bw.reshape(-1, K)
+    for i in np.flatnonzero(over.reshape(-1)):
+        for _ in range(64):
+            if max(float(rows[i].sum()), math.fsum(rows[i]), sum(rows[i].tolist())) <= B:
+                break
+            rows[i] = np.nextafter(rows[i], 0.0)
+    return rows.reshape(bw.shape)
 
 
 @cached_program
@@ -297,7 +336,7 @@ def min_latency_bandwidth_batch(payload_bits, snr_hz, compute_s, total_bandwidth
     dl = np.asarray(downlink_s, dtype=float)
     c = np.broadcast_to(np.asarray(snr_hz, dtype=float), S.shape)
     T = np.broadcast_to(dl[..., None] + np.asarray(compute_s, dtype=float), S.shape)
-    bw = _batch_kernel(S, c, T, B, backend)[0]
+    bw = cap_total(_batch_kernel(S, c, T, B, backend)[0], B)
     return BatchLatency(latency_s=split_latency_s(S, c, T, bw, dl), bandwidth_hz=bw)
 
 
@@ -332,11 +371,11 @@ def _scipy(S, c, T, B):
     from scipy.optimize import brentq
 
     def inv_rate(r, ck):
-        f = lambda bw: bw * math.log1p(ck / bw) / LN2 - r  # noqa: E731
+        f = lambda bw: rate_bps(bw, ck) - r  # noqa: E731
         hi = max(r, 1.0)
-        while f(hi) < 0:  # R increases to its cap c/ln2 > r: double until bracketed
-            hi *= 2.0
-        return brentq(f, hi * 1e-30, hi, xtol=1e-300, rtol=1e-15, maxiter=500)
+        while f(hi) < 0 and hi < _FMAX:  # R increases to its cap c/ln2 > r: double until bracketed
+            hi = min(hi * 2.0, _FMAX)
+        return brentq(f, 0.0, hi, xtol=5e-324, rtol=1e-15, maxiter=1100)
 
     def total(tau):
         return sum(inv_rate(s / (tau - t), ck) for s, ck, t in zip(S, c, T, strict=True)) - B
@@ -350,7 +389,16 @@ def _scipy(S, c, T, B):
     return bw * (B / bw.sum()), res.iterations
 
 
-BANDWIDTH_BACKENDS: dict[str, Callable] = {"fast": _fast, "cvxpy": _cvxpy, "scipy": _scipy}
+def _scipy_checked(S, c, T, B):
+    try:
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            return _scipy(S, c, T, B)
+    except (ValueError, RuntimeError, OverflowError, ZeroDivisionError) as exc:
+        raise SolverError(f"scipy reference failed: {exc}") from exc
+
+
+_scipy_checked.__name__ = "scipy"
+BANDWIDTH_BACKENDS: dict[str, Callable] = {"fast": _fast, "cvxpy": _cvxpy, "scipy": _scipy_checked}
 
 
 # --------------------------------------------------------------------------------------
@@ -454,7 +502,7 @@ def _solve(problem: BandwidthProblem, fn: Callable, name: str) -> BandwidthAlloc
             return _result(problem, np.full(K, np.nan), Status.ERROR,
                            f"backend {name!r} returned an invalid bandwidth vector", iterations,
                            time.perf_counter() - t0, name)
-        bw[sch] = b_s
+        bw[sch] = cap_total(b_s, problem.total_bandwidth_hz)
     else:
         status = Status.OPTIMAL
     return _result(problem, bw, status, "", iterations, time.perf_counter() - t0, name)
@@ -462,16 +510,25 @@ def _solve(problem: BandwidthProblem, fn: Callable, name: str) -> BandwidthAlloc
 
 def _result(problem, bw, status, message, iterations, solve_time_s, name) -> BandwidthAllocation:
     sch = problem.scheduled
-    with np.errstate(divide="ignore", invalid="ignore"):
-        upload = np.where(sch, problem.payload_bits / rate_bps(bw, problem.snr_hz), 0.0)
-    finish = np.where(sch, problem.downlink_s + problem.compute_s + upload, np.nan)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        upload = np.where(sch, problem.payload_bits / rate_bps(np.nan_to_num(bw, nan=0.0), problem.snr_hz), 0.0)
+        finish = np.where(sch, problem.downlink_s + problem.compute_s + upload, np.nan)
+    if np.isnan(bw).any():
+        upload, finish = np.where(sch, np.nan, upload), np.where(sch, np.nan, finish)
     if not sch.any():
         latency = problem.downlink_s
     elif np.all(np.isfinite(finish[sch])):
         latency = float(np.max(finish[sch]))
     else:
         latency = float("nan")
-    if status.success:
+    if status.success and not math.isfinite(latency):
+        k = int(np.flatnonzero(sch)[np.argmax(np.where(np.isfinite(finish[sch]), finish[sch], np.inf))])
+        status = Status.INFEASIBLE
+        message = (f"the round cannot be served in floating point: client {k}'s upload of "
+                   f"{problem.payload_bits[k]:.6g} bits at snr_hz = {problem.snr_hz[k]:.6g} Hz with "
+                   f"total_bandwidth_hz = {problem.total_bandwidth_hz:.6g} Hz takes longer than "
+                   f"{_FMAX:.6g} s; raise total_bandwidth_hz or shrink the payloads")
+    elif status.success:
         why = _infeasibility(problem, latency)
         if why is not None:
             status, message = Status.INFEASIBLE, why

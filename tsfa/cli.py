@@ -157,10 +157,17 @@ def _allocate(args: argparse.Namespace) -> int:
                 text = f.read()
         except OSError as exc:
             raise UserError(f"cannot read --input {args.input}: {exc.strerror}") from None
-    out = json.dumps(allocate_json(text), indent=args.indent, ensure_ascii=False)
+    try:
+        result = allocate_json(text)
+    except (RecursionError, OverflowError) as exc:  # input beyond what the parser or the model can hold
+        raise UserError(f"cannot process --input {args.input}: {type(exc).__name__}: {exc}") from None
+    out = json.dumps(result, indent=args.indent, ensure_ascii=False)
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(out + "\n")
+        try:
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(out + "\n")
+        except OSError as exc:
+            raise UserError(f"cannot write --output {args.output}: {exc.strerror or exc}") from None
     else:
         print(out)
     return 0

@@ -52,15 +52,29 @@ def _number(field: str, v, *, allow_null=False) -> float | None:
     if v is None and allow_null:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise JsonInputError(f"{field} must be a number; got {json.dumps(v)[:60]}")
-    if not math.isfinite(v):
-        raise JsonInputError(f"{field} must be finite; got {v!r}")
-    return float(v)
+        raise JsonInputError(f"{field} must be a number; got {_short(v)}")
+    try:
+        f = float(v)
+    except OverflowError:  # a JSON integer beyond the float range
+        f = math.inf
+    if not math.isfinite(f):
+        raise JsonInputError(f"{field} must be finite; got {_short(v)}")
+    return f
+
+
+def _short(v) -> str:
+    try:
+        text = json.dumps(v)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _int(field: str, v) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
-        raise JsonInputError(f"{field} must be an integer; got {json.dumps(v)[:60]}")
+        raise JsonInputError(f"{field} must be an integer; got {_short(v)}")
+    if abs(v) > 2**53:
+        raise JsonInputError(f"{field} must be an integer of at most 2**53 in magnitude; got {_short(v)}")
     return v
 
 
@@ -80,6 +94,12 @@ def _shape(v):
 
     if not isinstance(v, dict):
         raise JsonInputError(f"shape must be an object; got {type(v).__name__}")
+    unknown = sorted(set(v) - {"preset", "modules", "rank", "bits_per_value", "header_bits"})
+    if unknown:
+        raise JsonInputError(f"unknown fields in shape: {unknown} (allowed: preset or modules, rank, "
+                             "bits_per_value, header_bits)")
+    if "preset" in v and "modules" in v:
+        raise JsonInputError("shape takes either preset or modules, not both")
     if "rank" not in v:
         raise JsonInputError("shape.rank is missing")
     rank = _int("shape.rank", v["rank"])
@@ -88,22 +108,33 @@ def _shape(v):
         if key in v:
             kw[key] = _int(f"shape.{key}", v[key])
     if "preset" in v:
-        if v["preset"] not in _PRESETS:
-            raise JsonInputError(f"shape.preset must be one of {list(_PRESETS)}; got {json.dumps(v['preset'])}")
-        return getattr(tsfa, v["preset"])(rank, **kw)
+        if not isinstance(v["preset"], str) or v["preset"] not in _PRESETS:
+            raise JsonInputError(f"shape.preset must be one of {list(_PRESETS)}; got {_short(v['preset'])}")
+        try:
+            return getattr(tsfa, v["preset"])(rank, **kw)
+        except ValueError as exc:
+            raise JsonInputError(f"shape: {exc}") from None
     if "modules" not in v or not isinstance(v["modules"], list):
         raise JsonInputError("shape needs either preset or a list of modules")
     mods = []
     for i, m in enumerate(v["modules"]):
         if not isinstance(m, dict):
             raise JsonInputError(f"shape.modules[{i}] must be an object")
+        extra = sorted(set(m) - {"name", "out_features", "in_features"})
+        if extra:
+            raise JsonInputError(f"unknown fields in shape.modules[{i}]: {extra}")
         for key in ("name", "out_features", "in_features"):
             if key not in m:
                 raise JsonInputError(f"shape.modules[{i}].{key} is missing")
         if not isinstance(m["name"], str):
             raise JsonInputError(f"shape.modules[{i}].name must be a string")
-        mods.append(tsfa.ModuleShape(m["name"], _int(f"shape.modules[{i}].out_features", m["out_features"]),
-                                     _int(f"shape.modules[{i}].in_features", m["in_features"])))
+        try:
+            mods.append(tsfa.ModuleShape(m["name"], _int(f"shape.modules[{i}].out_features", m["out_features"]),
+                                         _int(f"shape.modules[{i}].in_features", m["in_features"])))
+        except JsonInputError:
+            raise
+        except ValueError as exc:
+            raise JsonInputError(f"shape.modules[{i}]: {exc}") from None
     try:
         return tsfa.LoraShape(tuple(mods), rank, **kw)
     except ValueError as exc:
@@ -118,11 +149,17 @@ def parse_round(text: str):
         d = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise JsonInputError(f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise JsonInputError("the JSON input is nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer literal longer than Python's digit limit
+        if isinstance(exc, JsonInputError):
+            raise
+        raise JsonInputError(f"the JSON input cannot be read: {exc}") from None
     if not isinstance(d, dict):
         raise JsonInputError(f"the input must be a JSON object; got {type(d).__name__}")
     schema = d.get("schema", INPUT_SCHEMA)
     if schema != INPUT_SCHEMA:
-        raise JsonInputError(f"schema must be {INPUT_SCHEMA!r}; got {json.dumps(schema)}")
+        raise JsonInputError(f"schema must be {INPUT_SCHEMA!r}; got {_short(schema)}")
     for key in _REQUIRED:
         if key not in d:
             raise JsonInputError(f"{key} is missing (required: {', '.join(_REQUIRED)})")
@@ -136,11 +173,11 @@ def parse_round(text: str):
     k = len(snr)
     weight = _numbers("data_weight", d["data_weight"]) if d.get("data_weight") is not None else [1.0 / max(k, 1)] * k
     backend = d.get("backend", "fast")
-    if backend not in ALLOCATION_BACKENDS:
-        raise JsonInputError(f"backend must be one of {sorted(ALLOCATION_BACKENDS)}; got {json.dumps(backend)}")
+    if not isinstance(backend, str) or backend not in ALLOCATION_BACKENDS:
+        raise JsonInputError(f"backend must be one of {sorted(ALLOCATION_BACKENDS)}; got {_short(backend)}")
     allow_skip = d.get("allow_skip", False)
     if not isinstance(allow_skip, bool):
-        raise JsonInputError(f"allow_skip must be true or false; got {json.dumps(allow_skip)}")
+        raise JsonInputError(f"allow_skip must be true or false; got {_short(allow_skip)}")
     budget = _number("latency_budget_s", d.get("latency_budget_s"), allow_null=True)
     try:
         prob = RoundProblem(
