@@ -30,8 +30,8 @@ import os
 import struct
 from pathlib import Path
 
-__all__ = ["CHECKPOINT", "CheckpointError", "CheckpointMissing", "RunFolderBusy", "RunFolder", "save_checkpoint", "load_checkpoint",
-           "check_run_folder"]
+__all__ = ["CHECKPOINT", "CheckpointError", "CheckpointMissing", "RunFolderBusy", "RunFolder", "save_checkpoint",
+           "load_checkpoint", "check_run_folder"]
 
 CHECKPOINT = "checkpoint.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"

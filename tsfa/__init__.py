@@ -3,12 +3,12 @@
 `tsfa` imports neither torch nor pyomo (nor cvxpy) at import time; backends import their
 solvers lazily.
 
-Layout: the system model (model.py), the bandwidth split and the one least-latency kernel
-(bandwidth.py), the per-round problem and its search (online.py, oracles.py, knapsack.py),
-the online policies (allocator.py), the offline stage (offline.py: ``OfflineProblem`` and
-``design_offline``; saa.py, choice.py, plan.py), the allocation-only simulator and V sweep
-(simulate.py), one result contract (status.py). Section references (spec §N) are to
-docs/spec.md, the project's statement of its model.
+Layout: the system model (model.py), the rate and its inverses (rate.py), the bandwidth
+split and the one least-latency kernel (bandwidth.py), the per-round problem and its search
+(online.py, oracles.py, knapsack.py), the online policies (allocator.py), the offline stage
+(offline.py: ``OfflineProblem`` and ``design_offline``; saa.py, choice.py, plan.py), the
+allocation-only simulator and V sweep (simulate.py), one result contract (status.py).
+Section references (spec §N) are to docs/spec.md, the project's statement of its model.
 """
 
 from tsfa._version import __version__
@@ -27,17 +27,13 @@ from tsfa.model import (
     Clients,
     LoraShape,
     ModuleShape,
-    bandwidth_for_deadline,
-    bandwidth_for_rate,
     keep_from_ratio,
     llama_7b_qv,
-    min_bandwidth,
     minilm_l6_qv,
-    rate_bps,
-    rate_cap_bps,
     training_flops_per_sample,
 )
 from tsfa.online import Allocation, RoundProblem, allocate
+from tsfa.rate import bandwidth_for_deadline, bandwidth_for_rate, min_bandwidth, rate_bps, rate_cap_bps
 from tsfa.status import InfeasibleError, SolverError, Status
 
 __all__ = [

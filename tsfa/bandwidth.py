@@ -10,7 +10,7 @@ Clients with S_k = 0 are not scheduled: they get no bandwidth and do not count i
 At the optimum every scheduled client finishes exactly at τ and Σ b_k = B (KKT: any
 client finishing early could give bandwidth away). So τ* solves the scalar equation
 Σ_k b^min_k(τ) = B, where b^min_k(τ) = R_k^{-1}(S_k / (τ − T^dl − T_k)) is convex and
-decreasing in τ (:func:`tsfa.model.min_bandwidth`, with its slope). One kernel solves it
+decreasing in τ (:func:`tsfa.rate.min_bandwidth`, with its slope). One kernel solves it
 for any number of instances at once (:func:`min_latency_bandwidth_batch`, rows of the
 leading axes); :func:`min_latency_bandwidth` is one row of it, with a typed result. Backends:
 
@@ -35,7 +35,7 @@ import numpy as np
 
 from tsfa._cache import cached_program
 from tsfa._validate import as_array, as_scalar, check_same_length
-from tsfa.model import LN2, bandwidth_for_deadline, min_bandwidth, rate_bps
+from tsfa.rate import LN2, bandwidth_for_deadline, min_bandwidth, rate_bps
 from tsfa.status import ResultMixin, SolverError, Status, status_from_cvxpy
 
 __all__ = [

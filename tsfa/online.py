@@ -38,8 +38,9 @@ import numpy as np
 from tsfa._validate import as_array, as_scalar
 from tsfa.bandwidth import min_latency_bandwidth
 from tsfa.knapsack import mckp_greedy
-from tsfa.model import LoraShape, min_bandwidth
+from tsfa.model import LoraShape
 from tsfa.oracles import ALLOCATION_BACKENDS, EXACT_BACKENDS, ORACLES, callable_oracle, relaxation_oracle
+from tsfa.rate import min_bandwidth
 from tsfa.status import ResultMixin, Status
 
 __all__ = ["RoundProblem", "Allocation", "allocate", "relaxation_value", "ALLOCATION_BACKENDS"]
@@ -130,7 +131,7 @@ class RoundProblem:
 
     def _weights_and_slopes(self, tau: float) -> tuple[np.ndarray, np.ndarray]:
         """(W, D): b^min_k(s, τ) and ∂b^min/∂τ (≤ 0; 0 where W is inf or 0), by the one
-        kernel :func:`tsfa.model.min_bandwidth`."""
+        kernel :func:`tsfa.rate.min_bandwidth`."""
         cache = self.__dict__.get("_cache")
         if cache is None:
             bits = self.shape.payload_bits(np.arange(self.shape.rank + 1)).astype(float)

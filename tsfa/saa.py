@@ -32,7 +32,8 @@ import numpy as np
 
 from tsfa._validate import as_array, as_scalar
 from tsfa.bandwidth import min_latency_bandwidth, min_latency_bandwidth_batch, split_latency_s
-from tsfa.model import Cell, Clients, LoraShape, bandwidth_for_deadline
+from tsfa.model import Cell, Clients, LoraShape
+from tsfa.rate import bandwidth_for_deadline
 
 __all__ = ["LatencyEstimate", "expected_latency", "saa_latency", "LATENCY_BACKENDS"]
 

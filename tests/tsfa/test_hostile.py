@@ -18,7 +18,7 @@ from tsfa import LoraShape, ModuleShape, OnlineAllocator, RoundProblem, allocate
 from tsfa.bandwidth import min_latency_bandwidth, min_latency_bandwidth_batch
 from tsfa.cli import main
 from tsfa.jsonio import allocate_json
-from tsfa.model import bandwidth_for_deadline, log1p_ratio_root, min_bandwidth, rate_bps
+from tsfa.rate import bandwidth_for_deadline, log1p_ratio_root, min_bandwidth, rate_bps
 from tsfa.status import Status
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "round.json"

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import tsfa
 from tsfa.choice import choose_enumerate, choose_milp
-from tsfa.model import rate_bps
+from tsfa.rate import rate_bps
 from tsfa.saa import saa_latency
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -289,7 +289,7 @@ def test_interval_bounds_are_valid(p, start, width):
 
 
 def test_inverse_kernel_table_matches_newton():
-    from tsfa.model import log1p_ratio_root, log1p_ratio_root_newton
+    from tsfa.rate import log1p_ratio_root, log1p_ratio_root_newton
 
     a = np.concatenate([10 ** np.random.default_rng(1).uniform(-17, -1e-6, 20000), [1e-300, 1e-20, 0.5, 0.999999]])
     x, _ = log1p_ratio_root(a)
