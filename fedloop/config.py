@@ -205,6 +205,8 @@ class RunConfig:
         for name in ("allow_skip", "train_head"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be true or false")
+        if self.reorthogonalize is not None and not isinstance(self.reorthogonalize, bool):
+            bad("reorthogonalize", "must be None, true or false")
         _check_table("linear", self.linear, LINEAR_DEFAULTS)
         _check_table("distill", self.distill, DISTILL_DEFAULTS)
         for name in ("split", "scope", "optimizer", "drift", "task", "strategy"):

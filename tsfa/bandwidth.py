@@ -384,6 +384,10 @@ def _scipy(S, c, T, B):
     hi = float(np.max(T + S / rate_bps(B / len(S), c)))
     if len(S) == 1 or hi <= lo:
         return (np.array([B]) if len(S) == 1 else np.full(len(S), B / len(S))), 0
+    for _ in range(60):  # at the equal split Σ b = B up to rounding: widen the bracket until it changes sign
+        if total(hi) <= 0:
+            break
+        hi += max(hi - lo, abs(hi) * 1e-15)
     tau, res = brentq(total, lo, hi, xtol=1e-300, rtol=1e-15, maxiter=500, full_output=True)
     bw = np.array([inv_rate(s / (tau - t), ck) for s, ck, t in zip(S, c, T, strict=True)])
     return bw * (B / bw.sum()), res.iterations

@@ -248,3 +248,57 @@ def test_the_norm_rule_rejects_an_outsized_update(tmp_path, factor):
     else:
         assert status.startswith("rejected: update norm") and row["scheduled"] == 3
         assert server.history.clients[1]["uplink_bits"] == 0
+
+
+# -- property tests: any document either validates or is one ValueError naming what is wrong --------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fedloop import History  # noqa: E402
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                      max_size=4), max_leaves=12)
+FIELDS = sorted(RunConfig.__dataclass_fields__)
+
+
+@settings(derandomize=True, deadline=None, max_examples=300, suppress_health_check=list(HealthCheck))
+@given(st.dictionaries(st.sampled_from(FIELDS + ["colour"]), json_values, max_size=4))
+def test_any_config_document_validates_or_is_a_value_error(doc):
+    try:
+        cfg = RunConfig.from_dict({"task": "linear", **doc})
+    except ValueError as exc:
+        assert str(exc)
+        return
+    assert RunConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+
+
+@settings(derandomize=True, deadline=None, max_examples=300, suppress_health_check=list(HealthCheck))
+@given(json_values | st.fixed_dictionaries({"rounds": st.lists(json_values, max_size=3)},
+                                           optional={"config": json_values, "clients": json_values}))
+def test_any_ledger_document_loads_or_is_a_value_error(doc):
+    try:
+        h = History.from_dict(doc)
+    except ValueError as exc:
+        assert str(exc)
+        return
+    assert all(isinstance(r, dict) for r in h.rounds)
+
+
+@settings(derandomize=True, deadline=None, max_examples=40, suppress_health_check=list(HealthCheck))
+@given(st.binary(max_size=200))
+def test_any_bytes_as_a_checkpoint_are_refused_in_one_line(tmp_path_factory, data):
+    folder = tmp_path_factory.mktemp("bytes")
+    (folder / CHECKPOINT).write_bytes(data)
+    with pytest.raises(CheckpointError, match=CHECKPOINT):
+        from fedloop.checkpoint import load_checkpoint
+
+        load_checkpoint(folder)
+
+
+@pytest.mark.parametrize("field, value", [("reorthogonalize", "x"), ("reorthogonalize", 1), ("test_fraction", True),
+                                          ("rank", 2.0), ("out", ""), ("relative_v", float("nan")),
+                                          ("initial_queue", [0.0]), ("linear", {"dim": True})])
+def test_each_bad_field_is_a_value_error_naming_it(field, value):
+    with pytest.raises(ValueError, match=field.split(".")[0] if field != "linear" else "linear.dim"):
+        RunConfig(task="linear", **{field: value})

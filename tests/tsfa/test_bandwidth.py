@@ -2,7 +2,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from tsfa import (
@@ -36,6 +36,7 @@ def _solve(inst, backend, **kw):
 
 
 @given(instances())
+@example(inst=(np.array([1e5, 1e5]), np.full(2, 442413.39200892), np.zeros(2)))  # equal clients: Σb = B at the bracket
 def test_backends_agree(inst):
     fast = _solve(inst, "fast")
     assert fast.status is Status.OPTIMAL
