@@ -16,9 +16,10 @@ changes. A pickle checkpoint (``checkpoint.pt``, written by earlier versions) is
 unpickled: it is refused with the reason.
 
 **Run folders** (:class:`RunFolder`): ``out`` must name a directory (not empty, not an
-existing file), checked before any training; a lock (``.tsfa.lock``, an advisory ``flock``
+existing file), checked before any training; a lock (an advisory ``flock`` on the folder
 that the operating system releases when the process ends, so a crash leaves nothing to
-clean up) makes a second run on the same folder stop at once.
+clean up) makes a second run on the same folder stop at once. The lock is taken on the folder
+itself, so it adds no file to it.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ CHECKPOINT = "checkpoint.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"
 FORMAT = "tsfa-checkpoint"
 VERSION = "1"
-LOCK = ".tsfa.lock"
+#: The tensor dtypes a tsfa checkpoint holds (safetensors names).
+DTYPES = ("F32", "F64", "I64")
 #: The largest safetensors header we read (bytes); a real one is a few kB.
 MAX_HEADER = 64 * 2**20
 
@@ -55,12 +57,14 @@ class RunFolderBusy(RuntimeError):
 
 
 def _digest(state_text: str, tensors: dict) -> str:
+    import torch
+
     h = hashlib.sha256()
     h.update(state_text.encode())
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # the raw bytes, whatever the dtype
     return h.hexdigest()
 
 
@@ -96,7 +100,6 @@ def save_checkpoint(folder, tensors: dict, state: dict) -> Path:
 def load_checkpoint(folder) -> tuple[dict, dict]:
     """``(tensors, state)`` from ``folder/checkpoint.safetensors``, verified (module docstring);
     raises :class:`CheckpointError` naming the file and the reason."""
-    from safetensors.torch import load as load_tensors
 
     folder = Path(folder)
     path = folder / CHECKPOINT
@@ -106,34 +109,57 @@ def load_checkpoint(folder) -> tuple[dict, dict]:
                                   "it is not loaded (unpickling can run code): start the run again")
         raise CheckpointMissing(f"cannot resume: no {CHECKPOINT} in {folder}")
 
-    def refuse(why: str):
-        raise CheckpointError(f"{path}: {why}; the checkpoint is not used (nothing in {folder} was changed)")
+    try:
+        return _read_verified(path.read_bytes())
+    except _Refused as exc:
+        raise CheckpointError(f"{path}: {exc}; the checkpoint is not used (nothing in {folder} was changed)") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read it: {exc.strerror or exc}") from None
 
-    data = path.read_bytes()
+
+class _Refused(Exception):
+    pass
+
+
+def _read_verified(data: bytes) -> tuple[dict, dict]:
+    """Parse and verify a checkpoint's bytes; raises _Refused with the reason, and nothing else."""
+    import torch
+    from safetensors.torch import load as load_tensors
+
     if len(data) < 8:
-        refuse(f"truncated ({len(data)} bytes)")
+        raise _Refused(f"truncated ({len(data)} bytes)")
     (n,) = struct.unpack("<Q", data[:8])
     if n > min(MAX_HEADER, len(data) - 8):
-        refuse("corrupt header length")
+        raise _Refused("corrupt header length")
     try:
         header = json.loads(data[8:8 + n])
-        meta = header.get("__metadata__") if isinstance(header, dict) else None
-    except (ValueError, UnicodeDecodeError):
-        refuse("corrupt header")
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise _Refused("corrupt header") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        refuse("not a tsfa checkpoint")
+        raise _Refused("not a tsfa checkpoint")
     if meta.get("version") != VERSION:
-        refuse(f"checkpoint format version {meta.get('version')!r}, this tsfa reads {VERSION}")
+        raise _Refused(f"checkpoint format version {str(meta.get('version'))[:20]!r}, this tsfa reads {VERSION}")
+    odd = sorted(k for k, v in header.items() if k != "__metadata__" and (not isinstance(v, dict)
+                                                                          or v.get("dtype") not in DTYPES))
+    if odd:
+        raise _Refused(f"tensors of an unsupported dtype or layout: {odd[:5]} (tsfa writes {sorted(DTYPES)})")
     try:
         tensors = load_tensors(data)
     except Exception as exc:  # safetensors raises its own error type for a malformed file
-        refuse(f"corrupt tensor data ({type(exc).__name__}: {str(exc)[:120]})")
+        raise _Refused(f"corrupt tensor data ({type(exc).__name__}: {str(exc)[:120]})") from None
     text = meta.get("state")
     if not isinstance(text, str) or _digest(text, tensors) != meta.get("sha256"):
-        refuse("SHA-256 mismatch: the content changed after it was written")
-    state = json.loads(text)
+        raise _Refused("SHA-256 mismatch: the content changed after it was written")
+    try:
+        state = json.loads(text)
+    except (ValueError, RecursionError):
+        raise _Refused("its state is not JSON") from None
     if not isinstance(state, dict):
-        refuse("state is not a JSON object")
+        raise _Refused("its state is not a JSON object")
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        raise _Refused(f"non-finite values in {bad[:5]}")
     return tensors, state
 
 
@@ -144,6 +170,11 @@ def check_run_folder(out) -> Path:
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ValueError(f"out must name a folder, but {path} is a file; got out = {str(out)!r}")
+    for parent in path.absolute().parents:  # the first existing ancestor must be a folder too
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"out must name a folder, but {parent} is a file; got out = {str(out)!r}")
+            break
     return path
 
 
@@ -158,7 +189,7 @@ class RunFolder:
         import fcntl
 
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)  # the folder itself: no lock file to leave behind
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -22,6 +22,8 @@ LINEAR_DEFAULTS = {"modules": 2, "dim": 32, "true_rank": 4, "decay": 1.0, "scale
 #: rt-distill's settings and defaults (``[distill]`` table); see :class:`fedloop.tasks.RTDistillTask`.
 DISTILL_DEFAULTS = {"teacher_rank": 16, "decay": 0.0, "scale": 0.5, "subspace": 64, "classes": 10,
                     "examples": 3000, "teacher_seed": 0}
+#: The largest integer (and magnitude) a setting may take: sizes and seeds beyond it are mistakes.
+MAX_INT = 2**31 - 1
 #: For each table key: (integer?, lower bound, lower bound strict?).
 _TABLE_RULES = {"modules": (True, 1, False), "dim": (True, 1, False), "true_rank": (True, 1, False),
                 "samples": (True, 1, False), "test_samples": (True, 1, False), "decay": (False, 0, False),
@@ -40,9 +42,10 @@ def _check_table(table: str, values, defaults: dict) -> None:
         integer, low, strict = _TABLE_RULES[key]
         kind = "an integer" if integer else "a finite number"
         ok = not isinstance(v, bool) and isinstance(v, int if integer else (int, float)) and math.isfinite(v) \
-            and (v > low if strict else v >= low)
+            and (v > low if strict else v >= low) and abs(v) <= MAX_INT
         if not ok:
-            raise ValueError(f"{table}.{key} must be {kind} {'>' if strict else '>='} {low}; got {table}.{key} = {v!r}")
+            raise ValueError(f"{table}.{key} must be {kind} {'>' if strict else '>='} {low} and <= {MAX_INT}; "
+                             f"got {table}.{key} = {v!r:.40}")
 
 
 @dataclass
@@ -158,12 +161,12 @@ class RunConfig:
         for name in ("rounds", "clients", "rank", "local_steps", "batch_size", "eval_every", "checkpoint_every",
                      "max_length"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                bad(name, "must be an integer >= 1")
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_INT:
+                bad(name, f"must be an integer in 1..{MAX_INT}")
         for name in ("seed", "test_size"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                bad(name, "must be an integer >= 0")
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_INT:
+                bad(name, f"must be an integer in 0..{MAX_INT}")
         if isinstance(self.keep, bool) or not isinstance(self.keep, int) or not 1 <= self.keep <= self.rank:
             bad("keep", f"must be an integer in 1..rank ({self.rank})")
         if self.scope not in ("module", "global"):
@@ -239,8 +242,8 @@ class RunConfig:
             raise FileNotFoundError(f"config file not found: {p}")
         try:
             data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"{p}: not valid TOML: {exc}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise ValueError(f"{p}: not valid TOML: {str(exc) or type(exc).__name__}") from None
         return cls.from_dict(data)
 
     def replace(self, **changes) -> RunConfig:

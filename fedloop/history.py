@@ -17,14 +17,42 @@ REQUIRED_ROUND_COLUMNS = ("round", "latency_s", "wallclock_s", "uplink_bits", "d
                           "accuracy")
 
 
-def _plain(v) -> bool:
-    if v is None or isinstance(v, str):
-        return True
-    if isinstance(v, (int, float)):
-        return True
-    if isinstance(v, list):
-        return all(isinstance(x, (int, float)) or x is None for x in v)
-    return False
+#: Ledger columns that hold text; every other column holds numbers (or null / NaN).
+TEXT_COLUMNS = ("fallback", "status")
+#: Ledger columns that hold a list of numbers.
+LIST_COLUMNS = ("profile",)
+#: Meta entries that are numbers when present.
+NUMERIC_META = ("latency_budget_s", "dense_median_latency_s", "downlink_s", "head_bits", "lora_parameters",
+                "model_parameters", "payload_bits_dense", "initial_test_loss", "initial_accuracy", "initial_objective")
+#: Config entries read from a ledger, and their types.
+TYPED_CONFIG = {"task": str, "strategy": str, "rank": int, "keep": int, "rounds": int, "clients": int, "seed": int,
+                "local_steps": int, "lr": (int, float)}
+
+
+def _number(v) -> bool:
+    """A ledger number: a bool-free int within ±2⁶³, or a float that is finite or NaN (a missing value)."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return abs(v) < 2**63
+    return isinstance(v, float) and not math.isinf(v)
+
+
+def _check_row(part: str, i: int, row) -> None:
+    if not isinstance(row, dict):
+        raise ValueError(f"{part}[{i}] must be an object; got {row!r:.60}")
+    for k, v in row.items():
+        if v is None:
+            continue
+        if k in TEXT_COLUMNS:
+            ok = isinstance(v, str)
+        elif k in LIST_COLUMNS:
+            ok = isinstance(v, list) and all(x is None or _number(x) for x in v)
+        else:
+            ok = _number(v)
+        if not ok:
+            kind = "text" if k in TEXT_COLUMNS else "a list of numbers" if k in LIST_COLUMNS else "a finite number"
+            raise ValueError(f"{part}[{i}].{k} must be {kind} or null; got {v!r:.60}")
 
 
 def _clean(v):
@@ -107,8 +135,9 @@ class History:
     def from_dict(cls, d: dict) -> History:
         """Inverse of :meth:`to_dict` (None back to NaN), validated: an object with a config and
         meta object and lists of round and client rows; every round row has the core columns
-        (:data:`REQUIRED_ROUND_COLUMNS`) and every value is a number, a string, null or a list
-        of numbers."""
+        (:data:`REQUIRED_ROUND_COLUMNS`); values are finite numbers or null (NaN), text only in
+        :data:`TEXT_COLUMNS`, lists of numbers only in :data:`LIST_COLUMNS`; the numeric meta
+        entries and the config's task, strategy and sizes have their types."""
         if not isinstance(d, dict):
             raise ValueError(f"a ledger is a JSON object; got {type(d).__name__}")
         config, meta = d.get("config", {}), d.get("meta", {})
@@ -119,12 +148,14 @@ class History:
                 raise ValueError(f"{name} must be a JSON {'object' if typ is dict else 'array'}; got {value!r:.60}")
         for part, rows in (("rounds", rounds), ("clients", clients)):
             for i, row in enumerate(rows):
-                if not isinstance(row, dict):
-                    raise ValueError(f"{part}[{i}] must be an object; got {row!r:.60}")
-                for k, v in row.items():
-                    if not _plain(v):
-                        raise ValueError(f"{part}[{i}].{k} must be a number, string, null or list of numbers; "
-                                         f"got {v!r:.60}")
+                _check_row(part, i, row)
+        for k in NUMERIC_META:
+            if k in meta and meta[k] is not None and not _number(meta[k]):
+                raise ValueError(f"meta.{k} must be a finite number or null; got {meta[k]!r:.60}")
+        for k, typ in TYPED_CONFIG.items():
+            v = config.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, typ)):
+                raise ValueError(f"config.{k} must be {'text' if typ is str else 'a number'}; got {config[k]!r:.60}")
         for i, row in enumerate(rounds):
             missing = [k for k in REQUIRED_ROUND_COLUMNS if k not in row]
             if missing:

@@ -88,6 +88,8 @@ def plot_run(h: History, path) -> Path:
                  f"r = {cfg.get('rank', '?')}, seed {cfg.get('seed', '?')}")
     fig.tight_layout()
     path = Path(path)
+    if not path.suffix:  # matplotlib would add ".png" itself: say where the figure really is
+        path = path.with_suffix(".png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -329,8 +329,8 @@ class Server:
         missing = sorted(set(want) - set(tensors))
         odd = sorted(k for k, t in want.items() if k in tensors and (tensors[k].shape != t.shape
                                                                      or tensors[k].dtype != t.dtype))
-        odd += sorted(f"folded/{n}" for n, d in folded.items() if d is not None and d.shape != (
-            self.global_factors[n][1].shape[0], self.global_factors[n][0].shape[1]))
+        odd += sorted(f"folded/{n}" for n, d in folded.items() if d is not None and (d.dtype != torch.float32 or d.shape
+                      != (self.global_factors[n][1].shape[0], self.global_factors[n][0].shape[1])))
         if missing or extra or odd:
             raise CheckpointError(f"{path}: tensors do not fit this run (missing {missing}, unexpected {extra}, "
                                   f"wrong shape or dtype {odd})")
@@ -338,15 +338,27 @@ class Server:
             history = History.from_dict(st.get("history"))
         except ValueError as exc:
             raise CheckpointError(f"{path}: its ledger is not valid: {exc}") from None
+        ledger_config = {k: v for k, v in history.config.items() if k not in ("rounds", "out", "checkpoint_every")}
+        if ledger_config != theirs or history.meta.get("latency_budget_s") != self.tau_bar:
+            raise CheckpointError(f"{path}: its ledger was not written by this run (config or τ̄ differ)")
         round_, wallclock = st.get("round"), st.get("wallclock")
         if isinstance(round_, bool) or not isinstance(round_, int) or round_ != len(history.rounds) \
-                or not isinstance(wallclock, (int, float)) or not math.isfinite(wallclock):
+                or isinstance(wallclock, bool) or not isinstance(wallclock, (int, float)) or not 0 <= wallclock < 1e300:
             raise CheckpointError(f"{path}: round {round_!r} / wallclock {wallclock!r} do not fit its ledger")
         policy = st.get("policy")
         if (policy is None) != (not isinstance(self.policy, OnlineAllocator)):
             raise CheckpointError(f"{path}: allocator state {'missing' if policy is None else 'unexpected'}")
         if policy is not None:
-            self.policy.load_state_dict(policy)  # validates everything before it changes anything
+            mine_policy = self.policy.state_dict()
+            fixed = ("latency_budget_s", "weight_v", "drift")
+            if not isinstance(policy, dict) or any(policy.get(k) != mine_policy.get(k) for k in fixed) \
+                    or policy.get("round") != round_:
+                raise CheckpointError(f"{path}: its allocator state does not fit this run ({', '.join(fixed)} "
+                                      "and round must match)")
+            try:
+                self.policy.load_state_dict(policy)  # validates everything before it changes anything
+            except ValueError as exc:
+                raise CheckpointError(f"{path}: its allocator state is not valid: {exc}") from None
         self.round, self.wallclock, self.history = round_, float(wallclock), history
         self.global_factors = {n: (tensors[f"global/{n}/A"], tensors[f"global/{n}/B"]) for n in self.names}
         self.global_head = {n: tensors[f"head/{n}"] for n in self.global_head}

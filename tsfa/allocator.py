@@ -123,7 +123,14 @@ class OnlineAllocator(_Policy):
         """
         tau = as_scalar("latency_budget_s", latency_budget_s, lower=0, strict=True)
         v = as_scalar("relative_v", relative_v, lower=0, strict=True)
-        return cls(shape, latency_budget_s=tau, weight_v=v * tau**2, **kwargs)
+        try:
+            weight = v * tau**2
+        except OverflowError:
+            weight = math.inf
+        if not math.isfinite(weight):
+            raise ValueError(f"relative_v · latency_budget_s² overflows; got relative_v = {v!r}, "
+                             f"latency_budget_s = {tau!r}")
+        return cls(shape, latency_budget_s=tau, weight_v=weight, **kwargs)
 
     def step(self, snr_hz, compute_s, error_profile, data_weight=None) -> Allocation:
         """Allocate this round (does not update the queue: call :meth:`observe`)."""

@@ -16,9 +16,11 @@ class UserError(Exception):
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from fedloop.checkpoint import check_run_folder
     from fedloop.data import TaskUnavailable
     from fedloop.demo import main_job
 
+    check_run_folder(args.out)
     try:
         main_job(args.out, quick=args.quick, seed=args.seed, progress=not args.quiet)
     except TaskUnavailable as exc:
@@ -31,8 +33,10 @@ def _bandwidth_demo(args: argparse.Namespace) -> int:
 
     from tsfa import Cell, llama_7b_qv, min_latency_bandwidth, minilm_l6_qv, rate_bps, training_flops_per_sample
 
-    if args.clients < 1:
-        raise UserError(f"--clients must be >= 1; got {args.clients}")
+    if not 1 <= args.clients <= 100_000:
+        raise UserError(f"--clients must be in 1..100000; got {args.clients}")
+    if not 1 <= args.rank <= 384:
+        raise UserError(f"--rank must be in 1..384 (MiniLM's width); got {args.rank}")
     rng = np.random.default_rng(args.seed)
     cell = Cell()
     clients = cell.sample_clients(args.clients, rng=rng)
@@ -112,7 +116,7 @@ def _design(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fedloop import RunConfig
-    from fedloop.checkpoint import RunFolderBusy
+    from fedloop.checkpoint import RunFolderBusy, check_run_folder
     from fedloop.data import TaskUnavailable
     from fedloop.design import plan_for
     from fedloop.history import History, write_csv
@@ -122,8 +126,9 @@ def _design(args: argparse.Namespace) -> int:
         pilot = History.load(args.pilot) if args.pilot else None
     except FileNotFoundError as exc:
         raise UserError(str(exc)) from None
-    if args.out:
+    if args.out is not None:
         cfg = cfg.replace(out=args.out)
+    check_run_folder(cfg.out)  # before the pilot and the plan, not after
     try:
         plan, pilot, constants = plan_for(cfg, pilot=pilot, ranks=args.ranks, keep_ratios=args.keep_ratios,
                                           pilot_rounds=args.pilot_rounds, draws=args.draws, progress=not args.quiet)
@@ -150,6 +155,8 @@ def _allocate(args: argparse.Namespace) -> int:
     from tsfa.jsonio import allocate_json
 
     if args.input == "-":
+        if sys.stdin is None or sys.stdin.closed:
+            raise UserError("--input -: standard input is not open")
         text = sys.stdin.read()
     else:
         try:
@@ -192,8 +199,10 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    from fedloop.checkpoint import check_run_folder
     from fedloop.plots import compare_runs
 
+    check_run_folder(args.out)
     try:
         rows, path = compare_runs(args.run_dirs, args.out)
     except FileNotFoundError as exc:
@@ -213,7 +222,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _benchmark(args: argparse.Namespace) -> int:
     from fedloop import RunConfig
     from fedloop.benchmark import benchmark
-    from fedloop.checkpoint import RunFolderBusy
+    from fedloop.checkpoint import RunFolderBusy, check_run_folder
     from fedloop.data import TaskUnavailable
     from fedloop.loop import RunFailed
 
@@ -224,6 +233,9 @@ def _benchmark(args: argparse.Namespace) -> int:
     if args.rounds is not None:
         cfg = cfg.replace(rounds=args.rounds)
     seeds = args.seeds if args.seeds is not None else (3 if args.quick else 5)
+    if not 1 <= seeds <= 1000:
+        raise UserError(f"--seeds must be in 1..1000; got {seeds}")
+    check_run_folder(args.out)
     try:
         b = benchmark(cfg, args.strategies, seeds, out=args.out, delta=args.delta, progress=not args.quiet)
     except (TaskUnavailable, RunFailed, RunFolderBusy, FileNotFoundError) as exc:
@@ -235,8 +247,17 @@ def _benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors raised as :class:`UserError` (one line, exit 2) instead of
+    printing the usage and exiting."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog.split(' ', 1)[-1] if ' ' in self.prog else 'tsfa'}: {message} "
+                        f"(see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tsfa", description="Wireless federated LoRA fine-tuning solvers.")
+    p = _Parser(prog="tsfa", description="Wireless federated LoRA fine-tuning solvers.")
     p.add_argument("--version", action="version", version=f"tsfa {__version__}")
     sub = p.add_subparsers(dest="command")
     m = sub.add_parser("demo", help="the main job on embedded defaults: offline design, then TSFA, fedit and "
@@ -301,17 +322,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line: 0 on success, and for bad input one line ``tsfa: error: ...`` on
+    standard error and exit status 2."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UserError as exc:  # argparse's own complaints, as one line
+        print(f"tsfa: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
     if getattr(args, "func", None) is None:
-        parser.print_help()
+        print("tsfa: error: a command is required (see tsfa --help)", file=sys.stderr)
         return 2
     try:
         return args.func(args)
     except (UserError, ValueError) as exc:
-        print(f"tsfa: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"tsfa: error: {_one_line(exc)}", file=sys.stderr)
+    except (OSError, OverflowError, RecursionError, MemoryError) as exc:  # beyond what the machine or files allow
+        print(f"tsfa: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fedloop import LocalPool, RunConfig, Server, run
-from fedloop.checkpoint import CHECKPOINT, LOCK, CheckpointError, RunFolder, RunFolderBusy
+from fedloop.checkpoint import CHECKPOINT, CheckpointError, RunFolder, RunFolderBusy
 from fedloop.client import Upload
 from tsfa.cli import main
 
@@ -163,7 +163,7 @@ def test_the_lock_of_a_killed_run_is_recovered(tmp_path):
         proc.wait(10)
     finally:
         proc.kill()
-    assert (folder / LOCK).exists()  # the file stays, the lock does not
+    assert not any(folder.iterdir())  # the lock is on the folder itself: nothing to clean up
     assert len(run(lin(folder), progress=False).rounds) == 2
 
 
@@ -302,3 +302,98 @@ def test_any_bytes_as_a_checkpoint_are_refused_in_one_line(tmp_path_factory, dat
 def test_each_bad_field_is_a_value_error_naming_it(field, value):
     with pytest.raises(ValueError, match=field.split(".")[0] if field != "linear" else "linear.dim"):
         RunConfig(task="linear", **{field: value})
+
+
+# -- checkpoints with a valid digest but content that does not fit the run -------------------------
+def _craft(src: Path, dst: Path, edit) -> Path:
+    """A copy of ``src``'s checkpoint, changed by ``edit(tensors, state)``, re-signed (a valid SHA-256)."""
+    from fedloop.checkpoint import load_checkpoint, save_checkpoint
+
+    tensors, state = load_checkpoint(src)
+    edit(tensors, state)
+    dst.mkdir(parents=True)
+    save_checkpoint(dst, tensors, state)
+    return dst
+
+
+def _set(path, value):
+    def edit(tensors, state):
+        node = state
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return edit
+
+
+@pytest.mark.parametrize("name, edit", [
+    ("bf16 tensor", lambda t, s: t.update({"global/m0/A": t["global/m0/A"].to(torch.bfloat16)})),
+    ("NaN tensor", lambda t, s: t["global/m0/A"].view(-1).__setitem__(0, float("nan"))),
+    ("inf folded", lambda t, s: t.update({"folded/m0": torch.full((8, 8), float("inf"))})),
+    ("float64 folded", lambda t, s: t.update({"folded/m0": torch.zeros(8, 8, dtype=torch.float64)})),
+    ("policy list", _set(["policy"], [1])),
+    ("policy queue", _set(["policy", "queue"], -1)),
+    ("policy budget", _set(["policy", "latency_budget_s"], 1e6)),
+    ("policy round", _set(["policy", "round"], 99)),
+    ("ledger text", _set(["history", "rounds", 1, "test_loss"], "NaN")),
+    ("ledger huge", _set(["history", "rounds", 0, "uplink_bits"], 10**400)),
+    ("ledger meta", _set(["history", "meta", "latency_budget_s"], "x")),
+    ("ledger client", _set(["history", "clients", 0, "keep"], "x")),
+    ("ledger config", _set(["history", "config", "seed"], 7)),
+    ("wallclock", _set(["wallclock"], 10**400)),
+])
+def test_a_re_signed_checkpoint_that_does_not_fit_is_refused(finished, tmp_path, capsys, name, edit):
+    folder = _craft(finished, tmp_path / "run", edit)
+    before = snapshot(folder)
+    with pytest.raises(CheckpointError):
+        run(lin(folder, rounds=3), resume=True, progress=False)
+    assert snapshot(folder) == before
+    cfg = write_toml(tmp_path / "c.toml", lin(folder, rounds=3))
+    assert main(["run", str(cfg), "--resume", "--quiet"]) == 2
+    assert CHECKPOINT in one_error_line(capsys) and snapshot(folder) == before
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "CFG", "--rounds", "x"], ["allocate"], ["allocate", "--input", "x", "--indent", "x"], ["magic"], [],
+    ["bandwidth-demo", "--clients", "100000000000"], ["benchmark", "CFG", "--seeds", "100000000000000000000"],
+    ["demo", "--quick", "--out", ""], ["compare", "R", "--out", ""], ["design", "CFG", "--pilot", "R", "--out", "FILE"],
+    ["demo", "--quick", "--out", "FILE/x"],
+])
+def test_argument_mistakes_are_one_line(finished, tmp_path, capsys, argv):
+    cfg = write_toml(tmp_path / "c.toml", lin(tmp_path / "run"))
+    (tmp_path / "FILE").write_text("x")
+    subs = {"CFG": str(cfg), "R": str(finished), "FILE": str(tmp_path / "FILE"), "FILE/x": str(tmp_path / "FILE" / "x")}
+    assert main([subs.get(a, a) for a in argv]) == 2
+    one_error_line(capsys)
+
+
+@pytest.mark.parametrize("raw, key", [({"latency_budget_s": "1e200"}, "latency_budget_s"),
+                                      ({"[linear]": "dim = 100000000000000000000"}, "linear.dim"),
+                                      ({"seed": "18446744073709551616"}, "seed")])
+def test_numbers_beyond_reason_are_one_line(tmp_path, capsys, raw, key):
+    cfg = write_toml(tmp_path / "c.toml", lin(tmp_path / "run"), **raw)
+    assert main(["run", str(cfg), "--quiet"]) == 2
+    assert key in one_error_line(capsys)
+
+
+def test_a_deeply_nested_toml_is_one_line(tmp_path, capsys):
+    (tmp_path / "deep.toml").write_text("seed = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    assert main(["run", str(tmp_path / "deep.toml")]) == 2
+    assert "not valid TOML" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda h: h["rounds"][0].update(uplink_bits=10**400), "uplink_bits"),
+    (lambda h: h["rounds"][0].update(uplink_bits="12"), "uplink_bits"),
+    (lambda h: h["config"].update(task=["x"]), "config.task"),
+    (lambda h: h["meta"].update(latency_budget_s="x"), "meta.latency_budget_s"),
+    (lambda h: h["rounds"][0].update(test_loss=float("inf")), "test_loss"),
+])
+def test_a_ledger_that_would_crash_the_figures_is_refused(finished, tmp_path, capsys, edit, why):
+    h = json.loads((finished / "history.json").read_text())
+    edit(h)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "history.json").write_text(json.dumps(h))
+    for argv in (["plot", str(folder)], ["compare", str(folder), "--out", str(tmp_path / "cmp")]):
+        assert main(argv) == 2
+        assert why in one_error_line(capsys)
