@@ -252,8 +252,8 @@ class _Parser(argparse.ArgumentParser):
     printing the usage and exiting."""
 
     def error(self, message):
-        raise UserError(f"{self.prog.split(' ', 1)[-1] if ' ' in self.prog else 'tsfa'}: {message} "
-                        f"(see {self.prog} --help)")
+        where = f"{self.prog.split(' ', 1)[1]}: " if " " in self.prog else ""  # the subcommand, if any
+        raise UserError(f"{where}{message} (see {self.prog} --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
