@@ -28,8 +28,7 @@ import numpy as np
 import torch
 
 from soft.factors import Factors, check_same_layout, product_norm_sq, shape_of
-from soft.update import RankSparseUpdate, WireFormatError, check_keep, dtype_name, updates_from_indices
-from tsfa.model import LoraShape
+from soft.update import RankSparseUpdate, WireFormatError, check_keep, dtype_name, payload_bytes, updates_from_indices
 
 __all__ = [
     "random_components",
@@ -55,7 +54,7 @@ def random_components(old: Factors, new: Factors, keep: int, generator: torch.Ge
     if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
         generator = torch.Generator().manual_seed(int(generator))
     if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or an int seed; got {type(generator).__name__}")
+        raise ValueError(f"generator must be a torch.Generator or an int seed; got {type(generator).__name__}")
     idx = [torch.sort(torch.randperm(r, generator=generator)[:keep]).values for _ in old]
     return updates_from_indices(old, new, idx, keep, dtype)
 
@@ -166,11 +165,7 @@ def decode_topk(data: bytes, shape) -> TopKUpdate:
     :class:`soft.WireFormatError` naming the problem (magic, version, dtype, coding, pad
     byte, tensor count, k, length, checksum, positions, padding bits, or a value that is
     not finite — named by module and ΔA/ΔB — even under a valid checksum)."""
-    if not isinstance(shape, LoraShape):
-        raise TypeError(f"shape must be a tsfa.LoraShape; got {type(shape).__name__}")
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"data must be bytes; got {type(data).__name__}")
-    data = bytes(data)
+    data = payload_bytes(data, shape)
     if len(data) == 0:
         raise WireFormatError("empty top-k payload: a client keeping 0 entries sends nothing, there is nothing "
                               "to decode")

@@ -36,7 +36,7 @@ def check_pair(A, B, name: str = "module") -> tuple[torch.Tensor, torch.Tensor]:
     """Validate one (A, B) pair: 2-D float tensors, A r×n, B m×r, finite. Returns them."""
     for label, t in (("A", A), ("B", B)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{label} of {name!r} must be a torch.Tensor; got {type(t).__name__}")
+            raise ValueError(f"{label} of {name!r} must be a torch.Tensor; got {type(t).__name__}")
         if t.ndim != 2:
             raise ValueError(f"{label} of {name!r} must be 2-D; got shape {tuple(t.shape)}")
         if not t.is_floating_point():

@@ -199,6 +199,16 @@ class RankSparseUpdate:
         return out
 
 
+def payload_bytes(data, shape) -> bytes:
+    """``data`` as bytes, for decoding against ``shape`` (a :class:`tsfa.LoraShape`); a wrong
+    type of either is a ValueError naming it (the library's one error type for bad input)."""
+    if not isinstance(shape, LoraShape):
+        raise ValueError(f"shape must be a tsfa.LoraShape; got {type(shape).__name__}")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ValueError(f"data must be bytes; got {type(data).__name__}")
+    return bytes(data)
+
+
 def check_keep(keep, r: int) -> int:
     """``keep`` as an int in 0..r, or a ValueError naming it (the keep count of a payload)."""
     if isinstance(keep, bool) or not isinstance(keep, (int, np.integer)) or not 0 <= int(keep) <= r:
@@ -282,11 +292,7 @@ def decode(data: bytes, shape: LoraShape) -> RankSparseUpdate:
     value that is not finite — named by module, component and factor — even under a valid
     checksum). An accepted payload re-encodes to the same bytes.
     """
-    if not isinstance(shape, LoraShape):
-        raise TypeError(f"shape must be a tsfa.LoraShape; got {type(shape).__name__}")
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"data must be bytes; got {type(data).__name__}")
-    data = bytes(data)
+    data = payload_bytes(data, shape)
     if len(data) == 0:
         raise WireFormatError("empty payload: a client keeping 0 components sends nothing, there is nothing to decode")
     if len(data) < HEADER_BYTES:
@@ -371,7 +377,7 @@ def aggregate(global_factors: Factors, updates: Sequence[RankSparseUpdate], weig
     names = list(global_factors)
     for k, u in enumerate(updates):
         if not isinstance(u, RankSparseUpdate):
-            raise TypeError(f"updates[{k}] must be a RankSparseUpdate; got {type(u).__name__}")
+            raise ValueError(f"updates[{k}] must be a RankSparseUpdate; got {type(u).__name__}")
         if list(u.names) != names or u.shape.rank != r:
             raise ValueError(f"updates[{k}] is for modules {list(u.names)} at rank {u.shape.rank}; "
                              f"the global factors have {names} at rank {r}")
@@ -442,7 +448,7 @@ def update_norm(update) -> float:
         problem = update.values_problem()
         tensors = list(update.delta_a) + list(update.delta_b)
     else:
-        raise TypeError(f"update must be a RankSparseUpdate or a TopKUpdate; got {type(update).__name__}")
+        raise ValueError(f"update must be a RankSparseUpdate or a TopKUpdate; got {type(update).__name__}")
     if problem:
         raise ValueError(f"update_norm: {problem}")
     flat = [t.detach().double().reshape(-1) for t in tensors if t.numel()]
