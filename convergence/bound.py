@@ -37,6 +37,15 @@ from convergence.rank import check_spectrum, rank_term
 __all__ = ["BoundConstants", "Schedule", "BoundTerms", "bound", "contraction_factor", "noise_term", "drift_term",
            "sparsification_term", "covariance_term", "TERMS"]
 
+
+def _finite(v) -> bool:
+    """math.isfinite that answers False (not OverflowError) for an integer beyond the float range."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 #: The names of the bound's terms, in stacking order.
 TERMS = ("contraction", "noise", "drift", "sparsification", "covariance", "rank")
 
@@ -88,7 +97,7 @@ class BoundConstants:
             name, v = f.name, getattr(self, f.name)
             if name in ("spectrum", "source", "split", "floor"):
                 continue
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not _finite(v):
                 raise ValueError(f"{name} must be a finite number; got {name} = {v!r}")
             if v < 0:
                 raise ValueError(f"{name} must be >= 0; got {name} = {v!r}")
@@ -98,11 +107,11 @@ class BoundConstants:
             raise ValueError(f"local_steps must be an integer >= 1; got local_steps = {self.local_steps!r}")
         real = (int, float, np.integer, np.floating)
         if isinstance(self.floor, (bool, np.bool_)) or not isinstance(self.floor, real) \
-                or not math.isfinite(self.floor):
+                or not _finite(self.floor):
             raise ValueError(f"floor must be a finite number; got floor = {self.floor!r}")
         if self.split is not None and (isinstance(self.split, (bool, np.bool_))
                                        or not isinstance(self.split, (int, float, np.integer, np.floating))
-                                       or not math.isfinite(self.split) or self.split <= 0):
+                                       or not _finite(self.split) or self.split <= 0):
             raise ValueError(f"split must be None or a finite number > 0; got split = {self.split!r}")
         object.__setattr__(self, "spectrum", check_spectrum(self.spectrum))
 
@@ -243,7 +252,7 @@ MAX_OUTPUT_VALUES = 2**28
 def _rounds(T) -> int:
     if isinstance(T, (bool, np.bool_)) or not isinstance(T, (int, np.integer, float, np.floating)):
         raise ValueError(f"rounds must be an integer >= 0; got rounds = {T!r}")
-    if not math.isfinite(T) or int(T) != T or T < 0:
+    if not _finite(T) or int(T) != T or T < 0:
         raise ValueError(f"rounds must be an integer >= 0; got rounds = {T!r}")
     return int(T)
 
@@ -471,7 +480,7 @@ def _check_finite(c: BoundConstants, terms: dict, eps, e: _Series, cv: _Series, 
                              "the terms are finite but their sum is not: scale down initial_gap or the schedules")
         inc = increments.get(name)
         names = culprits[name]
-        if inc is not None and not math.isfinite(inc):  # the per-round increment itself overflows
+        if inc is not None and not _finite(inc):  # the per-round increment itself overflows
             big = max((k for k in names if k in vals), key=lambda k: abs(math.log10(max(abs(vals[k]), 1e-300))))
             raise ValueError(f"the {name} term overflows: its per-round increment is {inc!r} "
                              f"({', '.join(f'{k} = {vals[k]!r}' for k in names if k in vals)}); "

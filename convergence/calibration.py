@@ -134,6 +134,14 @@ def calibrate(history, spectrum=None, *, rank_weight: float = 0.5, skip: int = 0
             or not math.isfinite(rank_weight) or rank_weight < 0:
         raise ValueError(f"rank_weight must be a finite number >= 0; got rank_weight = {rank_weight!r}")
     cfg = history.config
+    for key, integer, default in (("rank", True, 1), ("local_steps", True, 1), ("lr", False, 1.0)):
+        v = cfg.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or not 0 < v < 1e300:
+            raise ValueError(f"the pilot's config.{key} must be a positive {'integer' if integer else 'number'}; "
+                             f"got {key} = {v!r:.40}")
+    alpha = cfg.get("alpha")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1e300):
+        raise ValueError(f"the pilot's config.alpha must be None or a positive number; got alpha = {alpha!r:.40}")
     spectrum = check_spectrum(np.zeros(int(cfg.get("rank", 1))) if spectrum is None else spectrum)
     loss, _ = loss_curve(history)
     sch = schedule_from_history(history)

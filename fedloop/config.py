@@ -24,6 +24,13 @@ DISTILL_DEFAULTS = {"teacher_rank": 16, "decay": 0.0, "scale": 0.5, "subspace": 
                     "examples": 3000, "teacher_seed": 0}
 #: The largest integer (and magnitude) a setting may take: sizes and seeds beyond it are mistakes.
 MAX_INT = 2**31 - 1
+def _finite(v) -> bool:
+    """math.isfinite that answers False (not OverflowError) for an integer beyond the float range."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
 #: For each table key: (integer?, lower bound, lower bound strict?).
 _TABLE_RULES = {"modules": (True, 1, False), "dim": (True, 1, False), "true_rank": (True, 1, False),
                 "samples": (True, 1, False), "test_samples": (True, 1, False), "decay": (False, 0, False),
@@ -41,7 +48,7 @@ def _check_table(table: str, values, defaults: dict) -> None:
     for key, v in values.items():
         integer, low, strict = _TABLE_RULES[key]
         kind = "an integer" if integer else "a finite number"
-        ok = not isinstance(v, bool) and isinstance(v, int if integer else (int, float)) and math.isfinite(v) \
+        ok = not isinstance(v, bool) and isinstance(v, int if integer else (int, float)) and _finite(v) \
             and (v > low if strict else v >= low) and abs(v) <= MAX_INT
         if not ok:
             raise ValueError(f"{table}.{key} must be {kind} {'>' if strict else '>='} {low} and <= {MAX_INT}; "
@@ -180,25 +187,25 @@ class RunConfig:
         positive = ("lr", "head_lr", "bandwidth_hz", "budget_factor", "relative_v", "dirichlet_alpha")
         for name in positive:
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v) or v <= 0:
                 bad(name, "must be a finite number > 0")
         rn = self.reject_norm_factor
-        if rn is not None and (isinstance(rn, bool) or not isinstance(rn, (int, float)) or not math.isfinite(rn)
+        if rn is not None and (isinstance(rn, bool) or not isinstance(rn, (int, float)) or not _finite(rn)
                                or rn <= 1):
             bad("reject_norm_factor", "must be None or a finite number > 1")
         for name in ("alpha", "latency_budget_s", "cap_factor", "deadline_factor"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v)
                                   or v <= 0):
                 bad(name, "must be None or a finite number > 0")
         if self.drift not in ("exact", "linear"):
             bad("drift", "must be 'exact' or 'linear'")
         q0 = self.initial_queue
-        if not (q0 == "auto" or (isinstance(q0, (int, float)) and not isinstance(q0, bool) and math.isfinite(q0)
+        if not (q0 == "auto" or (isinstance(q0, (int, float)) and not isinstance(q0, bool) and _finite(q0)
                                  and q0 >= 0)):
             bad("initial_queue", "must be 'auto' or a finite number >= 0")
         if self.penalty is not None and (isinstance(self.penalty, bool) or not isinstance(self.penalty, (int, float))
-                                         or not math.isfinite(self.penalty) or self.penalty < 0):
+                                         or not _finite(self.penalty) or self.penalty < 0):
             bad("penalty", "must be None or a finite number >= 0")
         tf = self.test_fraction
         if isinstance(tf, bool) or not isinstance(tf, (int, float)) or not 0 < tf < 1:

@@ -32,7 +32,7 @@ import torch
 import soft
 from fedloop import measure
 from fedloop.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, save_checkpoint
-from fedloop.client import RunFailed
+from fedloop.client import RunFailed, TrainReport, Upload
 from fedloop.config import RunConfig
 from fedloop.history import History
 from fedloop.strategies import derive_rng
@@ -122,7 +122,7 @@ class Server:
         """One round against ``pool`` (module docstring); returns the round's ledger row."""
         t, K = self.round, self.config.clients
         start = measure.start_point(self.task, self.global_factors, self.weights)
-        report = pool.train(t)
+        report = self.check_report(pool.train(t))
         profiles, status = np.asarray(report.profiles, dtype=float), list(report.status)
         ok = [k for k in range(K) if status[k] == "ok"]
         snr = self.cell.sample_snr_hz(self.clients, rng=derive_rng(self.config.seed, 31, t))
@@ -197,7 +197,9 @@ class Server:
                                   {k: float(decision.bandwidth_hz[k]) for k in sent})
         got, decoded = [], []
         for k in sent:
-            up = uploads.get(k, "no reply")
+            up = uploads.get(k, "no reply") if isinstance(uploads, dict) else "the pool's uploads are not a mapping"
+            if not isinstance(up, (str, Upload)):
+                up = f"the pool returned {type(up).__name__}, not an Upload"
             if isinstance(up, str):
                 status[k] = f"error: {up}"[:200]
                 continue
@@ -219,12 +221,35 @@ class Server:
                                 for n in self.global_head}
         return bits, got
 
+    def check_report(self, report) -> TrainReport:
+        """A pool's :class:`~fedloop.client.TrainReport`, checked: profiles (K, r+1) finite and
+        ≥ 0, losses (K,) numbers, status K strings; anything else is a ValueError naming it."""
+        K, r = self.config.clients, self.shape.rank
+        if not isinstance(report, tuple) or len(report) != 3:
+            raise ValueError(f"pool.train must return a TrainReport (profiles, losses, status); got {report!r:.60}")
+        profiles, losses, status = report
+        try:
+            p = np.asarray(profiles, dtype=float)
+            losses_ = np.asarray(losses, dtype=float)
+        except (TypeError, ValueError):
+            raise ValueError("pool.train: profiles and losses must be numbers") from None
+        if p.shape != (K, r + 1) or not np.all(np.isfinite(p)) or np.any(p < 0):
+            raise ValueError(f"pool.train: profiles must be a finite, non-negative ({K}, {r + 1}) array; "
+                             f"got shape {p.shape}")
+        if losses_.shape != (K,):
+            raise ValueError(f"pool.train: losses must have {K} entries; got shape {losses_.shape}")
+        if not isinstance(status, (list, tuple)) or len(status) != K or not all(isinstance(s, str) for s in status):
+            raise ValueError(f"pool.train: status must be {K} strings; got {status!r:.60}")
+        return TrainReport(profiles=p, losses=losses_, status=list(status))
+
     def check_upload(self, up, keep: int):
         """The strategy's reading of one upload, validated at the trust boundary: the payload
         decodes and fits its allocation (SOFT's decoder also rejects non-finite values), and the
         head has this run's tensors, shapes and finite values. Raises ValueError with the reason."""
         import torch
 
+        if isinstance(up.bits, bool) or not isinstance(up.bits, (int, np.integer)) or not 0 <= up.bits < 2**53:
+            raise ValueError(f"uplink bits must be an integer in 0..2**53; got {up.bits!r:.40}")
         item = self.strategy.decode(up.payload, keep, self)
         if not isinstance(up.head, dict) or set(up.head) != set(self.global_head):
             raise ValueError(f"head tensors {sorted(up.head) if isinstance(up.head, dict) else up.head!r} "

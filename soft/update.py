@@ -169,7 +169,8 @@ class RankSparseUpdate:
         if self.keep == 0:
             return b""
         code = _CODES[_check_dtype(self.dtype)]
-        problem = _values_problem(self.names, self.indices, self.delta_b, self.delta_a, self.dtype)
+        problem = _structure_problem(self) or _values_problem(self.names, self.indices, self.delta_b, self.delta_a,
+                                                              self.dtype)
         if problem:
             raise ValueError(f"cannot encode the update: {problem}")
         _, np_dtype, _ = _DTYPES[code]

@@ -88,6 +88,9 @@ def as_array(
         bad = arr != np.round(arr)
         if bad.any():
             raise ValueError(f"{name} must be integers; got {name}{_first_bad(arr, bad)}")
+        bad = np.abs(arr) > 2**53  # beyond it a float no longer holds every integer (and int64 would wrap)
+        if bad.any():
+            raise ValueError(f"{name} must be integers of magnitude <= 2**53; got {name}{_first_bad(arr, bad)}")
         arr = arr.astype(np.int64)
     arr.setflags(write=False)
     return arr

@@ -52,6 +52,8 @@ class _Policy:
 
     def problem(self, snr_hz, compute_s, error_profile, data_weight=None, *, queue=0.0, weight_v=1.0) -> RoundProblem:
         k = len(np.atleast_1d(snr_hz))
+        if k == 0:
+            raise ValueError("snr_hz must hold one entry per client (at least one); got an empty array")
         weight = np.full(k, 1.0 / k) if data_weight is None else data_weight
         return RoundProblem(shape=self.shape, snr_hz=snr_hz, compute_s=compute_s, data_weight=weight,
                             error_profile=error_profile, queue=queue, weight_v=weight_v,
@@ -59,6 +61,7 @@ class _Policy:
                             max_latency_s=self.max_latency_s, min_keep=self.min_keep, allow_skip=self.allow_skip)
 
     def observe(self, latency_s: float) -> None:
+        as_scalar("latency_s", latency_s, lower=0)
         self.round += 1
 
 
@@ -303,7 +306,16 @@ class FixedPolicy(_Policy):
             equal.__name__ = "equal"
             bw = min_latency_bandwidth(bits, prob.snr_hz, prob.compute_s, prob.total_bandwidth_hz,
                                        downlink_s=prob.downlink_s, backend=equal)
-        return assemble_allocation(prob, keep, bw, lower=math.nan, name=f"fixed-{self.bandwidth}", t0=t0, evals=0)
+        alloc = assemble_allocation(prob, keep, bw, lower=math.nan, name=f"fixed-{self.bandwidth}", t0=t0, evals=0)
+        cap = prob.max_latency_s
+        why = (bw.message if not bw.success
+               else f"the latency {alloc.latency_s!r} s is not finite" if not math.isfinite(alloc.latency_s)
+               else f"the latency {alloc.latency_s:.6g} s exceeds max_latency_s = {cap:.6g} s"
+               if cap is not None and alloc.latency_s > cap * (1 + 1e-9) else None)
+        if why is not None:  # the fixed choice does not fit: say so, keep the decisions for the record
+            return dataclasses.replace(alloc, status=Status.INFEASIBLE, message=f"keep = {self.keep} for every client "
+                                       f"does not fit: {why}; lower keep, add bandwidth or raise the cap")
+        return alloc
 
 
 class DensePolicy(FixedPolicy):

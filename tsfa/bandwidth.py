@@ -329,13 +329,19 @@ def min_latency_bandwidth_batch(payload_bits, snr_hz, compute_s, total_bandwidth
     """
     if backend not in BATCH_BACKENDS:
         raise ValueError(f"backend must be one of {BATCH_BACKENDS}; got backend = {backend!r}")
-    S = np.asarray(payload_bits, dtype=float)
-    if S.ndim == 0:
-        raise ValueError(f"payload_bits must have a client axis (..., K); got shape {S.shape}")
+    S = as_array("payload_bits", payload_bits, ndim=None, lower=0)
+    if S.ndim == 0 or S.shape[-1] == 0:
+        raise ValueError(f"payload_bits must have a non-empty client axis (..., K); got shape {S.shape}")
     B = as_scalar("total_bandwidth_hz", total_bandwidth_hz, lower=0, strict=True)
-    dl = np.asarray(downlink_s, dtype=float)
-    c = np.broadcast_to(np.asarray(snr_hz, dtype=float), S.shape)
-    T = np.broadcast_to(dl[..., None] + np.asarray(compute_s, dtype=float), S.shape)
+    dl = as_array("downlink_s", downlink_s, ndim=None, lower=0)
+    try:
+        c = np.broadcast_to(as_array("snr_hz", snr_hz, ndim=None, lower=0, strict=True), S.shape)
+        T = np.broadcast_to(dl[..., None] + as_array("compute_s", compute_s, ndim=None, lower=0), S.shape)
+    except ValueError as exc:
+        if "broadcast" not in str(exc):
+            raise
+        raise ValueError(f"snr_hz, compute_s and downlink_s must broadcast to payload_bits' shape {S.shape}; "
+                         f"got {np.shape(snr_hz)}, {np.shape(compute_s)}, {np.shape(downlink_s)}") from None
     bw = cap_total(_batch_kernel(S, c, T, B, backend)[0], B)
     return BatchLatency(latency_s=split_latency_s(S, c, T, bw, dl), bandwidth_hz=bw)
 

@@ -289,8 +289,11 @@ def keep_from_ratio(rank, keep_ratio):
     broadcast. Returns an int for scalars, else an int64 array. The ceiling carries a 1e-9
     tolerance so that ρ r = s up to rounding gives s (0.1 · 30 = 3.0000000000000004 → 3).
     """
-    r = np.asarray(rank)
-    s = np.clip(np.ceil(np.asarray(keep_ratio, dtype=float) * r - 1e-9), 1, r).astype(np.int64)
+    r = as_array("rank", rank, ndim=None, lower=1, integer=True)
+    rho = as_array("keep_ratio", keep_ratio, ndim=None, lower=0, strict=True)
+    if np.any(rho > 1):
+        raise ValueError(f"keep_ratio must lie in (0, 1]; got keep_ratio = {keep_ratio!r}")
+    s = np.clip(np.ceil(rho * r - 1e-9), 1, r).astype(np.int64)
     return int(s) if s.ndim == 0 else s
 
 
