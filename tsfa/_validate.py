@@ -52,6 +52,17 @@ def real_array(name: str, value) -> np.ndarray:
         raise ValueError(f"{name} {_NUMERIC}; got {name} = {_short(value)}") from exc
 
 
+def as_rng(rng, name: str = "rng") -> np.random.Generator:
+    """A Generator from ``rng``: None, a non-negative int seed, a SeedSequence or a Generator;
+    anything else is a ValueError naming it."""
+    if rng is None or isinstance(rng, (np.random.Generator, np.random.SeedSequence, np.random.BitGenerator)):
+        return np.random.default_rng(rng)
+    if isinstance(rng, (bool, np.bool_)) or not isinstance(rng, (int, np.integer)) or rng < 0:
+        raise ValueError(f"{name} must be None, a non-negative integer seed or a numpy Generator; got {name} = "
+                         f"{_short(rng)}")
+    return np.random.default_rng(int(rng))
+
+
 def as_array(
     name: str,
     value,

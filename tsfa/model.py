@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tsfa._validate import as_array, as_int_array, as_scalar
+from tsfa._validate import as_array, as_int_array, as_rng, as_scalar
 
 __all__ = [
     "ModuleShape",
@@ -405,7 +405,7 @@ class Cell:
         Draws distances, shadowing (fixed per client) and compute speeds from ``rng``.
         """
         n = as_scalar("num_clients", num_clients, lower=1, integer=True)
-        rng = np.random.default_rng(rng)
+        rng = as_rng(rng)
         r0, r1 = self.min_distance_m, self.radius_m
         distance = np.sqrt(rng.uniform(r0**2, r1**2, n))  # uniform in area
         shadow = rng.normal(0.0, self.shadowing_std_db, n)
@@ -425,7 +425,7 @@ class Cell:
 
         Returns shape (K,) for one round, or (rounds, K) i.i.d. over rounds (block fading).
         """
-        rng = np.random.default_rng(rng)
+        rng = as_rng(rng)
         k = len(clients)
         shape = (k,) if rounds is None else (as_scalar("rounds", rounds, lower=1, integer=True), k)
         return self.mean_snr_hz(clients) * rng.exponential(1.0, shape)

@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tsfa._validate import as_array, as_scalar
+from tsfa._validate import as_array, as_rng, as_scalar
 from tsfa.choice import (
     CONSTRAINTS,
     FEASIBILITY_RTOL,
@@ -360,12 +360,17 @@ def _expected_latencies(problem: OfflineProblem, gen: np.random.Generator) -> _P
                         mean=mean, low=low, high=high, stat=stat, participation=part.mean(axis=1))
 
 
+#: The most rounds a time budget can derive (beyond it a budget is a mistake, not a plan).
+MAX_ROUNDS = 2**31 - 1
+
+
 def _plan_rounds(problem: OfflineProblem, pl: _PairLatency) -> list[tuple[int, int]]:
     """Step 2: the candidates as (pair index, rounds), in tie-break order (rank, keep, rounds)."""
     rows = []
     for p in sorted(range(len(pl.pairs)), key=lambda q: pl.pairs[q]):
         if problem.grid.rounds is None:
-            rows.append((p, max(1, int(math.floor(problem.budgets.time_budget_s / max(pl.stat[p], 1e-300))))))
+            fit = problem.budgets.time_budget_s / max(pl.stat[p], 1e-300)
+            rows.append((p, max(1, int(min(math.floor(min(fit, MAX_ROUNDS)), MAX_ROUNDS)))))
         else:
             rows.extend((p, int(x)) for x in problem.grid.rounds)
     return rows
@@ -479,7 +484,7 @@ def design_offline(problem: OfflineProblem, predict: Callable[[np.ndarray, np.nd
         raise ValueError(f"predict must be callable; got {predict!r}")
     if method not in DESIGN_METHODS:
         raise ValueError(f"method must be one of {DESIGN_METHODS}; got method = {method!r}")
-    gen = np.random.default_rng(rng)
+    gen = as_rng(rng)
     pl = _expected_latencies(problem, gen)                    # 1. SAA expected latency
     v_seed = int(gen.integers(2**63 - 1))
     rows = _plan_rounds(problem, pl)                          # 2. rounds

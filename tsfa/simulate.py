@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tsfa._validate import as_array, as_scalar
+from tsfa._validate import as_array, as_rng, as_scalar
 from tsfa.bandwidth import min_latency_bandwidth_batch
 from tsfa.model import Cell, Clients, LoraShape
 
@@ -62,11 +62,11 @@ class ErrorModel:
         as_scalar("round_jitter", self.round_jitter, lower=0)
 
     def client_scales(self, num_clients: int, rng) -> np.ndarray:
-        return np.random.default_rng(rng).lognormal(0.0, self.client_spread, num_clients)
+        return as_rng(rng).lognormal(0.0, self.client_spread, num_clients)
 
     def sample(self, rank: int, scales: np.ndarray, rng) -> np.ndarray:
         """Error profiles, shape (K, rank + 1)."""
-        rng = np.random.default_rng(rng)
+        rng = as_rng(rng)
         energy = scales[:, None] * rng.lognormal(0.0, self.round_jitter, (len(scales), 1))
         energy = energy * np.arange(1, rank + 1) ** (-self.decay)
         tail = np.cumsum(energy[:, ::-1], axis=1)[:, ::-1]  # e(s) = Σ_{i>s}
@@ -102,7 +102,7 @@ def dense_latency_s(cell: Cell, clients: Clients, shape: LoraShape, compute_s, *
                     rounds: int = 200, rng=None, statistic: str = "median") -> float:
     """Median (or mean) least round latency when every client uploads densely (Monte Carlo
     over fading). The mean is dominated by rare deep fades; the median is the typical round."""
-    rng = np.random.default_rng(rng)
+    rng = as_rng(rng)
     snr = cell.sample_snr_hz(clients, rng=rng, rounds=rounds)
     bits = np.full(snr.shape, float(shape.dense_payload_bits))
     lat = min_latency_bandwidth_batch(bits, snr, compute_s, cell.total_bandwidth_hz, downlink_s=downlink_s).latency_s
@@ -116,7 +116,7 @@ def simulate_allocation(policy, cell: Cell, clients: Clients, *, rounds: int, co
                         progress: bool = False) -> SimulationResult:
     """Run ``policy`` (an OnlineAllocator or a baseline) for ``rounds`` rounds."""
     rounds = as_scalar("rounds", rounds, lower=1, integer=True)
-    rng = np.random.default_rng(rng)
+    rng = as_rng(rng)
     em = error_model or ErrorModel()
     scales = em.client_scales(len(clients), rng)
     r = policy.shape.rank

@@ -397,3 +397,44 @@ def test_a_ledger_that_would_crash_the_figures_is_refused(finished, tmp_path, ca
     for argv in (["plot", str(folder)], ["compare", str(folder), "--out", str(tmp_path / "cmp")]):
         assert main(argv) == 2
         assert why in one_error_line(capsys)
+
+
+class Malformed(LocalPool):
+    """A pool whose answers break the protocol in a chosen way."""
+
+    def __init__(self, server, how):
+        super().__init__(server)
+        self.how = how
+
+    def train(self, t):
+        report = super().train(t)
+        if self.how == "short profiles":
+            return report._replace(profiles=report.profiles[:-1])
+        if self.how == "status None":
+            return report._replace(status=None)
+        if self.how == "not a report":
+            return {"profiles": report.profiles}
+        return report
+
+    def upload(self, t, sent, keep, bandwidth_hz):
+        out = super().upload(t, sent, keep, bandwidth_hz)
+        if self.how == "negative bits":
+            out[0] = out[0]._replace(bits=-10**6)
+        if self.how == "a tuple":
+            out[0] = tuple(out[0])
+        return out
+
+
+@pytest.mark.parametrize("how", ["short profiles", "status None", "not a report"])
+def test_a_malformed_report_is_a_value_error(tmp_path, how):
+    server = Server(lin(tmp_path / "run", strategy="fixed"))
+    with pytest.raises(ValueError, match="pool.train"):
+        server.step(Malformed(server, how))
+
+
+@pytest.mark.parametrize("how", ["negative bits", "a tuple"])
+def test_a_malformed_upload_drops_only_that_client(tmp_path, how):
+    server = Server(lin(tmp_path / "run", strategy="fixed"))
+    row = server.step(Malformed(server, how))
+    assert server.history.clients[0]["status"] != "ok" and server.history.clients[0]["uplink_bits"] == 0
+    assert row["uplink_bits"] >= 0 and row["scheduled"] == 2

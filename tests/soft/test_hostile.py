@@ -466,3 +466,14 @@ def test_decode_rejects_nonzero_mask_padding():
 
 def test_public_api_lists_the_norm_helper():
     assert "update_norm" in soft.__all__ and soft.update_norm is update_norm
+
+
+def test_encode_checks_the_structure_it_writes():
+    old = rand_factors(7)
+    good = sparsify(old, moved(old, 8), 2)
+    descending = (good.indices[0].flip(0), good.indices[1])
+    for indices, b in ((descending, good.delta_b), ((good.indices[0], torch.tensor([0, 6])), good.delta_b),
+                       (good.indices, (good.delta_b[0][:-1], good.delta_b[1]))):
+        with pytest.raises(ValueError, match="cannot encode"):
+            RankSparseUpdate(good.shape, 2, indices, b, good.delta_a).encode()
+    assert decode(good.encode(), good.shape).keep == 2

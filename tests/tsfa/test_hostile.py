@@ -294,3 +294,51 @@ def test_design_offline_tiny_with_a_time_budget_reaches_the_closed_form_bound():
     t0 = time.perf_counter()
     out = predict(np.array([1, 2, 4] * 5), np.full(15, 0.5), np.full(15, 10**7))
     assert time.perf_counter() - t0 < 1.0 and np.all(np.isfinite(out["total"]))
+
+
+# -- found by a second adversarial pass ---------------------------------------------------------
+def test_integer_grids_never_wrap():
+    with pytest.raises(ValueError, match="magnitude"):
+        tsfa.CandidateGrid((1, 2), (0.5, 1.0), rounds=1e20)
+    with pytest.raises(ValueError, match="magnitude"):
+        tsfa.CandidateGrid((1e20,), (1.0,))
+
+
+@pytest.mark.parametrize("kw, name", [({"payload_bits": [np.nan, 1e6]}, "payload_bits"),
+                                      ({"payload_bits": [-1e6, 1e6]}, "payload_bits"),
+                                      ({"payload_bits": [True, True]}, "payload_bits"),
+                                      ({"payload_bits": []}, "payload_bits"),
+                                      ({"payload_bits": [10**400, 1]}, "payload_bits"),
+                                      ({"snr_hz": [0.0, 1e7]}, "snr_hz"), ({"compute_s": [np.nan, 0]}, "compute_s"),
+                                      ({"downlink_s": -1.0}, "downlink_s"), ({"snr_hz": [1e7] * 3}, "broadcast")])
+def test_the_batch_kernel_validates_its_inputs(kw, name):
+    args = {"payload_bits": [1e6, 1e6], "snr_hz": [1e7, 1e7], "compute_s": [0.0, 0.0], "downlink_s": 0.0, **kw}
+    with pytest.raises(ValueError, match=name):
+        min_latency_bandwidth_batch(args["payload_bits"], args["snr_hz"], args["compute_s"], 1e6,
+                                    downlink_s=args["downlink_s"])
+
+
+def test_a_fixed_choice_that_misses_the_cap_is_not_optimal():
+    shape = LoraShape([ModuleShape("a", 8, 8), ModuleShape("b", 8, 8)], 4)
+    ep = np.tile([1, 0.5, 0.2, 0.1, 0.0], (3, 1))
+    ok = tsfa.FixedPolicy(shape, keep=2, total_bandwidth_hz=1e5).step([1e7, 2e7, 3e7], [0.01, 0.02, 0.03], ep)
+    assert ok.status is Status.OPTIMAL
+    capped = tsfa.FixedPolicy(shape, keep=2, total_bandwidth_hz=1e5, max_latency_s=1e-3).step(
+        [1e7, 2e7, 3e7], [0.01, 0.02, 0.03], ep)
+    assert capped.status is Status.INFEASIBLE and "max_latency_s" in capped.message
+    with pytest.raises(ValueError, match="latency_s"):
+        tsfa.FixedPolicy(shape, keep=2, total_bandwidth_hz=1e5).observe(float("nan"))
+
+
+@pytest.mark.parametrize("args", [(4, float("nan")), (4, None), (0, 0.5), (-3, 0.5), (True, 0.5), ("4", 0.5),
+                                  (4, 1 + 1j), (2**70, 0.5), (4, 1.5)])
+def test_keep_from_ratio_validates(args):
+    with pytest.raises(ValueError):
+        tsfa.keep_from_ratio(*args)
+
+
+def test_no_clients_is_a_value_error():
+    shape = LoraShape([ModuleShape("a", 8, 8)], 4)
+    alloc = OnlineAllocator(shape, latency_budget_s=1.0, weight_v=1.0, total_bandwidth_hz=1e6)
+    with pytest.raises(ValueError, match="snr_hz"):
+        alloc.step([], [], np.zeros((0, 5)))
