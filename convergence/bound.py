@@ -125,7 +125,22 @@ class BoundConstants:
 
     @classmethod
     def from_dict(cls, d: dict) -> BoundConstants:
-        return cls(**{**d, "spectrum": np.asarray(d.get("spectrum", [0.0]), dtype=float)})
+        """Inverse of :meth:`to_dict`; a document that is not an object with exactly the fields is
+        a ValueError naming what is wrong."""
+        if not isinstance(d, dict):
+            raise ValueError(f"constants must be a mapping of BoundConstants fields; got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown BoundConstants fields {unknown}; known: {sorted(known)}")
+        try:
+            spectrum = np.asarray(d.get("spectrum", [0.0]), dtype=float)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"spectrum must be an array of real numbers; got {d.get('spectrum')!r:.60}") from None
+        try:
+            return cls(**{**d, "spectrum": spectrum})
+        except TypeError as exc:  # a required field is missing
+            raise ValueError(f"BoundConstants: {exc}") from None
 
 
 @dataclass(frozen=True)

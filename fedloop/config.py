@@ -254,4 +254,8 @@ class RunConfig:
         return cls.from_dict(data)
 
     def replace(self, **changes) -> RunConfig:
+        """A copy with ``changes`` (validated); an unknown field is a ValueError naming it."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}")
         return dataclasses.replace(self, **changes)

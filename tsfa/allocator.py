@@ -26,7 +26,7 @@ import numpy as np
 from tsfa._validate import as_scalar
 from tsfa.bandwidth import min_latency_bandwidth
 from tsfa.model import LoraShape
-from tsfa.online import Allocation, RoundProblem, allocate, assemble_allocation
+from tsfa.online import ALLOCATION_BACKENDS, Allocation, RoundProblem, allocate, assemble_allocation
 from tsfa.status import InfeasibleError, Status
 
 __all__ = ["OnlineAllocator", "FixedPolicy", "DensePolicy", "FALLBACKS"]
@@ -46,8 +46,12 @@ class _Policy:
         self.downlink_s = as_scalar("downlink_s", downlink_s, lower=0)
         self.max_latency_s = None if max_latency_s is None else as_scalar("max_latency_s", max_latency_s, lower=0,
                                                                            strict=True)
-        self.min_keep = min_keep
-        self.allow_skip = allow_skip
+        self.min_keep = as_scalar("min_keep", min_keep, lower=0, integer=True)
+        if self.min_keep > shape.rank:
+            raise ValueError(f"min_keep must be <= rank {shape.rank}; got min_keep = {min_keep!r}")
+        if not isinstance(allow_skip, (bool, np.bool_)):
+            raise ValueError(f"allow_skip must be True or False; got allow_skip = {allow_skip!r}")
+        self.allow_skip = bool(allow_skip)
         self.round = 0
 
     def problem(self, snr_hz, compute_s, error_profile, data_weight=None, *, queue=0.0, weight_v=1.0) -> RoundProblem:
@@ -107,6 +111,8 @@ class OnlineAllocator(_Policy):
         if fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}; got {fallback!r}")
         self.fallback = fallback
+        if not callable(backend) and backend not in ALLOCATION_BACKENDS:
+            raise ValueError(f"backend must be one of {ALLOCATION_BACKENDS} or a callable; got backend = {backend!r}")
         self.backend = backend
         if drift not in ("linear", "exact"):
             raise ValueError(f"drift must be 'linear' or 'exact'; got drift = {drift!r}")

@@ -100,10 +100,14 @@ class LoraShape:
     header_bits: int = DEFAULT_HEADER_BITS
 
     def __post_init__(self):
-        mods = tuple(self.modules) if not isinstance(self.modules, ModuleShape) else ()
-        if not mods:
-            raise ValueError(f"modules must be a non-empty sequence of ModuleShape; got {self.modules!r}")
-        mods = tuple(m if isinstance(m, ModuleShape) else ModuleShape(*m) for m in mods)
+        try:
+            mods = tuple(self.modules) if not isinstance(self.modules, (ModuleShape, str, bytes)) else ()
+            if not mods:
+                raise TypeError
+            mods = tuple(m if isinstance(m, ModuleShape) else ModuleShape(*m) for m in mods)
+        except TypeError:  # not a sequence, or an entry that is not (name, out_features, in_features)
+            raise ValueError(f"modules must be a non-empty sequence of ModuleShape or (name, out_features, "
+                             f"in_features) tuples; got modules = {self.modules!r:.80}") from None
         names = [m.name for m in mods]
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)

@@ -148,3 +148,11 @@ def test_property_calibrate(skip, floor_min, bad):
     assert isinstance(c, BoundConstants)
     out = make_predictor(c, h)(np.array([1, 2]), np.array([0.5, 1.0]), np.array([5, 50]))
     assert np.all(np.isfinite(out["total"]))
+
+
+@pytest.mark.parametrize("doc", [None, [], {"x": 1}, {}])
+def test_constants_from_a_bad_document_are_a_value_error(doc):
+    from convergence import BoundConstants
+
+    with pytest.raises(ValueError):
+        BoundConstants.from_dict(doc)

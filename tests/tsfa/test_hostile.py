@@ -342,3 +342,17 @@ def test_no_clients_is_a_value_error():
     alloc = OnlineAllocator(shape, latency_budget_s=1.0, weight_v=1.0, total_bandwidth_hz=1e6)
     with pytest.raises(ValueError, match="snr_hz"):
         alloc.step([], [], np.zeros((0, 5)))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: LoraShape(None, 2), lambda: LoraShape(5, 2), lambda: LoraShape("abc", 2), lambda: LoraShape([("a", 4)], 2),
+    lambda: tsfa.Cell().sample_clients(3, rng="abc"), lambda: tsfa.Cell().sample_clients(3, rng=1.5),
+    lambda: OnlineAllocator(tsfa.minilm_l6_qv(4), latency_budget_s=1, weight_v=1, total_bandwidth_hz=1e6, min_keep=9),
+    lambda: OnlineAllocator(tsfa.minilm_l6_qv(4), latency_budget_s=1, weight_v=1, total_bandwidth_hz=1e6,
+                            backend="nope"),
+    lambda: OnlineAllocator(tsfa.minilm_l6_qv(4), latency_budget_s=1, weight_v=1, total_bandwidth_hz=1e6,
+                            allow_skip="no"),
+])
+def test_wrong_arguments_are_value_errors_at_construction(make):
+    with pytest.raises(ValueError):
+        make()
