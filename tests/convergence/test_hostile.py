@@ -2,7 +2,6 @@
 reported as ValueError naming the constant, and a validated calibration."""
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -37,25 +36,21 @@ def pilot(T=12, overrides=None):
 
 
 # -- finding 2: the hang ---------------------------------------------------------------------------
-def test_bound_cost_does_not_grow_like_a_python_loop():
-    # old: 2e5 rounds took 53 s (27 β × T Python iterations), 1e7 never returned
+def test_bound_at_ten_million_rounds_returns():
+    # old: 2e5 rounds took 53 s (27 β × T Python iterations), 1e7 never returned; the speed itself
+    # is measured in benchmarks/bound.py
     c = constants()
-    t0 = time.perf_counter()
     b = bound(c, Schedule(rounds=200_000, rank=2, sparsification=0.01, covariance=1e-4))
-    assert time.perf_counter() - t0 < 2.0
     assert b.total.shape == (200_001,) and np.all(np.isfinite(b.total))
-    t0 = time.perf_counter()
     big = bound(c, Schedule(rounds=10**7, rank=2, sparsification=0.01))
-    assert time.perf_counter() - t0 < 10.0  # the (T+1)-long output arrays themselves; the β choice is O(1)
     assert big.total[-1] == pytest.approx(b.total[-1] - b.covariance[-1], rel=1e-9)
 
 
-def test_predictor_at_ten_million_rounds_is_instant():
+def test_predictor_at_ten_million_rounds_returns():
     c = constants()
     predict = make_predictor(c, {"update_energy": np.linspace(0.1, 0.01, 8), "covariance_sq": 0.0})
-    t0 = time.perf_counter()
     out = predict(np.array([1, 2, 4]), np.array([0.5, 0.5, 0.25]), np.array([10**7, 10**7, 10**7]))
-    assert time.perf_counter() - t0 < 1.0 and np.all(np.isfinite(out["total"]))
+    assert np.all(np.isfinite(out["total"]))
 
 
 def test_predictor_matches_the_full_bound():
