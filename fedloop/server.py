@@ -246,8 +246,6 @@ class Server:
         """The strategy's reading of one upload, validated at the trust boundary: the payload
         decodes and fits its allocation (SOFT's decoder also rejects non-finite values), and the
         head has this run's tensors, shapes and finite values. Raises ValueError with the reason."""
-        import torch
-
         if isinstance(up.bits, bool) or not isinstance(up.bits, (int, np.integer)) or not 0 <= up.bits < 2**53:
             raise ValueError(f"uplink bits must be an integer in 0..2**53; got {up.bits!r:.40}")
         item = self.strategy.decode(up.payload, keep, self)
