@@ -6,6 +6,9 @@
 * :func:`estimate_spectrum` (torch, imported lazily): ε(r)'s spectrum from a pilot gradient.
 * :func:`exact_constants` (``convergence.linear``): the constants on the linear task.
 * :func:`calibrate` (``convergence.calibration``): constants from a short pilot run.
+* :func:`fit_curve`, :func:`predict_from` (``convergence.predict``): calibrated loss curves
+  with a bootstrap band, by time rescaling of pilot curves (Proposition 3); :func:`reach` and
+  :func:`reach_power`: the rank-dependent speed of Lemma 2.
 * :func:`plot_bound_vs_empirical` (``convergence.plot``): the figure.
 
 Importable without torch and pyomo.
@@ -23,8 +26,10 @@ from convergence.bound import (
     covariance_term,
     drift_term,
     noise_term,
+    reach,
     sparsification_term,
 )
+from convergence.predict import Calibration, CurveModel, Prediction, fit_curve, predict_from, reach_power
 from convergence.rank import covariance_weighted_spectrum, rank_term, stack_spectra
 from convergence.spectrum import estimate_spectrum
 
@@ -50,5 +55,5 @@ __all__ = ["TERMS", "BoundConstants", "BoundTerms", "Schedule", "bound", "contra
            "drift_term", "sparsification_term", "covariance_term", "rank_term", "covariance_weighted_spectrum",
            "stack_spectra", "estimate_spectrum", "exact_constants", "linear_optimum", "measured_along_run",
            "calibrate", "schedule_from_history", "predict_schedule", "predict_final_loss", "make_predictor",
-           "loss_curve",
-           "plot_bound_vs_empirical"]
+           "loss_curve", "reach", "reach_power", "fit_curve", "predict_from", "Calibration", "CurveModel",
+           "Prediction", "plot_bound_vs_empirical"]

@@ -35,7 +35,7 @@ import numpy as np
 from convergence.rank import check_spectrum, rank_term
 
 __all__ = ["BoundConstants", "Schedule", "BoundTerms", "bound", "contraction_factor", "noise_term", "drift_term",
-           "sparsification_term", "covariance_term", "TERMS"]
+           "sparsification_term", "covariance_term", "reach", "TERMS"]
 
 
 def _finite(v) -> bool:
@@ -74,6 +74,10 @@ class BoundConstants:
         floor: F*, added back by :meth:`BoundTerms.loss` to give a loss, not a gap.
         split: β of the Young split in the aggregation step; None = a/2.
         source: a free-text note of where the constants came from.
+        reach_rank: the rank r_0 at which ``pl`` holds (None: one μ for every rank, the
+            theorem's form). Given, a schedule of rank r uses μ(r) = μ · ν(r)/ν(r_0) with the
+            reach ν(r) ∝ r^p of Lemma 2 (docs/theory.md §3): the rank-dependent speed.
+        reach_power: p in ν(r) ∝ r^p (1 for γ = 1; ``convergence.reach_power`` gives Lemma 2's value).
     """
 
     step_size: float
@@ -91,11 +95,13 @@ class BoundConstants:
     floor: float = 0.0
     split: float | None = None
     source: str = ""
+    reach_rank: int | None = None
+    reach_power: float = 1.0
 
     def __post_init__(self):
         for f in fields(self):
             name, v = f.name, getattr(self, f.name)
-            if name in ("spectrum", "source", "split", "floor"):
+            if name in ("spectrum", "source", "split", "floor", "reach_rank"):
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not _finite(v):
                 raise ValueError(f"{name} must be a finite number; got {name} = {v!r}")
@@ -113,7 +119,17 @@ class BoundConstants:
                                        or not isinstance(self.split, (int, float, np.integer, np.floating))
                                        or not _finite(self.split) or self.split <= 0):
             raise ValueError(f"split must be None or a finite number > 0; got split = {self.split!r}")
+        if self.reach_rank is not None and (isinstance(self.reach_rank, (bool, np.bool_))
+                                            or not isinstance(self.reach_rank, (int, np.integer))
+                                            or self.reach_rank < 1):
+            raise ValueError(f"reach_rank must be None or an integer >= 1; got reach_rank = {self.reach_rank!r}")
         object.__setattr__(self, "spectrum", check_spectrum(self.spectrum))
+
+    def at_rank(self, rank: int) -> BoundConstants:
+        """The constants for rank r: μ(r) = μ (r / r_0)^p (unchanged without ``reach_rank``)."""
+        if self.reach_rank is None or int(rank) == self.reach_rank:
+            return self
+        return replace(self, pl=self.pl * reach(rank, self.reach_rank, self.reach_power))
 
     def replace(self, **changes) -> BoundConstants:
         return replace(self, **changes)
@@ -164,7 +180,10 @@ class Schedule:
 @dataclass
 class BoundTerms:
     """The bound's terms per round: each array has shape (..., T+1), index t = round t (t = 0
-    is the start). ``total`` bounds the loss gap F(θ_t) − F*; :meth:`loss` adds F* back."""
+    is the start). ``total`` bounds the loss gap F(θ_t) − F*; :meth:`loss` adds F* back.
+    ``reach`` is the rank-dependent speed ν(r)/ν(r_0) per candidate (1 without
+    ``BoundConstants.reach_rank``), ``rates`` the contraction factor ρ(r) per candidate and
+    ``rate`` the first candidate's."""
 
     contraction: np.ndarray
     noise: np.ndarray
@@ -175,6 +194,8 @@ class BoundTerms:
     total: np.ndarray
     floor: float = 0.0
     rate: float = 1.0
+    reach: np.ndarray | float = 1.0
+    rates: np.ndarray | float = 1.0
 
     def loss(self) -> np.ndarray:
         """The bound on the loss F(θ_t) itself: total + F*."""
@@ -189,6 +210,17 @@ class BoundTerms:
 
 
 # -- one pure function per term --------------------------------------------------------------
+def reach(rank, reference_rank: int, power: float = 1.0):
+    """ν(r)/ν(r_0) = (r / r_0)^p, the rank-dependent speed of Lemma 2 (docs/theory.md §3): at
+    B = 0 with A's entries i.i.d. of variance v, E‖∇_θF‖² = γ² r v ‖∇_W G‖², so the effective
+    step in the product space grows like γ(r)^m r (m = 2 for SGD, 1 for sign-like steps)."""
+    r = np.asarray(rank, dtype=float)
+    if np.any(r < 1) or not np.all(np.isfinite(r)):
+        raise ValueError(f"rank must be >= 1; got rank = {rank!r}")
+    out = (r / float(reference_rank)) ** float(power)
+    return float(out) if out.ndim == 0 else out
+
+
 def _a_beta(c: BoundConstants) -> tuple[float, float]:
     a = min(1.0, 2.0 * c.step_size * c.pl * c.local_steps)
     beta = c.split if c.split is not None else a / 2.0
@@ -397,7 +429,34 @@ def bound(constants: BoundConstants, schedule: Schedule) -> BoundTerms:
                          "evaluate the final round only (convergence.make_predictor)")
     t_sel = np.array([T])
     rounds = np.arange(T + 1, dtype=float)
-    return _evaluate(c, eps, e, cv, t_sel, rounds, shape)
+    return _by_rank(c, np.broadcast_to(np.asarray(schedule.rank), shape),
+                    lambda ci: _evaluate(ci, eps, e, cv, t_sel, rounds, shape))
+
+
+def _by_rank(c: BoundConstants, ranks: np.ndarray, evaluate) -> BoundTerms:
+    """``evaluate(constants)`` once per distinct rank when μ depends on the rank (``reach_rank``),
+    each candidate taking its own rank's terms; ``reach`` and ``rates`` per candidate."""
+    uniq = np.unique(ranks) if c.reach_rank is not None else np.array([])
+    if len(uniq) <= 1:
+        ci = c.at_rank(int(uniq[0])) if len(uniq) else c
+        out = evaluate(ci)
+        out.reach = np.full(ranks.shape, reach(uniq[0], c.reach_rank, c.reach_power) if len(uniq) else 1.0)
+        out.rates = np.full(ranks.shape, out.rate)
+        return out
+    out, rates = None, np.empty(ranks.shape)
+    for r in uniq:
+        terms = evaluate(c.at_rank(int(r)))
+        pick = ranks == r
+        rates[pick] = terms.rate
+        if out is None:
+            out = terms
+        else:
+            for name in (*TERMS, "total"):
+                setattr(out, name, np.where(pick[..., None], getattr(terms, name), getattr(out, name)))
+    out.reach = np.asarray(reach(ranks, c.reach_rank, c.reach_power), dtype=float)
+    out.rates = rates
+    out.rate = float(rates.ravel()[0])
+    return out
 
 
 def _betas(c: BoundConstants) -> list[float]:
@@ -476,7 +535,8 @@ def _check_finite(c: BoundConstants, terms: dict, eps, e: _Series, cv: _Series, 
         return
     rho = contraction_factor(c)
     T = int(np.max(t))
-    vals = {f.name: getattr(c, f.name) for f in fields(c) if f.name not in ("spectrum", "source", "floor")}
+    vals = {f.name: getattr(c, f.name) for f in fields(c)
+            if f.name not in ("spectrum", "source", "floor", "reach_rank", "reach_power")}
     culprits = {
         "contraction": ("initial_gap", "pl", "split"),
         "noise": ("step_size", "smoothness", "local_steps", "noise"),

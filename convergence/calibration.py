@@ -176,7 +176,8 @@ def calibrate(history, spectrum=None, *, rank_weight: float = 0.5, skip: int = 0
     G2 = float(np.max(gsq[ok])) if np.any(ok) else 0.0
     base = dict(step_size=eta, local_steps=E, smoothness=L_W, product_smoothness=L_W, noise=sigma2,
                 gradient_bound=G2, pl=a / (2 * eta * E), initial_gap=1.0, spectrum=spectrum, scaling=gamma,
-                sparsification_factor=1.0, rank_weight=rank_weight, split=beta)
+                sparsification_factor=1.0, rank_weight=rank_weight, split=beta,
+                reach_rank=int(cfg.get("rank", 1)), reach_power=_pilot_reach_power(cfg))
     probe = BoundConstants(**base)
     nd = noise_term(probe) + drift_term(probe)
     eps = rank_term(spectrum, int(cfg.get("rank", 1)), weight=rank_weight)
@@ -193,6 +194,14 @@ def calibrate(history, spectrum=None, *, rank_weight: float = 0.5, skip: int = 0
                           source=f"calibrated on a {T}-round pilot (rank {cfg.get('rank')}, keep {cfg.get('keep')}, "
                                  f"strategy {cfg.get('strategy')}): rho = {rho:.4f}, k = {k:.4g}, w = {w:.4g}, "
                                  f"rms residual {resid:.3g}")
+
+
+def _pilot_reach_power(cfg) -> float:
+    """Lemma 2's exponent for the pilot's optimiser and α (convergence.predict.reach_power)."""
+    from convergence.predict import reach_power
+
+    opt = str(cfg.get("optimizer") or "adam").lower()
+    return reach_power(opt, alpha_fixed=cfg.get("alpha") is not None)
 
 
 def _dropped_share(spectrum, rank, keep):
@@ -254,17 +263,24 @@ def predict_final_loss(constants: BoundConstants, pilot, rank, keep_ratio, round
     return bound(constants, predict_schedule(pilot, constants.spectrum, rank, keep_ratio, rounds))
 
 
-def make_predictor(constants: BoundConstants, pilot):
+def make_predictor(constants, pilot=None):
     """A ``predict(rank, keep_ratio, rounds) -> {term: array, "total": predicted loss}`` callable
-    for :func:`tsfa.design_offline`; "total" is the predicted final *loss* (gap + F*)."""
+    for :func:`tsfa.design_offline`; "total" is the predicted final *loss* (gap + F*).
 
+    ``constants`` is the calibrated bound (:class:`BoundConstants`, with its ``pilot``) or a
+    calibrated curve (:class:`convergence.predict.Calibration`, whose predictor also returns the
+    band, "low" and "high", and accepts the realised ``kept_share`` of a simulated online stage)."""
+    from convergence.predict import Calibration
+
+    if isinstance(constants, Calibration):
+        return constants.predictor()
     if not isinstance(constants, BoundConstants):
-        raise ValueError(f"constants must be BoundConstants; got {type(constants).__name__}")
+        raise ValueError(f"constants must be BoundConstants or a Calibration; got {type(constants).__name__}")
     U_all, c_all = _pilot_series(pilot, "update_energy"), _pilot_series(pilot, "covariance_sq")
 
     def predict(rank, keep_ratio, rounds):
         """Closed form at each candidate's own round count: the cost does not grow with rounds."""
-        from convergence.bound import _evaluate, _rounds, _Series
+        from convergence.bound import _by_rank, _evaluate, _rounds, _Series
 
         T = np.asarray(rounds)
         if T.dtype.kind not in "iuf" or np.any(~np.isfinite(T)) or np.any(T < 0) or np.any(T != np.round(T)):
@@ -284,8 +300,10 @@ def make_predictor(constants: BoundConstants, pilot):
         e = _Series(share[..., None] * Uh, share * Ut)
         cv = _Series(np.asarray(ch, dtype=float), np.asarray(ct, dtype=float))
         shape = np.broadcast_shapes(eps.shape, share.shape, T.shape)
-        terms = _evaluate(constants, eps, e, cv, np.array([Tmax]), T[..., None], shape)
+        terms = _by_rank(constants, np.broadcast_to(r, shape),
+                         lambda ci: _evaluate(ci, eps, e, cv, np.array([Tmax]), T[..., None], shape))
         out = {name: v[..., 0] for name, v in terms.as_dict().items()}
+        out["reach"] = np.broadcast_to(terms.reach, shape).astype(float)
         out["total"] = out["total"] + constants.floor
         return out
 

@@ -90,7 +90,10 @@ class RunConfig:
     (a client finishing after factor × τ̄ misses the round; None = never),
     ``reject_norm_factor`` (the server rejects a SOFT update whose norm exceeds factor × the
     round's median norm, recorded as ``rejected: ...``; None = no norm rule).
-    Run: ``rounds``, ``seed``, ``eval_every``, ``checkpoint_every``, ``out`` (run folder).
+    Run: ``rounds``, ``seed``, ``eval_every``, ``checkpoint_every``, ``out`` (run folder),
+    ``predict_every`` (every N rounds the run re-calibrates its loss curve on its own history,
+    ``convergence.predict_from``, and each later round records the predicted loss, its 90 %
+    band and ``outside_band``; 0 = off; needs ``eval_every`` = 1).
     """
 
     task: str = "rt-minilm"
@@ -128,6 +131,7 @@ class RunConfig:
     reject_norm_factor: float | None = None
     eval_every: int = 1
     checkpoint_every: int = 5
+    predict_every: int = 5
     out: str = "runs/run"
     linear: dict = field(default_factory=dict)
     distill: dict = field(default_factory=dict)
@@ -170,7 +174,7 @@ class RunConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_INT:
                 bad(name, f"must be an integer in 1..{MAX_INT}")
-        for name in ("seed", "test_size"):
+        for name in ("seed", "test_size", "predict_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_INT:
                 bad(name, f"must be an integer in 0..{MAX_INT}")

@@ -48,6 +48,12 @@ ROUND_COLUMNS: dict[str, str] = {
     "local_norm_max": "largest factor spectral norm along the local iterates",
     "client_grad_sq_max": "largest client ‖∇f_k‖² (linear)",
     "client_noise_max": "largest client gradient-noise variance (linear)",
+    "predicted_loss": "the loss predicted for this round by the run's last re-calibration on its own history "
+                      "(convergence.predict_from, every predict_every rounds; NaN before the first)",
+    "band_low": "lower end of the prediction's 90 % band",
+    "band_high": "upper end of the prediction's 90 % band",
+    "outside_band": "1 when the measured loss (loss_curve: objective on linear, else test loss) left the band, "
+                    "0 inside, NaN without a prediction",
     **MEASUREMENTS,
 }
 

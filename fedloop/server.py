@@ -71,6 +71,7 @@ class Server:
 
     def __init__(self, config: RunConfig):
         cfg = self.config = config
+        self._prediction: tuple = (None, None)  # (rounds it was fitted on, convergence Calibration)
         self.strategy = get_strategy(cfg.strategy)
         self.task = make_task(cfg)
         self.weights = self.task.client_sizes / self.task.client_sizes.sum()
@@ -273,6 +274,35 @@ class Server:
             bits[got[i]] = 0
         return [got[i] for i in keep], [decoded[i] for i in keep]
 
+    def band_check(self, n: int) -> dict:
+        """The prediction for round n from the run's curve re-calibrated on its rounds up to the last
+        multiple of ``predict_every`` before n (``convergence.predict_from``; recomputed from the
+        history, so a resumed run records the same), and whether the measured loss left its band."""
+        from convergence.calibration import loss_curve
+        from convergence.predict import predict_from
+
+        N = self.config.predict_every
+        out = {"predicted_loss": math.nan, "band_low": math.nan, "band_high": math.nan, "outside_band": math.nan}
+        fit_rounds = ((n - 1) // N) * N if N else 0
+        if fit_rounds < 3 or self.config.eval_every != 1:
+            return out
+        if self._prediction[0] != fit_rounds:
+            try:
+                cal = predict_from(self.history, rounds=fit_rounds, boots=50, rng=self.config.seed)
+            except ValueError:  # e.g. no start loss: no prediction, the run goes on
+                cal = None
+            self._prediction = (fit_rounds, cal)
+        cal = self._prediction[1]
+        if cal is None:
+            return out
+        pilot = cal.model.pilots[0]
+        pred = cal.predict(pilot.rank, None, n, kept_share=pilot.kept, rng=self.config.seed)
+        measured = float(loss_curve(self.history)[0][n])
+        lo, hi = float(pred.low[-1]), float(pred.high[-1])
+        out.update(predicted_loss=float(pred.predicted[-1]), band_low=lo, band_high=hi,
+                   outside_band=float(not lo <= measured <= hi) if math.isfinite(measured) else math.nan)
+        return out
+
     def record(self, t, report, decision, status, sent, bits, snr, latency, queue_before, start) -> dict:
         """Evaluate (every ``eval_every`` rounds and at the end) and append the ledger rows."""
         cfg, K = self.config, self.config.clients
@@ -299,6 +329,7 @@ class Server:
             self.task.assign(self.global_factors)
             row["objective_after"] = self.task.objective(self.weights)[0]
         self.history.rounds.append(row)
+        row.update(self.band_check(t + 1))
         finish = self.downlink_s + self.compute_s + decision.upload_s
         for k in range(K):
             self.history.clients.append({

@@ -1,0 +1,479 @@
+"""Calibrated loss curves with a band, for configurations not yet run (spec §5(b); docs/theory.md §6).
+
+Theorem 1 contracts the gap with the *worst* mode of the product-space Hessian; a training
+curve is the sum of all modes. On the quadratic model (A5), a step whose size in the product
+space is η ν(r) κ (ν(r) the rank's reach, Lemma 2; κ the kept share of the update energy)
+leaves u_t = Σ_j g_j φ(η ν κ λ_j t) for the mode profile φ of the optimiser, so two
+configurations that differ only in (r, s) have gap curves that are *time rescalings* of each
+other (Proposition 3):
+
+    ℓ_t(r, s) − F* − ε(r) = (g_0(r) / g_0(r_j)) · u_j(f t),    f = (r / r_j)^p · (κ(r, s) / κ_j)^q,
+
+with u_j the gap curve of a pilot j at (r_j, κ_j), F* the loss's known lower bound and ε(r)
+the rank term. First-order theory gives q = 1 and p from Lemma 2 (:func:`reach_power`);
+pilots that differ in rank (keep) fit p (q) on a grid instead, and report both.
+
+The pilot's curve is used as measured, smoothed: a period-2 alternation between rounds is
+estimated and removed, then the non-increasing least-squares fit is taken; beyond its last round a power law
+fitted to its last third extends it. The band is a residual bootstrap: each replicate
+re-smooths the pilot plus resampled residuals, refits p and q, predicts, and adds a
+resampled residual (the round-to-round scatter of one run); the quantiles across
+replicates form the band. :func:`predict_from` re-calibrates on a run's own history.
+numpy only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from convergence.rank import check_spectrum, rank_term
+
+__all__ = ["Pilot", "CurveModel", "Calibration", "Prediction", "fit_curve", "predict_from", "reach_power",
+           "kept_share_curve", "smooth_curve", "alternation"]
+
+#: The grid the exponents p (rank) and q (keep) are fitted on.
+EXPONENT_GRID = np.round(np.arange(0.0, 2.0001, 0.05), 2)
+#: Power-law tail exponents are clipped to this range.
+TAIL_BOUNDS = (0.0, 3.0)
+
+
+def reach_power(optimizer: str = "sgd", alpha_fixed: bool = False) -> float:
+    """Lemma 2's p in ν(r) ∝ r^p: ν ∝ γ^m r with γ = α/r and m = 2 for SGD steps (linear in the
+    gradient), m = 1 for sign-like (Adam-type) steps; α = r makes γ = 1, so p = 1."""
+    m = 2.0 if str(optimizer).lower() == "sgd" else 1.0
+    return 1.0 - m if alpha_fixed else 1.0
+
+
+def kept_share_curve(profile) -> np.ndarray:
+    """The kept share 1 − e(s)/e(0), s = 0..r, of a mean error profile e(s)/e(0) (checked: 1-D,
+    finite, starts at 1 within 1e-6, non-increasing within 1e-9, ≥ 0)."""
+    p = np.asarray(profile, dtype=float)
+    if p.ndim != 1 or p.size < 2 or not np.all(np.isfinite(p)):
+        raise ValueError(f"profile must be a finite 1-D array e(s)/e(0), s = 0..r; got {profile!r:.80}")
+    if abs(p[0] - 1.0) > 1e-6 or np.any(p < -1e-9) or np.any(np.diff(p) > 1e-9):
+        raise ValueError(f"profile must start at 1 and decrease to >= 0; got {np.round(p, 4).tolist()!r:.80}")
+    return 1.0 - np.clip(p, 0.0, 1.0)
+
+
+def _decreasing(y: np.ndarray) -> np.ndarray:
+    """The least-squares non-increasing fit (pool-adjacent-violators)."""
+    vals, sizes = [], []
+    for v in y:
+        vals.append(float(v))
+        sizes.append(1)
+        while len(vals) > 1 and vals[-2] < vals[-1]:
+            n = sizes[-2] + sizes[-1]
+            vals[-2] = (vals[-2] * sizes[-2] + vals[-1] * sizes[-1]) / n
+            sizes[-2] = n
+            vals.pop()
+            sizes.pop()
+    return np.repeat(vals, sizes)
+
+
+def alternation(loss) -> float:
+    """The amplitude a of a period-2 alternation a(−1)^t in a curve, from its second differences
+    Δ²ℓ_t = ℓ_{t+1} − 2ℓ_t + ℓ_{t−1} ∋ −4a(−1)^t over rounds 2..T−1 (a smooth curve's
+    curvature largely cancels in the alternating sum)."""
+    y = np.asarray(loss, dtype=float)
+    t = np.arange(2, len(y) - 1)
+    if len(t) < 2:
+        return 0.0
+    d2 = y[t + 1] - 2 * y[t] + y[t - 1]
+    return float(-np.mean((-1.0) ** t * d2) / 4.0)
+
+
+def smooth_curve(loss) -> np.ndarray:
+    """The pilot's curve as the template: ℓ_0 kept; rounds ≥ 1 with the alternation
+    (:func:`alternation`) removed, then the non-increasing least-squares fit."""
+    y = np.asarray(loss, dtype=float)
+    if y.ndim != 1 or y.size < 4 or not np.all(np.isfinite(y)):
+        raise ValueError(f"loss must be a finite 1-D curve over rounds 0..T with T >= 3; got {y!r:.80}")
+    t = np.arange(len(y))
+    s = y - alternation(y) * (-1.0) ** t
+    s[0] = y[0]
+    s[1:] = _decreasing(s[1:])
+    return s
+
+
+@dataclass(frozen=True)
+class Pilot:
+    """One pilot as the model uses it: rank, kept share κ (mean over rounds of 1 − e_t/U_t),
+    kept-share curve of its mean error profile, start loss, smoothed curve and the power-law
+    tail (gap at round T times (τ/T)^(−tail)) that extends it."""
+
+    rank: int
+    kept: float
+    kept_curve: np.ndarray
+    start: float
+    smoothed: np.ndarray
+    tail: float
+
+    def gap(self, tau, base: float) -> np.ndarray:
+        """The smoothed gap above ``base`` at (real) rounds τ ≥ 0: interpolated geometrically between
+        rounds, a power law beyond T."""
+        tau = np.asarray(tau, dtype=float)
+        g = np.maximum(self.smoothed - base, 0.0)
+        T = len(g) - 1
+        with np.errstate(divide="ignore"):  # geometric between rounds: exact for one decaying mode
+            inside = np.exp(np.interp(np.minimum(tau, T), np.arange(T + 1), np.log(g))) if np.all(g > 0) \
+                else np.interp(np.minimum(tau, T), np.arange(T + 1), g)
+        with np.errstate(divide="ignore"):
+            beyond = g[-1] * (np.maximum(tau, T) / T) ** (-self.tail)
+        return np.where(tau <= T, inside, beyond)
+
+
+def _tail_exponent(gap: np.ndarray) -> float:
+    """The power-law exponent at the end of a smoothed gap curve: the log-log slope over its last
+    third (at least 3 rounds), clipped to :data:`TAIL_BOUNDS`."""
+    T = len(gap) - 1
+    t = np.arange(max(1, T - max(2, T // 3)), T + 1)
+    g = gap[t]
+    if np.any(g <= 0) or len(t) < 2:
+        return TAIL_BOUNDS[1] if np.any(g <= 0) else 0.0
+    slope = np.polyfit(np.log(t), np.log(g), 1)[0]
+    return float(np.clip(-slope, *TAIL_BOUNDS))
+
+
+@dataclass(frozen=True)
+class CurveModel:
+    """Pilots, the loss floor F*, ε(r)'s spectrum and the exponents p (rank) and q (keep)."""
+
+    pilots: tuple[Pilot, ...]
+    floor: float
+    rank_power: float
+    keep_power: float
+    spectrum: np.ndarray | None = None
+    rank_weight: float = 0.5
+
+    def rank_floor(self, rank) -> np.ndarray:
+        """ε(r) (0 without a spectrum; a rank beyond the spectrum's length has ε = 0)."""
+        r = np.asarray(rank, dtype=int)
+        if self.spectrum is None:
+            return np.zeros(r.shape)
+        return np.asarray(rank_term(self.spectrum, np.minimum(r, self.spectrum.shape[-1]),
+                                    weight=self.rank_weight), dtype=float)
+
+    def kept_share(self, rank, keep) -> np.ndarray:
+        """κ(r, s), read from the nearest-rank pilot's kept-share curve at the fraction s/r."""
+        r, s = np.broadcast_arrays(np.asarray(rank, dtype=float), np.asarray(keep, dtype=float))
+        j = self._nearest(r)
+        out = np.empty(r.shape)
+        for i, p in enumerate(self.pilots):
+            grid = np.linspace(0.0, 1.0, len(p.kept_curve))
+            m = j == i
+            out[m] = np.interp(np.clip(s[m] / r[m], 0.0, 1.0), grid, p.kept_curve)
+        return out
+
+    def _nearest(self, rank) -> np.ndarray:
+        ranks = np.array([p.rank for p in self.pilots], dtype=float)
+        return np.argmin(np.abs(np.log(np.asarray(rank, dtype=float))[..., None] - np.log(ranks)), axis=-1)
+
+    def speed(self, rank, keep=None, kept_share=None, pilot=None) -> np.ndarray:
+        """f(r, s) relative to a pilot (default: each candidate's nearest-rank pilot)."""
+        r = np.asarray(rank, dtype=float)
+        kappa = self.kept_share(r, r if keep is None else keep) if kept_share is None \
+            else np.asarray(kept_share, dtype=float)
+        j = self._nearest(r) if pilot is None else np.full(np.shape(r), pilot)
+        r, kappa, j = np.broadcast_arrays(r, kappa, j)
+        ref_r = np.array([p.rank for p in self.pilots], dtype=float)[j]
+        ref_k = np.array([p.kept for p in self.pilots], dtype=float)[j]
+        return (r / ref_r) ** self.rank_power * (np.maximum(kappa, 1e-12) / np.maximum(ref_k, 1e-12)) \
+            ** self.keep_power
+
+    def value_at(self, rank, keep=None, t=0, *, kept_share=None, start=None, pilot=None) -> np.ndarray:
+        """ℓ at (real) rounds ``t`` ≥ 0, broadcast with the candidates (rank, keep, kept_share)."""
+        r = np.asarray(rank, dtype=float)
+        f = self.speed(r, keep, kept_share, pilot)
+        j = self._nearest(r) if pilot is None else np.full(np.shape(r), pilot)
+        r, f, j, t = np.broadcast_arrays(r, f, j, np.asarray(t, dtype=float))
+        out = np.empty(r.shape)
+        base = self.floor + self.rank_floor(r.astype(int))
+        for i, p in enumerate(self.pilots):
+            m = j == i
+            if not m.any():
+                continue
+            base_j = self.floor + float(self.rank_floor(p.rank))
+            l0 = p.start if start is None else float(start)
+            scale = np.maximum(l0 - base[m], 0.0) / max(p.start - base_j, 1e-300)
+            out[m] = base[m] + scale * p.gap(f[m] * t[m], base_j)
+        return out
+
+    def curve(self, rank, keep=None, rounds: int = 1, *, kept_share=None, start=None, pilot=None) -> np.ndarray:
+        """ℓ_t for t = 0..rounds, shape (broadcast candidates, rounds + 1)."""
+        shape = np.broadcast_shapes(np.shape(rank), np.shape(keep) if keep is not None else (),
+                                    np.shape(kept_share) if kept_share is not None else ())
+        ex = (lambda x: None if x is None else np.broadcast_to(np.asarray(x, dtype=float), shape)[..., None])
+        t = np.arange(rounds + 1, dtype=float)
+        return self.value_at(ex(rank), ex(keep), t, kept_share=ex(kept_share), start=start, pilot=pilot)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A predicted curve and its band; arrays of shape (candidates..., rounds + 1)."""
+
+    predicted: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    rank_term: np.ndarray
+    speed: np.ndarray
+    level: float
+
+    @property
+    def final(self) -> np.ndarray:
+        return self.predicted[..., -1]
+
+    def coverage(self, measured, *, skip_start: bool = True) -> float:
+        """Share of the rounds (t ≥ 1 with ``skip_start``) whose measured value lies in the band."""
+        m = np.asarray(measured, dtype=float)
+        n = min(m.shape[-1], self.low.shape[-1])
+        m, lo, hi = m[..., :n], self.low[..., :n], self.high[..., :n]
+        ok = np.isfinite(m)
+        if skip_start:
+            ok[..., 0] = False
+        return float(((m >= lo) & (m <= hi))[ok].mean()) if ok.any() else math.nan
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The fitted :class:`CurveModel`, its bootstrap replicates, the residuals around the
+    smoothed pilots, and what the pilots could not identify (``notes``)."""
+
+    model: CurveModel
+    replicates: tuple[CurveModel, ...]
+    residuals: np.ndarray
+    notes: tuple[str, ...]
+    identified: dict = field(default_factory=dict)
+
+    @property
+    def rms(self) -> float:
+        return float(np.sqrt(np.mean(self.residuals**2))) if self.residuals.size else 0.0
+
+    def predict(self, rank, keep=None, rounds: int = 1, *, kept_share=None, level: float = 0.9, rng=0,
+                start=None) -> Prediction:
+        """The curve of (rank, keep) — or of a given kept share — over rounds 0..``rounds`` with its
+        ``level`` band (module docstring); ``start`` overrides ℓ_0 (e.g. a run's own start)."""
+        if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
+            raise ValueError(f"level must lie in (0, 1); got level = {level!r}")
+        mid = self.model.curve(rank, keep, rounds, kept_share=kept_share, start=start)
+        low = high = mid
+        if self.replicates:
+            gen = np.random.default_rng(rng)
+            reps = np.stack([m.curve(rank, keep, rounds, kept_share=kept_share, start=start)
+                             for m in self.replicates])
+            if self.residuals.size:
+                reps = reps + gen.choice(self.residuals, size=reps.shape)
+            q = (1.0 - level) / 2.0
+            low = np.minimum(np.quantile(reps, q, axis=0), mid)
+            high = np.maximum(np.quantile(reps, 1.0 - q, axis=0), mid)
+            low[..., 0] = high[..., 0] = mid[..., 0]
+        r = np.asarray(rank)
+        return Prediction(predicted=mid, low=low, high=high, rank_term=self.model.rank_floor(r),
+                          speed=self.model.speed(r, keep, kept_share), level=level)
+
+    def predictor(self, *, level: float = 0.9, rng=0):
+        """``predict(rank, keep_ratio, rounds, kept_share=None) -> {"total", "low", "high", "rank",
+        "speed"}`` over candidate arrays for :func:`tsfa.design_offline`: the predicted final loss,
+        its band, ε(r) and the speed f(r, s); ``kept_share`` (the realised κ of a simulated
+        online stage) replaces the keep ratio's κ(r, s). Only the final round is evaluated."""
+        from tsfa.model import keep_from_ratio
+
+        q = (1.0 - level) / 2.0
+        if not 0 < level < 1:
+            raise ValueError(f"level must lie in (0, 1); got level = {level!r}")
+
+        def predict(rank, keep_ratio, rounds, kept_share=None):
+            T = np.asarray(rounds)
+            if T.dtype.kind not in "iuf" or np.any(~np.isfinite(T)) or np.any(T < 0) or np.any(T != np.round(T)):
+                raise ValueError(f"rounds must be integers >= 0; got rounds = {rounds!r}")
+            r, kr, T = np.broadcast_arrays(np.asarray(rank), np.asarray(keep_ratio, dtype=float), T.astype(float))
+            if np.any(~np.isfinite(kr)) or np.any(kr <= 0) or np.any(kr > 1):
+                raise ValueError(f"keep_ratio must lie in (0, 1]; got keep_ratio = {keep_ratio!r}")
+            keep = keep_from_ratio(r, kr)
+            if kept_share is not None:
+                ks = np.broadcast_to(np.asarray(kept_share, dtype=float), r.shape)
+                if np.any(~np.isfinite(ks)) or np.any(ks < 0) or np.any(ks > 1):
+                    raise ValueError(f"kept_share must lie in [0, 1]; got kept_share = {kept_share!r}")
+            else:
+                ks = None
+            mid = self.model.value_at(r, keep, T, kept_share=ks)
+            low = high = mid
+            if self.replicates:
+                gen = np.random.default_rng(rng)
+                reps = np.stack([m.value_at(r, keep, T, kept_share=ks) for m in self.replicates])
+                if self.residuals.size:
+                    reps = reps + gen.choice(self.residuals, size=reps.shape)
+                low = np.minimum(np.quantile(reps, q, axis=0), mid)
+                high = np.maximum(np.quantile(reps, 1.0 - q, axis=0), mid)
+            return {"total": mid, "low": low, "high": high, "rank": self.model.rank_floor(r),
+                    "speed": np.asarray(self.model.speed(r, keep, ks), dtype=float)}
+
+        return predict
+
+    def summary(self) -> str:
+        m = self.model
+        ranks = ", ".join(f"r = {p.rank} (κ = {p.kept:.2f}, {len(p.smoothed) - 1} rounds)" for p in m.pilots)
+        s = (f"curve calibrated on {len(m.pilots)} pilot(s): {ranks}; rank exponent p = {m.rank_power:.3g}, "
+             f"keep exponent q = {m.keep_power:.3g}, F* = {m.floor:.4g}, rms scatter {self.rms:.3g}")
+        return s + ("; " + "; ".join(self.notes) if self.notes else "")
+
+
+def _pilot(history, index: int, rounds: int | None = None) -> tuple[Pilot, np.ndarray, np.ndarray]:
+    """(Pilot, raw curve, residuals raw − smoothed) of a history, validated."""
+    from convergence.calibration import _check_history, loss_curve
+
+    _check_history(history)
+    r = history.config.get("rank", 1)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"pilots[{index}].config.rank must be an integer >= 1; got {r!r}")
+    loss, _ = loss_curve(history)
+    loss = np.asarray(loss, dtype=float)[: None if rounds is None else rounds + 1]
+    if not np.isfinite(loss[0]):
+        raise ValueError(f"pilots[{index}] has no start loss (meta.initial_test_loss or the round-0 objective)")
+    if len(loss) < 4 or not np.all(np.isfinite(loss)):
+        raise ValueError(f"pilots[{index}] needs an evaluated loss at every round, >= 3 rounds; got "
+                         f"{int(np.isfinite(loss[1:]).sum())} evaluated of {len(loss) - 1}")
+    shares, profiles = [], []
+    for row in history.rounds[: len(loss) - 1]:
+        e, u = row.get("dropped_energy"), row.get("update_energy")
+        if isinstance(e, (int, float)) and isinstance(u, (int, float)) and math.isfinite(e) and math.isfinite(u) \
+                and u > 0:
+            shares.append(min(max(1.0 - e / u, 0.0), 1.0))
+        prof = row.get("profile")
+        if isinstance(prof, list) and len(prof) == r + 1:
+            profiles.append(prof)
+    curve = kept_share_curve(np.mean(np.asarray(profiles, dtype=float), axis=0)) if profiles \
+        else np.linspace(0.0, 1.0, r + 1)
+    smoothed = smooth_curve(loss)
+    resid = (loss - smoothed)[1:]
+    # the fit used one level per block of the non-increasing fit and the alternation: rescale the
+    # residuals to the noise's size (they are shrunk by the fit's degrees of freedom)
+    df = len(np.unique(smoothed[1:])) + 1
+    resid = resid * math.sqrt(len(resid) / max(len(resid) - df, 1))
+    return (Pilot(rank=r, kept=float(np.mean(shares)) if shares else 1.0, kept_curve=curve, start=float(loss[0]),
+                  smoothed=smoothed, tail=0.0), loss, resid)
+
+
+def _with_tails(pilots, base_of) -> tuple[Pilot, ...]:
+    out = []
+    for p in pilots:
+        g = np.maximum(p.smoothed - base_of(p.rank), 0.0)
+        out.append(Pilot(**{**p.__dict__, "tail": _tail_exponent(g)}))
+    return tuple(out)
+
+
+def _fit_exponents(model: CurveModel, fit_p: bool, fit_q: bool) -> tuple[float, float]:
+    """(p, q) on :data:`EXPONENT_GRID` minimising the squared error of every pilot predicted from
+    every other pilot (time rescaling, Proposition 3)."""
+    ps = EXPONENT_GRID if fit_p else np.array([model.rank_power])
+    qs = EXPONENT_GRID if fit_q else np.array([model.keep_power])
+    n = len(model.pilots)
+    best, arg = math.inf, (model.rank_power, model.keep_power)
+    for p in ps:
+        for q in qs:
+            m = CurveModel(**{**model.__dict__, "rank_power": float(p), "keep_power": float(q)})
+            err = 0.0
+            for i in range(n):
+                for j in range(n):
+                    if i == j:
+                        continue
+                    pi = m.pilots[i]
+                    T = len(pi.smoothed) - 1
+                    pred = m.curve(pi.rank, None, T, kept_share=pi.kept, start=pi.start, pilot=j)
+                    err += float(np.sum((pred[1:] - pi.smoothed[1:]) ** 2))
+            if err < best - 1e-15:
+                best, arg = err, (float(p), float(q))
+    return arg
+
+
+def fit_curve(pilots, spectrum=None, *, floor: float = 0.0, rank_power=None, keep_power=None,
+              boots: int = 200, rng=0, rank_weight: float = 0.5, rounds: int | None = None) -> Calibration:
+    """Calibrate the curve model on pilot run(s) and bootstrap its band (module docstring).
+
+    Args:
+        pilots: a :class:`fedloop.History` or a list of them, from one seed; each needs its
+            start loss and an evaluated loss at every round (≥ 3 rounds).
+        spectrum: ε(r)'s spectrum (as for :func:`convergence.rank_term`); None: ε = 0.
+        floor: F*, the loss's known lower bound (0 for squared error and cross-entropy).
+        rank_power, keep_power: fix p or q (None: fitted when the pilots differ in rank or in
+            kept share by more than 10 %, else the first-order values: Lemma 2's p, q = 1).
+        boots: bootstrap replicates (0: no band).
+        rank_weight: ε(r) = rank_weight · tail of the spectrum.
+        rounds: use each pilot's first ``rounds`` rounds only (None: all).
+    """
+    hs = list(pilots) if isinstance(pilots, (list, tuple)) else [pilots]
+    if not hs:
+        raise ValueError("pilots must hold at least one history")
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not math.isfinite(floor):
+        raise ValueError(f"floor must be a finite number; got floor = {floor!r}")
+    if isinstance(boots, bool) or not isinstance(boots, int) or not 0 <= boots <= 100_000:
+        raise ValueError(f"boots must be an integer in 0..100000; got boots = {boots!r}")
+    if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 3):
+        raise ValueError(f"rounds must be None or an integer >= 3; got rounds = {rounds!r}")
+    for name, v in (("rank_power", rank_power), ("keep_power", keep_power)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise ValueError(f"{name} must be None or a finite number; got {name} = {v!r}")
+    spec = None if spectrum is None else check_spectrum(spectrum)
+    parsed = [_pilot(h, i, rounds) for i, h in enumerate(hs)]
+    base = CurveModel(pilots=tuple(p for p, _, _ in parsed), floor=float(floor), rank_power=0.0, keep_power=1.0,
+                      spectrum=spec, rank_weight=float(rank_weight))
+    notes = []
+    low = min(float(np.min(raw[1:])) - base.floor - float(base.rank_floor(p.rank)) for p, raw, _ in parsed)
+    if low <= 0:
+        notes.append(f"a pilot's loss reaches F* + ε(r) (margin {low:.3g}): check floor and the spectrum")
+    ranks = {p.rank for p, _, _ in parsed}
+    kept = [p.kept for p, _, _ in parsed]
+    fit_p = rank_power is None and len(ranks) > 1
+    fit_q = keep_power is None and max(kept) > 1.1 * min(kept) and (len(parsed) > 2 or len(ranks) == 1)
+    opt = "sgd" if str(hs[0].config.get("optimizer") or "adam").lower() == "sgd" else "adam"
+    p0 = reach_power(opt, alpha_fixed=hs[0].config.get("alpha") is not None) if rank_power is None \
+        else float(rank_power)
+    q0 = 1.0 if keep_power is None else float(keep_power)
+    if not fit_p:
+        notes.append(f"rank exponent p = {p0:g} " + ("as given" if rank_power is not None else
+                                                      f"from Lemma 2 ({opt} steps): the pilots have one rank"))
+    if not fit_q:
+        notes.append(f"keep exponent q = {q0:g} " + ("as given" if keep_power is not None else
+                                                      "(first order): the pilots do not separate it from p"))
+
+    def calibrated(pilots) -> CurveModel:
+        m = CurveModel(**{**base.__dict__, "pilots": _with_tails(pilots, lambda r: base.floor
+                                                                 + float(base.rank_floor(r))),
+                          "rank_power": p0, "keep_power": q0})
+        if fit_p or fit_q:
+            p, q = _fit_exponents(m, fit_p, fit_q)
+            m = CurveModel(**{**m.__dict__, "rank_power": p, "keep_power": q})
+        return m
+
+    model = calibrated(base.pilots)
+    for name, fitted, v in (("rank exponent p", fit_p, model.rank_power), ("keep exponent q", fit_q,
+                                                                            model.keep_power)):
+        if fitted and (v <= EXPONENT_GRID[0] or v >= EXPONENT_GRID[-1]):
+            notes.append(f"{name} = {v:g} at the end of its grid [{EXPONENT_GRID[0]:g}, {EXPONENT_GRID[-1]:g}]")
+    gen = np.random.default_rng(rng)
+    reps, exps = [], []
+    for _ in range(boots):
+        ps = []
+        for p, raw, res in parsed:
+            y = raw.copy()
+            y[1:] = p.smoothed[1:] + gen.choice(res, size=len(res))
+            ps.append(Pilot(**{**p.__dict__, "smoothed": smooth_curve(y)}))
+        m = calibrated(tuple(ps))
+        reps.append(m)
+        exps.append((m.rank_power, m.keep_power))
+    residuals = np.concatenate([res for _, _, res in parsed])
+    identified = {"rank_power": fit_p, "keep_power": fit_q}
+    if exps and (fit_p or fit_q):
+        e = np.array(exps)
+        lo, hi = np.quantile(e, [0.05, 0.95], axis=0)
+        notes.append(f"bootstrap 90 % range: p {lo[0]:.2f}–{hi[0]:.2f}, q {lo[1]:.2f}–{hi[1]:.2f}")
+    return Calibration(model=model, replicates=tuple(reps), residuals=residuals, notes=tuple(notes),
+                       identified=identified)
+
+
+def predict_from(history, *, rounds: int | None = None, boots: int = 100, rng=0, floor: float = 0.0) -> Calibration:
+    """Re-calibrate on a run's own history (its first ``rounds`` rounds; None: all), at its own
+    rank and kept share: the loop's mid-run prediction of its remaining rounds."""
+    return fit_curve(history, None, floor=floor, boots=boots, rng=rng, rounds=rounds)
