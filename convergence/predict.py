@@ -24,6 +24,7 @@ numpy only.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -32,7 +33,7 @@ import numpy as np
 from convergence.rank import check_spectrum, rank_term
 
 __all__ = ["Pilot", "CurveModel", "Calibration", "Prediction", "fit_curve", "predict_from", "reach_power",
-           "kept_share_curve", "smooth_curve", "alternation"]
+           "kept_share_curve", "pilot_kept_share", "smooth_curve", "alternation"]
 
 #: The grid the exponents p (rank) and q (keep) are fitted on.
 EXPONENT_GRID = np.round(np.arange(0.0, 2.0001, 0.05), 2)
@@ -101,8 +102,10 @@ def smooth_curve(loss) -> np.ndarray:
 @dataclass(frozen=True)
 class Pilot:
     """One pilot as the model uses it: rank, kept share κ (mean over rounds of 1 − e_t/U_t),
-    kept-share curve of its mean error profile, start loss, smoothed curve and the power-law
-    tail (gap at round T times (τ/T)^(−tail)) that extends it."""
+    kept-share curve of its mean error profile, start loss, smoothed curve, the power-law
+    tail (gap at round T times (τ/T)^(−tail)) that extends it, and the amplitude a of its
+    alternation between rounds, which predictions add back as a(−1)^t (a property of the
+    rounds, not of the speed: it is not rescaled)."""
 
     rank: int
     kept: float
@@ -110,6 +113,7 @@ class Pilot:
     start: float
     smoothed: np.ndarray
     tail: float
+    alternation: float = 0.0
 
     def gap(self, tau, base: float) -> np.ndarray:
         """The smoothed gap above ``base`` at (real) rounds τ ≥ 0: interpolated geometrically between
@@ -147,6 +151,12 @@ class CurveModel:
     keep_power: float
     spectrum: np.ndarray | None = None
     rank_weight: float = 0.5
+    keep_floor: float = 0.0
+
+    def base(self, rank, kept) -> np.ndarray:
+        """The level the gap closes on: F* + ε(r) + φ (1 − κ), φ the keep floor (what a dropped
+        share of the update leaves unlearned)."""
+        return self.floor + self.rank_floor(rank) + self.keep_floor * (1.0 - np.asarray(kept, dtype=float))
 
     def rank_floor(self, rank) -> np.ndarray:
         """ε(r) (0 without a spectrum; a rank beyond the spectrum's length has ε = 0)."""
@@ -171,43 +181,67 @@ class CurveModel:
         ranks = np.array([p.rank for p in self.pilots], dtype=float)
         return np.argmin(np.abs(np.log(np.asarray(rank, dtype=float))[..., None] - np.log(ranks)), axis=-1)
 
-    def speed(self, rank, keep=None, kept_share=None, pilot=None) -> np.ndarray:
-        """f(r, s) relative to a pilot (default: each candidate's nearest-rank pilot)."""
+    def _speeds(self, rank, keep=None, kept_share=None) -> np.ndarray:
+        """f(r, s) relative to every pilot: shape (candidates..., pilots)."""
         r = np.asarray(rank, dtype=float)
         kappa = self.kept_share(r, r if keep is None else keep) if kept_share is None \
             else np.asarray(kept_share, dtype=float)
-        j = self._nearest(r) if pilot is None else np.full(np.shape(r), pilot)
-        r, kappa, j = np.broadcast_arrays(r, kappa, j)
-        ref_r = np.array([p.rank for p in self.pilots], dtype=float)[j]
-        ref_k = np.array([p.kept for p in self.pilots], dtype=float)[j]
-        return (r / ref_r) ** self.rank_power * (np.maximum(kappa, 1e-12) / np.maximum(ref_k, 1e-12)) \
+        r, kappa = np.broadcast_arrays(r, kappa)
+        ref_r = np.array([p.rank for p in self.pilots], dtype=float)
+        ref_k = np.maximum(np.array([p.kept for p in self.pilots], dtype=float), 1e-12)
+        return (r[..., None] / ref_r) ** self.rank_power * (np.maximum(kappa[..., None], 1e-12) / ref_k) \
             ** self.keep_power
 
-    def value_at(self, rank, keep=None, t=0, *, kept_share=None, start=None, pilot=None) -> np.ndarray:
-        """ℓ at (real) rounds ``t`` ≥ 0, broadcast with the candidates (rank, keep, kept_share)."""
+    def template(self, rank, keep=None, kept_share=None) -> np.ndarray:
+        """The pilot each candidate is read from: the fastest pilot the candidate does not outrun
+        (f ≤ 1: the prediction stays inside that pilot's rounds as long as possible), else the
+        fastest pilot."""
+        f = self._speeds(rank, keep, kept_share)
+        inside = np.where(f <= 1.0 + 1e-12, f, -np.inf)
+        return np.where(np.isfinite(inside.max(axis=-1)), inside.argmax(axis=-1), f.argmin(axis=-1))
+
+    def speed(self, rank, keep=None, kept_share=None, pilot=None) -> np.ndarray:
+        """f(r, s) = (r/r_j)^p (κ(r, s)/κ_j)^q relative to pilot j (default: :meth:`template`)."""
+        f = self._speeds(rank, keep, kept_share)
+        j = self.template(rank, keep, kept_share) if pilot is None else np.full(f.shape[:-1], pilot)
+        return np.take_along_axis(f, j[..., None].astype(np.intp), axis=-1)[..., 0]
+
+    def value_at(self, rank, keep=None, t=0, *, kept_share=None, start=None, base=None, pilot=None) -> np.ndarray:
+        """ℓ at (real) rounds ``t`` ≥ 0, broadcast with the candidates (rank, keep, kept_share).
+        ``start`` and ``base`` give the candidate's own known ℓ_0 and F* + ε(r) when they differ
+        from the pilots' (e.g. another seed's data; the keep floor is added to ``base``); the
+        gap is rescaled to them."""
         r = np.asarray(rank, dtype=float)
         f = self.speed(r, keep, kept_share, pilot)
-        j = self._nearest(r) if pilot is None else np.full(np.shape(r), pilot)
-        r, f, j, t = np.broadcast_arrays(r, f, j, np.asarray(t, dtype=float))
+        j = self.template(r, keep, kept_share) if pilot is None else np.full(np.shape(f), pilot)
+        kappa = self.kept_share(r, r if keep is None else keep) if kept_share is None else kept_share
+        r, f, j, t, kappa = np.broadcast_arrays(r, f, j, np.asarray(t, dtype=float), np.asarray(kappa, dtype=float))
         out = np.empty(r.shape)
-        base = self.floor + self.rank_floor(r.astype(int))
+        base = self.base(r.astype(int), kappa) if base is None \
+            else np.broadcast_to(np.asarray(base, dtype=float), r.shape) + self.keep_floor * (1.0 - kappa)
         for i, p in enumerate(self.pilots):
             m = j == i
             if not m.any():
                 continue
-            base_j = self.floor + float(self.rank_floor(p.rank))
-            l0 = p.start if start is None else float(start)
+            base_j = float(self.base(p.rank, p.kept))
+            l0 = p.start if start is None else np.broadcast_to(np.asarray(start, dtype=float), r.shape)[m]
             scale = np.maximum(l0 - base[m], 0.0) / max(p.start - base_j, 1e-300)
-            out[m] = base[m] + scale * p.gap(f[m] * t[m], base_j)
+            out[m] = base[m] + np.maximum(scale * p.gap(f[m] * t[m], base_j)
+                                          + np.where(t[m] >= 1, p.alternation * np.cos(np.pi * np.round(t[m])), 0.0),
+                                          0.0)
         return out
 
-    def curve(self, rank, keep=None, rounds: int = 1, *, kept_share=None, start=None, pilot=None) -> np.ndarray:
+    def curve(self, rank, keep=None, rounds: int = 1, *, kept_share=None, start=None, base=None,
+              pilot=None) -> np.ndarray:
         """ℓ_t for t = 0..rounds, shape (broadcast candidates, rounds + 1)."""
-        shape = np.broadcast_shapes(np.shape(rank), np.shape(keep) if keep is not None else (),
-                                    np.shape(kept_share) if kept_share is not None else ())
-        ex = (lambda x: None if x is None else np.broadcast_to(np.asarray(x, dtype=float), shape)[..., None])
+        shape = np.broadcast_shapes(*(np.shape(x) for x in (rank, keep, kept_share, start, base) if x is not None))
+
+        def ex(x):  # a candidate axis, then the rounds axis
+            return None if x is None else np.broadcast_to(np.asarray(x, dtype=float), shape)[..., None]
+
         t = np.arange(rounds + 1, dtype=float)
-        return self.value_at(ex(rank), ex(keep), t, kept_share=ex(kept_share), start=start, pilot=pilot)
+        return self.value_at(ex(rank), ex(keep), t, kept_share=ex(kept_share), start=ex(start), base=ex(base),
+                             pilot=pilot)
 
 
 @dataclass(frozen=True)
@@ -252,19 +286,27 @@ class Calibration:
         return float(np.sqrt(np.mean(self.residuals**2))) if self.residuals.size else 0.0
 
     def predict(self, rank, keep=None, rounds: int = 1, *, kept_share=None, level: float = 0.9, rng=0,
-                start=None) -> Prediction:
+                start=None, base=None, runs: int = 1) -> Prediction:
         """The curve of (rank, keep) — or of a given kept share — over rounds 0..``rounds`` with its
-        ``level`` band (module docstring); ``start`` overrides ℓ_0 (e.g. a run's own start)."""
+        ``level`` band (module docstring). ``start`` and ``base`` are the candidate's own known
+        ℓ_0 and F* + ε(r) where they differ from the pilots' (another seed, another data draw).
+        ``runs``: the band is for the mean curve of that many runs (1: one run's curve); each
+        replicate adds the mean of ``runs`` resampled residuals per round."""
         if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
             raise ValueError(f"level must lie in (0, 1); got level = {level!r}")
-        mid = self.model.curve(rank, keep, rounds, kept_share=kept_share, start=start)
+        if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+            raise ValueError(f"runs must be an integer >= 1; got runs = {runs!r}")
+        for name, v in (("start", start), ("base", base)):
+            if v is not None and not np.all(np.isfinite(np.asarray(v, dtype=float))):
+                raise ValueError(f"{name} must be finite; got {name} = {v!r}")
+        mid = self.model.curve(rank, keep, rounds, kept_share=kept_share, start=start, base=base)
         low = high = mid
         if self.replicates:
             gen = np.random.default_rng(rng)
-            reps = np.stack([m.curve(rank, keep, rounds, kept_share=kept_share, start=start)
+            reps = np.stack([m.curve(rank, keep, rounds, kept_share=kept_share, start=start, base=base)
                              for m in self.replicates])
             if self.residuals.size:
-                reps = reps + gen.choice(self.residuals, size=reps.shape)
+                reps = reps + gen.choice(self.residuals, size=(runs, *reps.shape)).mean(axis=0)
             q = (1.0 - level) / 2.0
             low = np.minimum(np.quantile(reps, q, axis=0), mid)
             high = np.maximum(np.quantile(reps, 1.0 - q, axis=0), mid)
@@ -312,12 +354,43 @@ class Calibration:
 
         return predict
 
+    @property
+    def source(self) -> str:
+        """Where the predictions come from (as ``BoundConstants.source``)."""
+        return self.summary()
+
+    def to_dict(self) -> dict:
+        """The calibration's numbers, for a JSON report (the replicates are not included)."""
+        m = self.model
+        return {"model": "calibrated curves (convergence.fit_curve)", "floor": m.floor, "rank_power": m.rank_power,
+                "keep_power": m.keep_power, "keep_floor": m.keep_floor, "rms": self.rms, "replicates": len(self.replicates),
+                "pilots": [{"rank": p.rank, "kept_share": p.kept, "rounds": len(p.smoothed) - 1, "start": p.start,
+                            "tail": p.tail} for p in m.pilots],
+                "identified": dict(self.identified), "notes": list(self.notes)}
+
     def summary(self) -> str:
         m = self.model
         ranks = ", ".join(f"r = {p.rank} (κ = {p.kept:.2f}, {len(p.smoothed) - 1} rounds)" for p in m.pilots)
         s = (f"curve calibrated on {len(m.pilots)} pilot(s): {ranks}; rank exponent p = {m.rank_power:.3g}, "
-             f"keep exponent q = {m.keep_power:.3g}, F* = {m.floor:.4g}, rms scatter {self.rms:.3g}")
+             f"keep exponent q = {m.keep_power:.3g}, keep floor φ = {m.keep_floor:.3g}, F* = {m.floor:.4g}, "
+             f"rms scatter {self.rms:.3g}")
         return s + ("; " + "; ".join(self.notes) if self.notes else "")
+
+
+def pilot_kept_share(history) -> float:
+    """A run's mean kept share of the update energy, the mean over rounds of 1 − e_t/U_t
+    (``dropped_energy`` / ``update_energy``; skipped clients drop all); 1 when not recorded."""
+    return _kept_of(history.rounds)
+
+
+def _kept_of(rows) -> float:
+    shares = []
+    for row in rows:
+        e, u = row.get("dropped_energy"), row.get("update_energy")
+        if isinstance(e, (int, float)) and isinstance(u, (int, float)) and math.isfinite(e) and math.isfinite(u) \
+                and u > 0:
+            shares.append(min(max(1.0 - e / u, 0.0), 1.0))
+    return float(np.mean(shares)) if shares else 1.0
 
 
 def _pilot(history, index: int, rounds: int | None = None) -> tuple[Pilot, np.ndarray, np.ndarray]:
@@ -335,70 +408,102 @@ def _pilot(history, index: int, rounds: int | None = None) -> tuple[Pilot, np.nd
     if len(loss) < 4 or not np.all(np.isfinite(loss)):
         raise ValueError(f"pilots[{index}] needs an evaluated loss at every round, >= 3 rounds; got "
                          f"{int(np.isfinite(loss[1:]).sum())} evaluated of {len(loss) - 1}")
-    shares, profiles = [], []
+    profiles = []
     for row in history.rounds[: len(loss) - 1]:
-        e, u = row.get("dropped_energy"), row.get("update_energy")
-        if isinstance(e, (int, float)) and isinstance(u, (int, float)) and math.isfinite(e) and math.isfinite(u) \
-                and u > 0:
-            shares.append(min(max(1.0 - e / u, 0.0), 1.0))
         prof = row.get("profile")
         if isinstance(prof, list) and len(prof) == r + 1:
             profiles.append(prof)
     curve = kept_share_curve(np.mean(np.asarray(profiles, dtype=float), axis=0)) if profiles \
         else np.linspace(0.0, 1.0, r + 1)
     smoothed = smooth_curve(loss)
-    resid = (loss - smoothed)[1:]
+    wiggle = alternation(loss) * (-1.0) ** np.arange(len(loss))
+    resid = (loss - smoothed - wiggle)[1:]
     # the fit used one level per block of the non-increasing fit and the alternation: rescale the
     # residuals to the noise's size (they are shrunk by the fit's degrees of freedom)
     df = len(np.unique(smoothed[1:])) + 1
     resid = resid * math.sqrt(len(resid) / max(len(resid) - df, 1))
-    return (Pilot(rank=r, kept=float(np.mean(shares)) if shares else 1.0, kept_curve=curve, start=float(loss[0]),
-                  smoothed=smoothed, tail=0.0), loss, resid)
+    return (Pilot(rank=r, kept=_kept_of(history.rounds[: len(loss) - 1]), kept_curve=curve, start=float(loss[0]),
+                  smoothed=smoothed, tail=0.0, alternation=alternation(loss)), loss, resid)
 
 
-def _with_tails(pilots, base_of) -> tuple[Pilot, ...]:
-    out = []
-    for p in pilots:
-        g = np.maximum(p.smoothed - base_of(p.rank), 0.0)
-        out.append(Pilot(**{**p.__dict__, "tail": _tail_exponent(g)}))
-    return tuple(out)
+def _with_tails(model: CurveModel) -> CurveModel:
+    """The model with each pilot's power-law tail fitted above its own base."""
+    pilots = tuple(Pilot(**{**p.__dict__, "tail": _tail_exponent(np.maximum(
+        p.smoothed - float(model.base(p.rank, p.kept)), 0.0))}) for p in model.pilots)
+    return dataclasses.replace(model, pilots=pilots)
 
 
-def _fit_exponents(model: CurveModel, fit_p: bool, fit_q: bool) -> tuple[float, float]:
-    """(p, q) on :data:`EXPONENT_GRID` minimising the squared error of every pilot predicted from
-    every other pilot (time rescaling, Proposition 3)."""
-    ps = EXPONENT_GRID if fit_p else np.array([model.rank_power])
-    qs = EXPONENT_GRID if fit_q else np.array([model.keep_power])
-    n = len(model.pilots)
-    best, arg = math.inf, (model.rank_power, model.keep_power)
-    for p in ps:
-        for q in qs:
-            m = CurveModel(**{**model.__dict__, "rank_power": float(p), "keep_power": float(q)})
-            err = 0.0
-            for i in range(n):
-                for j in range(n):
-                    if i == j:
-                        continue
-                    pi = m.pilots[i]
-                    T = len(pi.smoothed) - 1
-                    pred = m.curve(pi.rank, None, T, kept_share=pi.kept, start=pi.start, pilot=j)
-                    err += float(np.sum((pred[1:] - pi.smoothed[1:]) ** 2))
-            if err < best - 1e-15:
-                best, arg = err, (float(p), float(q))
-    return arg
+def _cross_error(model: CurveModel) -> float:
+    """Σ over ordered pilot pairs (i ≠ j) of the squared error of pilot i predicted from pilot j."""
+    m = _with_tails(model)
+    err = 0.0
+    for i, pi in enumerate(m.pilots):
+        T = len(pi.smoothed) - 1
+        for j in range(len(m.pilots)):
+            if i != j:
+                pred = m.curve(pi.rank, None, T, kept_share=pi.kept, start=pi.start, pilot=j)
+                wiggle = m.pilots[j].alternation * (-1.0) ** np.arange(T + 1)  # compare the smooth parts
+                err += float(np.sum((pred[1:] - wiggle[1:] - pi.smoothed[1:]) ** 2))
+    return err
+
+
+def _fit_constants(model: CurveModel, fit_p: bool, fit_q: bool, fit_phi: bool) -> CurveModel:
+    """p (steps of 0.25, then 0.05 around the best) and q (steps of 0.5, then 0.25) in
+    [0, 2], and the keep floor φ in [0, φ_max] by bounded scalar search, minimising
+    :func:`_cross_error` (Proposition 3)."""
+    from scipy.optimize import minimize_scalar
+
+    phi_max = min((float(np.min(p.smoothed[1:]) - model.base(p.rank, 1.0)) / (1.0 - p.kept)
+                   for p in model.pilots if p.kept < 1.0 - 1e-9), default=0.0)
+    seen: dict = {}
+
+    def evaluate(p, q):
+        key = (round(float(p), 6), round(float(q), 6))
+        if key not in seen:
+            m = dataclasses.replace(model, rank_power=key[0], keep_power=key[1])
+            if fit_phi and phi_max > 0:
+                res = minimize_scalar(lambda phi: _cross_error(dataclasses.replace(m, keep_floor=phi)),
+                                      bounds=(0.0, phi_max), method="bounded", options={"xatol": 1e-3 * phi_max})
+                seen[key] = (float(res.fun), dataclasses.replace(m, keep_floor=float(res.x)))
+            else:
+                seen[key] = (_cross_error(m), m)
+        return seen[key]
+
+    lo, hi = EXPONENT_GRID[0], EXPONENT_GRID[-1]
+    ps = np.arange(lo, hi + 1e-9, 0.25) if fit_p else np.array([model.rank_power])
+    qs = np.arange(lo, hi + 1e-9, 0.5) if fit_q else np.array([model.keep_power])
+    best = min((evaluate(p, q) + (p, q) for p in ps for q in qs), key=lambda x: x[0])  # coarse, then fine
+    p_f = np.clip(np.arange(best[2] - 0.25, best[2] + 0.2501, 0.05), lo, hi) if fit_p else ps
+    q_f = np.clip(np.arange(best[3] - 0.5, best[3] + 0.501, 0.25), lo, hi) if fit_q else qs
+    best = min((evaluate(p, q) + (p, q) for p in p_f for q in q_f), key=lambda x: x[0])
+    return _with_tails(best[1])
+
+
+def _groups(parsed, hs) -> list[list[int]]:
+    """Indices of the pilot runs that differ only in their seed (one configuration each)."""
+    keys = {}
+    for i, h in enumerate(hs):
+        key = tuple(sorted((k, repr(v)) for k, v in h.config.items() if k not in ("seed", "out")))
+        keys.setdefault(key, []).append(i)
+    return list(keys.values())
 
 
 def fit_curve(pilots, spectrum=None, *, floor: float = 0.0, rank_power=None, keep_power=None,
-              boots: int = 200, rng=0, rank_weight: float = 0.5, rounds: int | None = None) -> Calibration:
+              keep_floor=None, boots: int = 200, rng=0, rank_weight: float = 0.5,
+              rounds: int | None = None) -> Calibration:
     """Calibrate the curve model on pilot run(s) and bootstrap its band (module docstring).
 
     Args:
-        pilots: a :class:`fedloop.History` or a list of them, from one seed; each needs its
-            start loss and an evaluated loss at every round (≥ 3 rounds).
+        pilots: a :class:`fedloop.History` or a list of them (configurations that differ only
+            in the seed are averaged into one pilot, and the bootstrap resamples their seeds);
+            each needs its start loss and an evaluated loss at every round (≥ 3 rounds).
         spectrum: ε(r)'s spectrum (as for :func:`convergence.rank_term`); None: ε = 0.
         floor: F*, the loss's known lower bound (0 for squared error and cross-entropy).
-        rank_power, keep_power: fix p or q (None: fitted when the pilots differ in rank or in
-            kept share by more than 10 %, else the first-order values: Lemma 2's p, q = 1).
+        rank_power: fix p (None: fitted when the pilots differ in rank, else Lemma 2's value).
+        keep_power: fix q (None: fitted when two pilots share a rank but not their kept share
+            and a third pilot fixes p; else 0: the kept share acts on the floor, not the speed).
+        keep_floor: fix φ (None: fitted when the pilots differ in kept share by more than 10 %,
+            else 0).
         boots: bootstrap replicates (0: no band).
         rank_weight: ε(r) = rank_weight · tail of the spectrum.
         rounds: use each pilot's first ``rounds`` rounds only (None: all).
@@ -412,63 +517,95 @@ def fit_curve(pilots, spectrum=None, *, floor: float = 0.0, rank_power=None, kee
         raise ValueError(f"boots must be an integer in 0..100000; got boots = {boots!r}")
     if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 3):
         raise ValueError(f"rounds must be None or an integer >= 3; got rounds = {rounds!r}")
-    for name, v in (("rank_power", rank_power), ("keep_power", keep_power)):
+    for name, v in (("rank_power", rank_power), ("keep_power", keep_power), ("keep_floor", keep_floor)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
             raise ValueError(f"{name} must be None or a finite number; got {name} = {v!r}")
+    if keep_floor is not None and keep_floor < 0:
+        raise ValueError(f"keep_floor must be >= 0; got keep_floor = {keep_floor!r}")
     spec = None if spectrum is None else check_spectrum(spectrum)
     parsed = [_pilot(h, i, rounds) for i, h in enumerate(hs)]
-    base = CurveModel(pilots=tuple(p for p, _, _ in parsed), floor=float(floor), rank_power=0.0, keep_power=1.0,
-                      spectrum=spec, rank_weight=float(rank_weight))
-    notes = []
-    low = min(float(np.min(raw[1:])) - base.floor - float(base.rank_floor(p.rank)) for p, raw, _ in parsed)
-    if low <= 0:
-        notes.append(f"a pilot's loss reaches F* + ε(r) (margin {low:.3g}): check floor and the spectrum")
-    ranks = {p.rank for p, _, _ in parsed}
-    kept = [p.kept for p, _, _ in parsed]
+    groups = _groups(parsed, hs)
+    lengths = {len(parsed[i][1]) for g in groups for i in g}
+    if len(lengths) > 1 and any(len(g) > 1 for g in groups):
+        raise ValueError(f"pilots of one configuration must have the same number of rounds; got {sorted(lengths)}")
+
+    def pilot_of(g, curves) -> Pilot:
+        first = parsed[g[0]][0]
+        mean = np.mean(curves, axis=0)
+        return Pilot(rank=first.rank, kept=float(np.mean([parsed[i][0].kept for i in g])),
+                     kept_curve=np.mean([parsed[i][0].kept_curve for i in g], axis=0), start=float(mean[0]),
+                     smoothed=smooth_curve(mean), tail=0.0, alternation=alternation(mean))
+
+    group_pilots = [pilot_of(g, [parsed[i][1] for i in g]) for g in groups]
+    residuals = []
+    for g, gp in zip(groups, group_pilots, strict=True):  # one run's scatter around its configuration's template
+        wiggle = gp.alternation * (-1.0) ** np.arange(len(gp.smoothed))
+        for i in g:
+            res = (parsed[i][1] - gp.smoothed - wiggle)[1:]
+            df = len(np.unique(gp.smoothed[1:])) + 1
+            residuals.append(res * math.sqrt(len(res) * len(g) / max(len(res) * len(g) - df, 1)))
+    residuals = np.concatenate(residuals)
+    ranks = {p.rank for p in group_pilots}
+    kept = [p.kept for p in group_pilots]
+    differ_kept = max(kept) > 1.1 * min(kept)
+    by_rank = {}
+    for p in group_pilots:
+        by_rank.setdefault(p.rank, []).append(p.kept)
+    same_rank_kept = any(max(v) > 1.1 * min(v) for v in by_rank.values())
     fit_p = rank_power is None and len(ranks) > 1
-    fit_q = keep_power is None and max(kept) > 1.1 * min(kept) and (len(parsed) > 2 or len(ranks) == 1)
+    fit_q = keep_power is None and same_rank_kept and len(ranks) > 1
+    fit_phi = keep_floor is None and differ_kept
     opt = "sgd" if str(hs[0].config.get("optimizer") or "adam").lower() == "sgd" else "adam"
     p0 = reach_power(opt, alpha_fixed=hs[0].config.get("alpha") is not None) if rank_power is None \
         else float(rank_power)
-    q0 = 1.0 if keep_power is None else float(keep_power)
+    q0 = 0.0 if keep_power is None else float(keep_power)
+    notes = []
     if not fit_p:
         notes.append(f"rank exponent p = {p0:g} " + ("as given" if rank_power is not None else
                                                       f"from Lemma 2 ({opt} steps): the pilots have one rank"))
     if not fit_q:
         notes.append(f"keep exponent q = {q0:g} " + ("as given" if keep_power is not None else
-                                                      "(first order): the pilots do not separate it from p"))
+                                                      "(no pilot pair separates it)"))
+    if not fit_phi:
+        notes.append(f"keep floor φ = {keep_floor or 0.0:g} " + ("as given" if keep_floor is not None else
+                                                                "(the pilots share one kept share)"))
+    if any(len(g) > 1 for g in groups):
+        notes.append("pilots averaged over seeds: " + ", ".join(f"r = {group_pilots[k].rank}: {len(g)} seeds"
+                                                               for k, g in enumerate(groups)))
+    base = CurveModel(pilots=tuple(group_pilots), floor=float(floor), rank_power=p0, keep_power=q0,
+                      spectrum=spec, rank_weight=float(rank_weight), keep_floor=float(keep_floor or 0.0))
+    low = min(float(np.min(p.smoothed[1:]) - base.base(p.rank, 1.0)) for p in group_pilots)
+    if low <= 0:
+        notes.append(f"a pilot's loss reaches F* + ε(r) (margin {low:.3g}): check floor and the spectrum")
 
     def calibrated(pilots) -> CurveModel:
-        m = CurveModel(**{**base.__dict__, "pilots": _with_tails(pilots, lambda r: base.floor
-                                                                 + float(base.rank_floor(r))),
-                          "rank_power": p0, "keep_power": q0})
-        if fit_p or fit_q:
-            p, q = _fit_exponents(m, fit_p, fit_q)
-            m = CurveModel(**{**m.__dict__, "rank_power": p, "keep_power": q})
-        return m
+        return _fit_constants(dataclasses.replace(base, pilots=tuple(pilots)), fit_p, fit_q, fit_phi)
 
-    model = calibrated(base.pilots)
+    model = calibrated(group_pilots)
     for name, fitted, v in (("rank exponent p", fit_p, model.rank_power), ("keep exponent q", fit_q,
                                                                             model.keep_power)):
         if fitted and (v <= EXPONENT_GRID[0] or v >= EXPONENT_GRID[-1]):
             notes.append(f"{name} = {v:g} at the end of its grid [{EXPONENT_GRID[0]:g}, {EXPONENT_GRID[-1]:g}]")
     gen = np.random.default_rng(rng)
-    reps, exps = [], []
+    reps = []
     for _ in range(boots):
         ps = []
-        for p, raw, res in parsed:
-            y = raw.copy()
-            y[1:] = p.smoothed[1:] + gen.choice(res, size=len(res))
-            ps.append(Pilot(**{**p.__dict__, "smoothed": smooth_curve(y)}))
-        m = calibrated(tuple(ps))
-        reps.append(m)
-        exps.append((m.rank_power, m.keep_power))
-    residuals = np.concatenate([res for _, _, res in parsed])
-    identified = {"rank_power": fit_p, "keep_power": fit_q}
-    if exps and (fit_p or fit_q):
-        e = np.array(exps)
+        for g, gp in zip(groups, group_pilots, strict=True):
+            if len(g) > 1:  # resample the seeds: the template's seed-to-seed uncertainty
+                pick = gen.choice(g, size=len(g))
+                ps.append(pilot_of(list(pick), [parsed[i][1] for i in pick]))
+            else:
+                y = parsed[g[0]][1].copy()
+                wiggle = gp.alternation * (-1.0) ** np.arange(len(y))
+                y[1:] = gp.smoothed[1:] + wiggle[1:] + gen.choice(parsed[g[0]][2], size=len(y) - 1)
+                ps.append(dataclasses.replace(gp, smoothed=smooth_curve(y), alternation=alternation(y)))
+        reps.append(calibrated(ps))
+    identified = {"rank_power": fit_p, "keep_power": fit_q, "keep_floor": fit_phi}
+    if reps and (fit_p or fit_q or fit_phi):
+        e = np.array([(m.rank_power, m.keep_power, m.keep_floor) for m in reps])
         lo, hi = np.quantile(e, [0.05, 0.95], axis=0)
-        notes.append(f"bootstrap 90 % range: p {lo[0]:.2f}–{hi[0]:.2f}, q {lo[1]:.2f}–{hi[1]:.2f}")
+        notes.append(f"bootstrap 90 % ranges: p {lo[0]:.2f}–{hi[0]:.2f}, q {lo[1]:.2f}–{hi[1]:.2f}, "
+                     f"φ {lo[2]:.3g}–{hi[2]:.3g}")
     return Calibration(model=model, replicates=tuple(reps), residuals=residuals, notes=tuple(notes),
                        identified=identified)
 

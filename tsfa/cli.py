@@ -130,22 +130,26 @@ def _design(args: argparse.Namespace) -> int:
         cfg = cfg.replace(out=args.out)
     check_run_folder(cfg.out)  # before the pilot and the plan, not after
     try:
-        plan, pilot, constants = plan_for(cfg, pilot=pilot, ranks=args.ranks, keep_ratios=args.keep_ratios,
+        plan, pilot, calibration = plan_for(cfg, pilot=pilot, ranks=args.ranks, keep_ratios=args.keep_ratios,
                                           pilot_rounds=args.pilot_rounds, draws=args.draws, progress=not args.quiet)
     except (TaskUnavailable, RunFolderBusy, FileNotFoundError) as exc:
         raise UserError(str(exc)) from None
     print(plan.message)
     print(plan.format_table())
+    if plan.online_table:
+        print(plan.format_online_table())
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "plan.csv", plan.table_rows())
+    if plan.online_table:
+        write_csv(out / "plan_online.csv", plan.online_rows())
     (out / "plan.json").write_text(json.dumps({
         "status": plan.status.value, "message": plan.message, "rank": plan.rank, "keep": plan.keep,
         "keep_ratio": plan.keep_ratio, "rounds": plan.rounds, "relative_v": plan.relative_v,
         "weight_v": plan.weight_v,
         "predicted_loss": plan.predicted_loss, "latency_budget_s": plan.latency_budget_s,
-        "binding": list(plan.binding), "constants": constants.to_dict()}, indent=1, default=float))
-    print(f"wrote {out / 'plan.csv'} and {out / 'plan.json'}")
+        "binding": list(plan.binding), "calibration": calibration.to_dict()}, indent=1, default=float))
+    print(f"wrote {out / 'plan.csv'}{', plan_online.csv' if plan.online_table else ''} and {out / 'plan.json'}")
     return 0 if plan.success else 1
 
 

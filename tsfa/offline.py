@@ -7,7 +7,8 @@ within τ̄ (and the training fits a wall-clock budget, if one is given).
 
 The inputs form an :class:`OfflineProblem` (the system, the candidate grid, the budgets, the
 SAA and V-sweep settings); :func:`design_offline` solves it in five steps over the
-candidates, the grid ranks × keep_ratios (× a rounds grid):
+candidates, the grid ranks × keep_ratios (× a rounds grid), and a sixth with
+``VSweepSettings(latency_model="online")``:
 
 1. **Expected latency by sample-average approximation (SAA)** (:mod:`tsfa.saa`): D fading
    draws, the same for every candidate (common random numbers), the latency-optimal split
@@ -44,6 +45,32 @@ candidates, the grid ranks × keep_ratios (× a rounds grid):
    min(rounds, v_rounds) rounds (the planned horizon: a large V's queue transient must fit
    in it). Larger V drops less energy and lets the queue, hence the latency, run higher.
 
+6. **Online latency model** (``latency_model="online"``; with "nominal", the default, the
+   design ends at step 5). Steps 1–4 assume every client uploads one nominal keep; the
+   online stage instead skips clients in deep fades and lowers keep per client, so it can
+   run ranks the SAA calls infeasible. Steps 1–4 then serve as a screen: the screen's
+   choice's rank and every rank whose best predicted loss in the table is below the
+   choice's (every rank when the screen has no choice) are simulated as in step 5, with
+   one seed for every rank and V (common random numbers), over
+   H = min(v_rounds, the largest rounds) rounds (v_rounds with derived rounds), on the V
+   grid and its refinement. Each (rank, V, rounds) point
+   (:class:`~tsfa.plan.OnlinePoint`, ``OfflinePlan.online_table``) gets, over the first
+   min(rounds, H) simulated rounds (a prefix: the draws do not depend on the horizon), the
+   time-average latency with a batch-means interval, the mean keep, the participation and
+   the kept energy share κ = 1 − mean_t Σ_k p_k e_k(s_k) / Σ_k p_k e_k(0) (a skipped client
+   drops all). Its loss is ``predict(rank, keep_ratio, rounds, kept_share=κ)`` if
+   ``predict`` takes ``kept_share`` (:func:`tsfa.online_model.accepts_kept_share`), else
+   ``predict(rank, keep_ratio, rounds)``, with keep_ratio = clip(mean keep / r, 1/r, 1)
+   either way; derived rounds are max(1, ⌊time_budget_s / simulated latency⌋). The choice
+   is the least predicted loss among the points whose simulated latency is ≤ τ̄, training
+   time ≤ time_budget_s and simulated participation ≥ ``online_min_participation`` (0 by
+   default; the online stage can meet a small τ̄ by skipping nearly everyone, which a
+   ``kept_share`` predictor prices); ties go to the smaller rank, then the larger V, then
+   fewer rounds. ``min_participation`` and ``latency_statistic`` apply to the screen only.
+   The plan takes the point's rank, rounded mean keep, rounds and V, its simulated latency
+   and the chosen rank's V sweep; with no feasible point it is INFEASIBLE, with the least
+   simulated latency in the message.
+
 Symbols (spec → code): r ``rank``; s ``keep``; ρ ``keep_ratio``; τ̄ ``latency_budget_s``;
 τ_max ``max_latency_s``; D ``draws``; V ``relative_v`` (scale-free) and ``weight_v``
 (absolute); T^dl ``downlink_s`` = r·M·q / ``downlink_rate_bps``; T^cmp_k ``compute_s``.
@@ -75,7 +102,7 @@ from tsfa.choice import (
     violations,
 )
 from tsfa.model import Cell, Clients, LoraShape, keep_from_ratio
-from tsfa.plan import Candidate, OfflinePlan, base_shape
+from tsfa.plan import Candidate, OfflinePlan, OnlinePoint, base_shape
 from tsfa.saa import (
     LATENCY_BACKENDS,
     LatencyEstimate,
@@ -87,7 +114,14 @@ from tsfa.saa import (
     saa_latency,
     summaries,
 )
-from tsfa.simulate import DEFAULT_V_GRID, VPoint, VSweepSettings, pick_v, sweep_v
+from tsfa.simulate import (
+    DEFAULT_V_GRID,
+    LATENCY_MODELS,
+    VPoint,
+    VSweepSettings,
+    pick_v,
+    sweep_v,
+)
 from tsfa.status import Status
 
 __all__ = [
@@ -101,11 +135,13 @@ __all__ = [
     "LatencyEstimate",
     "Candidate",
     "VPoint",
+    "OnlinePoint",
     "OfflinePlan",
     "expected_latency",
     "LATENCY_BACKENDS",
     "DESIGN_METHODS",
     "DEFAULT_V_GRID",
+    "LATENCY_MODELS",
     "CONSTRAINTS",
     "FEASIBILITY_RTOL",
     "TIE_RTOL",
@@ -283,7 +319,8 @@ class OfflineProblem:
             min_participation, latency_statistic).
         saa: :class:`SaaSettings` (draws, confidence, backend).
         vsweep: :class:`~tsfa.simulate.VSweepSettings` (choose_v, v_grid, v_rounds, v_refine,
-            online_cap_factor, online_drift, error_model, data_weight).
+            online_cap_factor, online_drift, error_model, data_weight, latency_model,
+            online_min_participation).
 
     Field names are unique across the groups, so :meth:`replace` takes them flat.
     """
@@ -376,13 +413,15 @@ def _plan_rounds(problem: OfflineProblem, pl: _PairLatency) -> list[tuple[int, i
     return rows
 
 
-def _predicted_loss(predict, rank, keep_ratio, rounds) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Step 3: ``predict(rank, keep_ratio, rounds)`` over the candidates, checked: (total, terms)."""
+def _predicted_loss(predict, rank, keep_ratio, rounds, **extra) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Step 3: ``predict(rank, keep_ratio, rounds, **extra)`` over the candidates, checked:
+    (total, terms). ``extra`` is ``kept_share`` in step 6, for predictors that accept it."""
     n = len(rank)
+    call = "predict(rank, keep_ratio, rounds" + "".join(f", {k}=..." for k in extra) + ")"
     try:
-        out = predict(rank, keep_ratio, rounds)
+        out = predict(rank, keep_ratio, rounds, **extra)
     except Exception as exc:
-        raise ValueError(f"predict(rank, keep_ratio, rounds) raised {type(exc).__name__}: {exc}") from exc
+        raise ValueError(f"{call} raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(out, Mapping) or "total" not in out:
         raise ValueError(f"predict must return a mapping of term names to arrays with a 'total' entry; got {out!r}")
     terms = {}
@@ -469,13 +508,20 @@ def design_offline(problem: OfflineProblem, predict: Callable[[np.ndarray, np.nd
         problem: the :class:`OfflineProblem`.
         predict: ``predict(rank, keep_ratio, rounds) -> {term: array}`` with a "total"
             entry, the predicted final loss; arguments are 1-D arrays over candidates (ints,
-            floats in (0, 1], ints).
+            floats in (0, 1], ints). With ``latency_model="online"``, step 6 calls it again
+            on the simulated points, with ``kept_share=`` (κ, floats in [0, 1]) if it accepts
+            that keyword (:func:`tsfa.online_model.accepts_kept_share`), and with the simulated mean keep ratio
+            as ``keep_ratio`` (it must then treat a missing ``kept_share`` as "derive the
+            dropped share from keep_ratio", as in steps 3 and 4).
         method: "milp" (Pyomo + HiGHS, cross-checked by enumeration) or "enumerate".
-        rng: seed or Generator; the SAA draws come first, then the V simulation's seed.
+        rng: seed or Generator; the SAA draws come first, then the V simulation's seed
+            (with "online", the one seed of every rank's simulation).
 
     Returns:
         An :class:`OfflinePlan`. No candidate feasible → ``Status.INFEASIBLE`` with the
-        smallest feasible τ̄ in the message (and ``min_latency_budget_s``).
+        smallest feasible τ̄ in the message (and ``min_latency_budget_s``); with "online",
+        no simulated (rank, V) feasible → ``Status.INFEASIBLE`` with the least simulated
+        latency in the message.
     """
     t0 = time.perf_counter()
     if not isinstance(problem, OfflineProblem):
@@ -500,8 +546,15 @@ def design_offline(problem: OfflineProblem, predict: Callable[[np.ndarray, np.nd
     note = "" if b.max_latency_s is not None else (
         " (no max_latency_s: under Rayleigh fading the uncapped mean latency has no finite limit and the "
         "SAA value grows slowly with draws; consider a per-round cap)")
+    common["latency_model"] = problem.vsweep.latency_model
+    common["screen_chosen"] = choice.index
+    least_screen = float(lat[others].min()) if others.any() else math.inf
+    if problem.vsweep.latency_model == "online" and choice.status is not Status.ERROR:
+        from tsfa.online_model import online_plan
+
+        return online_plan(problem, pl, table, choice, predict, v_seed, note, least_screen, t0, common)
     if choice.index is None:
-        msg, least = choice.message, float(lat[others].min()) if others.any() else math.inf
+        msg, least = choice.message, least_screen
         if choice.status is Status.INFEASIBLE:
             msg, least = infeasible_message(table, bad, lat, b.latency_budget_s, b.time_budget_s,
                                             b.min_participation, b.latency_statistic)
@@ -523,6 +576,6 @@ def design_offline(problem: OfflineProblem, predict: Callable[[np.ndarray, np.nd
         status=Status.OPTIMAL, message=msg, rank=c.rank, keep=c.keep, keep_ratio=c.keep_ratio, rounds=c.rounds,
         relative_v=v, predicted_loss=c.predicted_loss, loss_terms=c.loss_terms, expected_latency_s=c.latency_mean_s,
         latency_low_s=c.latency_low_s, latency_high_s=c.latency_high_s, participation=c.participation,
-        min_latency_budget_s=float(lat[others].min()) if others.any() else math.inf, binding=bind,
-        chosen=choice.index, v_sweep=sweep, objective=c.predicted_loss, solve_time_s=time.perf_counter() - t0,
-        **common)
+        min_latency_budget_s=least_screen, binding=bind, chosen=choice.index, v_sweep=sweep,
+        objective=c.predicted_loss, solve_time_s=time.perf_counter() - t0,
+        simulation_seed=v_seed if problem.vsweep.choose_v else None, **common)

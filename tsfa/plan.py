@@ -1,4 +1,5 @@
-"""Results of the offline stage (spec §6): the design table's rows and the plan."""
+"""Results of the offline stage (spec §6): the design table's rows, the simulated online
+points (``latency_model="online"``) and the plan."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from tsfa.model import LoraShape, ModuleShape
 from tsfa.simulate import VPoint
 from tsfa.status import ResultMixin, Status
 
-__all__ = ["Candidate", "OfflinePlan", "base_shape"]
+__all__ = ["Candidate", "OnlinePoint", "OfflinePlan", "base_shape"]
 
 
 def base_shape(modules) -> LoraShape:
@@ -76,6 +77,71 @@ class Candidate:
 
 
 @dataclass(frozen=True, eq=False)
+class OnlinePoint:
+    """One simulated (rank, V, rounds) point of the online latency model (step 6 of
+    :func:`~tsfa.offline.design_offline`, ``latency_model="online"``).
+
+    Attributes:
+        index: position in ``OfflinePlan.online_table`` (order: rank, then V, then rounds).
+        rank: r.  relative_v: the scale-free V simulated.  rounds: training rounds.
+        simulated_rounds: rounds the statistics are over, min(rounds, v_rounds) (a prefix of
+            the rank's simulation: the draws do not depend on the horizon).
+        time_average_latency_s: simulated time-average round latency, s.
+        latency_low_s, latency_high_s: a batch-means interval of it (10 contiguous batches,
+            Student-t at the SAA's ``confidence``; NaN with fewer than 4 rounds), s.
+        average_queue_s: mean virtual queue, s.
+        participation: mean share of clients scheduled (keep > 0).
+        mean_keep: mean components kept per client and round (skipped clients count 0).
+        mean_keep_ratio: clip(mean_keep / r, 1/r, 1), the keep ratio ``predict`` saw.
+        keep, keep_ratio: mean_keep rounded (halves up) and clipped to 1..r, and keep / r
+            (the plan's).
+        kept_share: κ = 1 − the average relative dropped energy Σ_k p_k e_k(s_k) / Σ_k p_k e_k(0)
+            (a skipped client drops all its energy).
+        training_time_s: rounds · time_average_latency_s, s.
+        predicted_loss, loss_terms: the predictor's "total" and every term (read-only).
+        violated: the constraints broken ("latency": simulated latency > τ̄; "time":
+            training time > time budget; "participation": simulated participation below
+            ``online_min_participation``).
+    """
+
+    index: int
+    rank: int
+    relative_v: float
+    rounds: int
+    simulated_rounds: int
+    time_average_latency_s: float
+    latency_low_s: float
+    latency_high_s: float
+    average_queue_s: float
+    participation: float
+    mean_keep: float
+    mean_keep_ratio: float
+    keep: int
+    keep_ratio: float
+    kept_share: float
+    training_time_s: float
+    predicted_loss: float
+    loss_terms: Mapping[str, float]
+    violated: tuple[str, ...]
+
+    @property
+    def feasible(self) -> bool:
+        return not self.violated
+
+    def as_dict(self) -> dict:
+        """A flat dict (loss terms as ``loss_<name>``), e.g. for a CSV row."""
+        row = {k: getattr(self, k) for k in ("index", "rank", "relative_v", "rounds", "simulated_rounds",
+                                             "time_average_latency_s", "latency_low_s", "latency_high_s",
+                                             "average_queue_s", "participation", "mean_keep", "mean_keep_ratio",
+                                             "keep", "keep_ratio", "kept_share", "training_time_s",
+                                             "predicted_loss")}
+        row.update({f"loss_{k}": v for k, v in self.loss_terms.items() if k != "total"})
+        row["feasible"] = self.feasible
+        row["violated"] = "+".join(self.violated)
+        return row
+
+
+@dataclass(frozen=True, eq=False)
 class OfflinePlan(ResultMixin):
     """Result of :func:`design_offline`.
 
@@ -106,6 +172,23 @@ class OfflinePlan(ResultMixin):
         objective: equals ``predicted_loss``.
         solve_time_s: wall time of the whole design, s.
         backend: "milp:appsi_highs" or "enumerate" (and the SAA backend after a "/").
+        latency_model: "nominal" or "online" (``VSweepSettings.latency_model``).
+        online_table: with "online", every simulated (rank, V, rounds) point
+            (:class:`OnlinePoint`); empty with "nominal".
+        online_chosen: with "online", the index of the chosen point in ``online_table``.
+        screen_chosen: the index in ``table`` of the nominal choice (steps 1–4); with
+            "nominal" it equals ``chosen``.
+        simulation_seed: the seed of the online-stage simulations (the V sweep, and with
+            "online" every rank's), None where none ran: :func:`~tsfa.simulate.sweep_v` with
+            it reproduces them.
+
+    With ``latency_model="online"`` the plan's rank, keep, rounds, V, predicted loss and
+    latency come from the chosen online point: ``expected_latency_s`` is its simulated
+    time-average latency, ``latency_low_s``/``latency_high_s`` its batch-means interval,
+    ``participation`` its simulated share of scheduled clients, ``keep`` its rounded mean
+    keep; no row of ``table`` is the choice (``chosen`` is None) and ``table`` is the
+    nominal screen, whose choice is ``screen_chosen``; ``min_latency_budget_s`` is the
+    screen's (the simulation depends on τ̄, so no smaller τ̄ is derived from it).
     """
 
     status: Status
@@ -137,6 +220,11 @@ class OfflinePlan(ResultMixin):
     objective: float
     solve_time_s: float
     backend: str
+    latency_model: str = "nominal"
+    online_table: tuple[OnlinePoint, ...] = ()
+    online_chosen: int | None = None
+    screen_chosen: int | None = None
+    simulation_seed: int | None = None
 
     @property
     def weight_v(self) -> float | None:
@@ -147,12 +235,46 @@ class OfflinePlan(ResultMixin):
     def chosen_candidate(self) -> Candidate | None:
         return None if self.chosen is None else self.table[self.chosen]
 
+    @property
+    def chosen_point(self) -> OnlinePoint | None:
+        """The chosen online point (``latency_model="online"``), else None."""
+        return None if self.online_chosen is None else self.online_table[self.online_chosen]
+
     def table_rows(self) -> list[dict]:
-        """The table as flat dicts (see :meth:`Candidate.as_dict`), with a ``chosen`` flag."""
+        """The table as flat dicts (see :meth:`Candidate.as_dict`), with a ``chosen`` flag (and,
+        with ``latency_model="online"``, a ``screen_chosen`` flag: the nominal screen's choice)."""
+        if self.latency_model == "online":
+            return [dict(c.as_dict(), chosen=c.index == self.chosen, screen_chosen=c.index == self.screen_chosen)
+                    for c in self.table]
         return [dict(c.as_dict(), chosen=c.index == self.chosen) for c in self.table]
 
+    def online_rows(self) -> list[dict]:
+        """The online points as flat dicts (see :meth:`OnlinePoint.as_dict`), with a ``chosen``
+        flag (empty with ``latency_model="nominal"``)."""
+        return [dict(p.as_dict(), chosen=p.index == self.online_chosen) for p in self.online_table]
+
+    def format_online_table(self, *, feasible_only: bool = False) -> str:
+        """The online points as fixed-width text; the chosen row is marked with '*'."""
+        terms = [k for k in (self.online_table[0].loss_terms if self.online_table else {}) if k != "total"]
+        head = ["", "rank", "V", "rounds", "latency", f"{self.confidence:.0%} CI", "particip", "mean keep",
+                "kept", *terms, "total", "violated"]
+        rows = []
+        for p in self.online_table:
+            if feasible_only and not p.feasible:
+                continue
+            rows.append(["*" if p.index == self.online_chosen else "", str(p.rank), f"{p.relative_v:.3g}",
+                         str(p.rounds), f"{p.time_average_latency_s:.4g}",
+                         f"[{p.latency_low_s:.4g}, {p.latency_high_s:.4g}]", f"{p.participation:.3f}",
+                         f"{p.mean_keep:.3g}", f"{p.kept_share:.4f}", *(f"{p.loss_terms[t]:.4g}" for t in terms),
+                         f"{p.predicted_loss:.4g}", "+".join(p.violated) or "-"])
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))]
+        lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+        return "\n".join(lines)
+
     def format_table(self, *, feasible_only: bool = False) -> str:
-        """The table as fixed-width text; the chosen row is marked with '*'."""
+        """The table as fixed-width text; the chosen row is marked with '*' (with
+        ``latency_model="online"``, the nominal screen's choice with 's')."""
         terms = [k for k in (self.table[0].loss_terms if self.table else {}) if k != "total"]
         head = ["", "rank", "keep", "ratio", "rounds", *terms, "total", "lat mean", f"{self.confidence:.0%} CI",
                 "particip", "violated"]
@@ -160,7 +282,8 @@ class OfflinePlan(ResultMixin):
         for c in self.table:
             if feasible_only and not c.feasible:
                 continue
-            rows.append(["*" if c.index == self.chosen else "", str(c.rank), str(c.keep), f"{c.keep_ratio:.3g}",
+            mark = "*" if c.index == self.chosen else "s" if c.index == self.screen_chosen else ""
+            rows.append([mark, str(c.rank), str(c.keep), f"{c.keep_ratio:.3g}",
                          str(c.rounds), *(f"{c.loss_terms[t]:.4g}" for t in terms), f"{c.predicted_loss:.4g}",
                          f"{c.latency_mean_s:.4g}", f"[{c.latency_low_s:.4g}, {c.latency_high_s:.4g}]",
                          f"{c.participation:.3f}", "+".join(c.violated) or "-"])

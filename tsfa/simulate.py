@@ -9,7 +9,11 @@ drops less energy and lets the queue grow, while the time-average latency stays 
 
 The V sweep of the offline stage (step 5 of :func:`tsfa.design_offline`) runs here too:
 :func:`sweep_v` simulates the online stage for a grid of scale-free V (``relative_v``) and
-:func:`pick_v` applies the rule.
+:func:`pick_v` applies the rule. With ``VSweepSettings(latency_model="online")`` the
+offline stage also chooses the rank on these simulations (step 6 of
+:func:`tsfa.design_offline`); :func:`sweep_v_runs` gives it the per-round traces.
+
+:meth:`ErrorModel.from_profile` fits the model's decay to a measured mean error profile.
 """
 
 from __future__ import annotations
@@ -31,14 +35,21 @@ __all__ = [
     "VSweepSettings",
     "VPoint",
     "sweep_v",
+    "sweep_v_runs",
+    "v_point",
     "pick_v",
     "DEFAULT_V_GRID",
+    "LATENCY_MODELS",
 ]
 
 #: The scale-free V values (``relative_v``) swept by default.
 DEFAULT_V_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 #: Relative slack with which a simulated time-average latency meets τ̄.
 FEASIBILITY_RTOL = 1e-9
+#: The offline stage's latency models (``VSweepSettings.latency_model``).
+LATENCY_MODELS = ("nominal", "online")
+#: A measured profile may rise by this much (relative to its first entry) between entries.
+PROFILE_RTOL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,48 @@ class ErrorModel:
         as_scalar("client_spread", self.client_spread, lower=0)
         as_scalar("round_jitter", self.round_jitter, lower=0)
 
+    @classmethod
+    def from_profile(cls, profile, *, client_spread: float = 0.5, round_jitter: float = 0.3) -> ErrorModel:
+        """The model whose decay fits a measured mean error profile.
+
+        ``profile`` is e(s)/e(0) for s = 0..r (any positive scale is accepted: it is divided
+        by its first entry), decreasing to e(r) ≈ 0. Its component energies are
+        σ²_i = e(i−1) − e(i), i = 1..r; the decay is the least-squares slope of
+        log σ²_i against −log i over the components with positive energy (components whose
+        energy is zero up to rounding carry no slope information and are left out). A fitted
+        slope below 0 (energies growing with i, i.e. components not sorted) gives decay 0.
+
+        ``client_spread`` and ``round_jitter`` are not identified by a mean profile; they keep
+        their defaults unless given.
+
+        Raises:
+            ValueError (naming ``profile``): not 1-D, fewer than 3 entries (rank ≥ 2 is needed
+            for a slope), not finite, a first entry ≤ 0, an entry that rises by more than
+            PROFILE_RTOL · profile[0] over the one before, or fewer than two components with
+            positive energy.
+        """
+        e = as_array("profile", profile)
+        if len(e) < 3:
+            raise ValueError(f"profile must hold e(s) for s = 0..r with r >= 2 (at least 3 entries) to fit a decay; "
+                             f"got profile = {e.tolist()!r}")
+        if e[0] <= 0:
+            raise ValueError(f"profile must start with e(0) > 0; got profile[0] = {e[0]!r}")
+        e = e / e[0]
+        rise = np.diff(e)
+        if np.any(rise > PROFILE_RTOL):
+            i = int(np.flatnonzero(rise > PROFILE_RTOL)[0])
+            raise ValueError(f"profile must be non-increasing (within {PROFILE_RTOL:g} of profile[0]); got "
+                             f"profile[{i + 1}] / profile[0] = {e[i + 1]!r} > profile[{i}] / profile[0] = {e[i]!r}")
+        energy = -rise
+        ok = energy > PROFILE_RTOL
+        if ok.sum() < 2:
+            raise ValueError(f"profile must have at least two components with positive energy "
+                             f"(e(i-1) - e(i) > {PROFILE_RTOL:g} e(0)) to fit a decay; got profile = {e.tolist()!r}")
+        x = np.log(np.arange(1, len(energy) + 1)[ok])
+        y = np.log(energy[ok])
+        slope = float(np.polyfit(x, y, 1)[0])
+        return cls(decay=max(0.0, -slope), client_spread=client_spread, round_jitter=round_jitter)
+
     def client_scales(self, num_clients: int, rng) -> np.ndarray:
         return as_rng(rng).lognormal(0.0, self.client_spread, num_clients)
 
@@ -75,7 +128,10 @@ class ErrorModel:
 
 @dataclass(frozen=True, eq=False)
 class SimulationResult:
-    """Per-round traces (length T) and their summaries."""
+    """Per-round traces (length T) and their summaries.
+
+    ``participation`` is the share of clients scheduled (keep > 0) in each round.
+    """
 
     latency_s: np.ndarray
     dropped_energy: np.ndarray
@@ -84,6 +140,7 @@ class SimulationResult:
     uplink_bits: np.ndarray
     fallbacks: int
     latency_budget_s: float | None
+    participation: np.ndarray | None = None
 
     @property
     def time_average_latency_s(self) -> float:
@@ -120,7 +177,7 @@ def simulate_allocation(policy, cell: Cell, clients: Clients, *, rounds: int, co
     em = error_model or ErrorModel()
     scales = em.client_scales(len(clients), rng)
     r = policy.shape.rank
-    out = {k: np.zeros(rounds) for k in ("latency", "dropped", "queue", "keep", "bits")}
+    out = {k: np.zeros(rounds) for k in ("latency", "dropped", "queue", "keep", "bits", "part")}
     fallbacks = 0
     it = range(rounds)
     if progress:
@@ -138,9 +195,10 @@ def simulate_allocation(policy, cell: Cell, clients: Clients, *, rounds: int, co
         out["dropped"][t] = alloc.dropped_energy
         out["keep"][t] = alloc.keep.mean()
         out["bits"][t] = alloc.payload_bits.sum()
+        out["part"][t] = float(np.mean(np.asarray(alloc.keep) > 0))
     return SimulationResult(latency_s=out["latency"], dropped_energy=out["dropped"], queue=out["queue"],
                             mean_keep=out["keep"], uplink_bits=out["bits"], fallbacks=fallbacks,
-                            latency_budget_s=getattr(policy, "latency_budget_s", None))
+                            latency_budget_s=getattr(policy, "latency_budget_s", None), participation=out["part"])
 
 
 # --------------------------------------------------------------------------------------
@@ -150,7 +208,8 @@ def simulate_allocation(policy, cell: Cell, clients: Clients, *, rounds: int, co
 
 @dataclass(frozen=True, eq=False)
 class VSweepSettings:
-    """Settings of the offline stage's V sweep (step 5 of :func:`tsfa.design_offline`).
+    """Settings of the offline stage's V sweep (step 5 of :func:`tsfa.design_offline`) and
+    of its online latency model (step 6).
 
     Attributes:
         choose_v: run the sweep on the chosen rank (False: the plan has no V).
@@ -164,6 +223,19 @@ class VSweepSettings:
         error_model: the error-profile model (None: ``ErrorModel()``).
         data_weight: the data weights p_k (None: uniform); checked against the clients by
             :class:`~tsfa.offline.OfflineProblem`.
+        latency_model: how the offline stage judges a rank's latency. ``"nominal"``: by the
+            SAA of steps 1–4 alone (every client uploads the nominal keep; the sweep runs on
+            the chosen rank only). ``"online"``: steps 1–4 become a screen, and the ranks that
+            could improve on the screen's choice are simulated on the online stage over this
+            V grid (skipping, the cap, the queue), each (rank, V) judged by its simulated
+            time-average latency and kept energy (step 6 of :func:`tsfa.design_offline`).
+            Needs ``choose_v=True``.
+        online_min_participation: with ``latency_model="online"``, the least simulated mean
+            share of scheduled clients a (rank, V) point needs (in [0, 1]; 0: none). The online
+            stage can meet a small τ̄ by skipping nearly everyone; a predictor that takes
+            ``kept_share`` prices that, one that does not sees it only through the mean keep
+            (floored at 1/r), so a floor here rules such points out. ``Budgets.min_participation``
+            applies to the nominal screen (steps 1–4) only.
     """
 
     choose_v: bool = True
@@ -174,10 +246,22 @@ class VSweepSettings:
     online_drift: str = "linear"
     error_model: ErrorModel | None = None
     data_weight: np.ndarray | None = None
+    latency_model: str = "nominal"
+    online_min_participation: float = 0.0
 
     def __post_init__(self):
         if not isinstance(self.choose_v, (bool, np.bool_)):
             raise ValueError(f"choose_v must be a bool; got choose_v = {self.choose_v!r}")
+        if not isinstance(self.latency_model, str) or self.latency_model not in LATENCY_MODELS:
+            raise ValueError(f"latency_model must be one of {LATENCY_MODELS}; got latency_model = "
+                             f"{self.latency_model!r}")
+        part = as_scalar("online_min_participation", self.online_min_participation, lower=0)
+        if part > 1:
+            raise ValueError(f"online_min_participation must lie in [0, 1]; got online_min_participation = {part!r}")
+        object.__setattr__(self, "online_min_participation", part)
+        if self.latency_model == "online" and not self.choose_v:
+            raise ValueError("latency_model = 'online' simulates the online stage over the V grid and chooses V; "
+                             "it needs choose_v = True; got latency_model = 'online' with choose_v = False")
         object.__setattr__(self, "v_grid", tuple(float(v) for v in as_array("v_grid", self.v_grid, lower=0,
                                                                               strict=True)))
         object.__setattr__(self, "v_rounds", as_scalar("v_rounds", self.v_rounds, lower=1, integer=True))
@@ -234,6 +318,57 @@ class _RelativeProfiles:
         self.policy.observe(latency_s)
 
 
+def sweep_v_runs(shape: LoraShape, cell: Cell, clients: Clients, compute_s, *, latency_budget_s: float,
+                 downlink_s: float, rounds: int, settings: VSweepSettings,
+                 seed) -> tuple[tuple[float, SimulationResult], ...]:
+    """The simulations behind :func:`sweep_v`: (relative_v, :class:`SimulationResult`) for every
+    V tried, sorted by V (the per-round traces, for summaries over a prefix of the rounds).
+
+    Every V runs on the same draws (``seed``): the client scales, then each round's fading and
+    error profiles, in that order. The draws do not depend on V or on the rank, so a run of
+    fewer rounds is a prefix of a longer one and every rank sees the same channels.
+    """
+    from tsfa.allocator import OnlineAllocator
+
+    cap = None if settings.online_cap_factor is None else settings.online_cap_factor * latency_budget_s
+
+    def run(v: float) -> SimulationResult:
+        policy = OnlineAllocator.from_relative_v(
+            shape, latency_budget_s=latency_budget_s, relative_v=v, total_bandwidth_hz=cell.total_bandwidth_hz,
+            downlink_s=downlink_s, max_latency_s=cap, allow_skip=True, drift=settings.online_drift)
+        return simulate_allocation(_RelativeProfiles(policy), cell, clients, rounds=rounds, compute_s=compute_s,
+                                   error_model=settings.error_model, data_weight=settings.data_weight, rng=seed)
+
+    def meets(res: SimulationResult) -> bool:
+        return bool(res.time_average_latency_s <= latency_budget_s * (1 + FEASIBILITY_RTOL))
+
+    runs = {float(v): run(float(v)) for v in np.sort(settings.v_grid)}
+    for _ in range(settings.v_refine):
+        # Bracket the budget's edge: the largest V that meets τ̄ and the next larger V that does
+        # not (at small V the dropped energy is flat up to simulation noise, so bisecting from
+        # the least-energy point could stall there).
+        ok = [v for v, res in runs.items() if meets(res)]
+        if not ok:
+            break
+        lo = max(ok)
+        above = [v for v, res in runs.items() if not meets(res) and v > lo]
+        if not above:
+            break
+        v = math.sqrt(lo * min(above))
+        runs[v] = run(v)
+    return tuple(sorted(runs.items()))
+
+
+def v_point(relative_v: float, res: SimulationResult, latency_budget_s: float, rounds: int | None = None) -> VPoint:
+    """The :class:`VPoint` of one simulation, over its first ``rounds`` rounds (None: all)."""
+    h = len(res.latency_s) if rounds is None else rounds
+    lat = float(res.latency_s[:h].mean())
+    return VPoint(relative_v=float(relative_v), time_average_latency_s=lat,
+                  average_dropped_energy=float(res.dropped_energy[:h].mean()),
+                  average_queue_s=float(res.queue[:h].mean()), mean_keep=float(res.mean_keep[:h].mean()),
+                  meets_budget=bool(lat <= latency_budget_s * (1 + FEASIBILITY_RTOL)))
+
+
 def sweep_v(shape: LoraShape, cell: Cell, clients: Clients, compute_s, *, latency_budget_s: float,
             downlink_s: float, rounds: int, settings: VSweepSettings, seed) -> tuple[VPoint, ...]:
     """Simulate the online stage for every V of ``settings.v_grid`` over ``rounds`` rounds (the
@@ -244,36 +379,9 @@ def sweep_v(shape: LoraShape, cell: Cell, clients: Clients, compute_s, *, latenc
     :meth:`~tsfa.allocator.OnlineAllocator.from_relative_v` (skipping allowed, hard cap
     ``online_cap_factor`` · τ̄) on error profiles divided by the round's Σ_k p_k e_k(0).
     """
-    from tsfa.allocator import OnlineAllocator
-
-    cap = None if settings.online_cap_factor is None else settings.online_cap_factor * latency_budget_s
-
-    def run(v: float) -> VPoint:
-        policy = OnlineAllocator.from_relative_v(
-            shape, latency_budget_s=latency_budget_s, relative_v=v, total_bandwidth_hz=cell.total_bandwidth_hz,
-            downlink_s=downlink_s, max_latency_s=cap, allow_skip=True, drift=settings.online_drift)
-        res = simulate_allocation(_RelativeProfiles(policy), cell, clients, rounds=rounds, compute_s=compute_s,
-                                  error_model=settings.error_model, data_weight=settings.data_weight, rng=seed)
-        lat = res.time_average_latency_s
-        return VPoint(relative_v=float(v), time_average_latency_s=lat,
-                      average_dropped_energy=res.average_dropped_energy, average_queue_s=res.average_queue,
-                      mean_keep=float(res.mean_keep.mean()),
-                      meets_budget=bool(lat <= latency_budget_s * (1 + FEASIBILITY_RTOL)))
-
-    points = [run(float(v)) for v in np.sort(settings.v_grid)]
-    for _ in range(settings.v_refine):
-        # Bracket the budget's edge: the largest V that meets τ̄ and the next larger V that does
-        # not (at small V the dropped energy is flat up to simulation noise, so bisecting from
-        # the least-energy point could stall there).
-        meets = [p.relative_v for p in points if p.meets_budget]
-        if not meets:
-            break
-        lo = max(meets)
-        above = [p.relative_v for p in points if not p.meets_budget and p.relative_v > lo]
-        if not above:
-            break
-        points.append(run(math.sqrt(lo * min(above))))
-    return tuple(sorted(points, key=lambda p: p.relative_v))
+    runs = sweep_v_runs(shape, cell, clients, compute_s, latency_budget_s=latency_budget_s, downlink_s=downlink_s,
+                        rounds=rounds, settings=settings, seed=seed)
+    return tuple(v_point(v, res, latency_budget_s) for v, res in runs)
 
 
 def pick_v(sweep: tuple[VPoint, ...]) -> VPoint | None:

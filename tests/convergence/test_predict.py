@@ -83,13 +83,14 @@ def test_band_covers_noisy_runs_of_a_held_out_rank():
 def test_predictor_for_the_offline_stage_orders_ranks_and_keeps():
     T = 20
     f = lambda r: (r / 4) ** 0.6  # noqa: E731
-    cal = fit_curve([_History(modal(np.arange(T + 1), f(r)), r) for r in (2, 8)], floor=0.2, boots=20)
+    cal = fit_curve([_History(modal(np.arange(T + 1), f(r)), r) for r in (2, 8)], floor=0.2, boots=20,
+                    keep_floor=0.05)
     predict = cal.predictor()
     out = predict(np.array([2, 4, 8, 16]), np.array([1.0, 1.0, 1.0, 1.0]), np.array([T, T, T, T]))
     assert set(out) >= {"total", "low", "high", "rank", "speed"}
     assert np.all(np.isfinite(out["total"])) and np.all(np.diff(out["total"]) < 0)  # faster at larger rank
     half = predict(np.array([4, 4]), np.array([1.0, 1.0]), np.array([T, T]), kept_share=np.array([0.5, 1.0]))
-    assert half["total"][0] > half["total"][1]  # a smaller kept share is slower
+    assert half["total"][0] > half["total"][1]  # a smaller kept share leaves more unlearned
     long = predict(np.array([4]), np.array([1.0]), np.array([10**6]))  # only the final round is evaluated
     assert np.isfinite(long["total"]).all() and long["total"][0] >= 0.2 - 1e-12
     with pytest.raises(ValueError, match="keep_ratio"):
@@ -98,9 +99,38 @@ def test_predictor_for_the_offline_stage_orders_ranks_and_keeps():
         predict(np.array([4]), np.array([1.0]), np.array([T]), kept_share=np.array([1.5]))
 
 
+def test_three_pilots_recover_the_keep_floor():
+    """Pilots (2, full), (8, full), (8, half kept): p from the ranks, φ from the kept shares."""
+    T, phi, p_true = 20, 0.08, 0.5
+
+    def cell(r, kept):
+        return modal(np.arange(T + 1), (r / 4) ** p_true, floor=0.2 + phi * (1 - kept))
+
+    pilots = [_History(cell(2, 1.0), 2), _History(cell(8, 1.0), 8), _History(cell(8, 0.5), 8, kept=0.5)]
+    cal = fit_curve(pilots, floor=0.2, boots=0)
+    assert cal.identified["keep_floor"] and cal.identified["rank_power"]
+    assert cal.model.keep_floor == pytest.approx(phi, rel=0.1)
+    assert cal.model.rank_power == pytest.approx(p_true, abs=0.051)
+    pred = cal.predict(4, None, T, kept_share=0.5)
+    assert np.max(np.abs(pred.predicted[1:] - cell(4, 0.5)[1:])) < 0.02 * 0.5
+
+
+def test_seeds_of_one_configuration_are_averaged_and_widen_the_band():
+    rng = np.random.default_rng(0)
+    T = 15
+    runs = [_History(modal(np.arange(T + 1), 1.0 + 0.3 * rng.normal()), 4) for _ in range(4)]
+    for i, h in enumerate(runs):
+        h.config["seed"] = i
+    one = fit_curve(runs[0], floor=0.2, boots=60)
+    many = fit_curve(runs, floor=0.2, boots=60)
+    assert any("averaged over seeds" in n for n in many.notes)
+    width = lambda c: float(np.mean(c.predict(4, 4, T).high - c.predict(4, 4, T).low))  # noqa: E731
+    assert width(many) > width(one)  # the seed-to-seed spread enters the band
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"floor": math.nan}, "floor"), ({"boots": -1}, "boots"), ({"rounds": 2}, "rounds"),
-    ({"rank_power": "1"}, "rank_power")])
+    ({"rank_power": "1"}, "rank_power"), ({"keep_floor": -0.1}, "keep_floor")])
 def test_bad_arguments_name_themselves(kwargs, match):
     h = _History(modal(np.arange(11), 1.0), 4)
     with pytest.raises(ValueError, match=match):

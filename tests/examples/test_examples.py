@@ -62,6 +62,22 @@ def test_bound_vs_empirical_rt_minilm_short(tmp_path):
     assert (tmp_path / "bound_rt_minilm.png").stat().st_size > 20_000
 
 
+def test_predictions_short(tmp_path):
+    """Example 09 on a tiny linear grid with the offline check: every held-out cell predicted with a
+    band, Spearman and coverage reported, the exact bound checked, the plan against tsfa per rank."""
+    ex = load("09_predictions.py")
+    assert ex.main(["--quick", "--task", "linear", "--seeds", "2", "--offline", "--runs", str(tmp_path / "runs"),
+                    "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "predictions_linear.json").read_text())
+    assert summary["held_out_cells"] == 3 and summary["exact_bound_holds_every_run_every_round"] is True
+    assert 0.0 <= summary["coverage_pooled"] <= 1.0 and -1.0 <= summary["spearman_final"] <= 1.0
+    assert summary["offline"]["plan_rank"] in (1, 2, 4) and len(summary["offline"]["best_two_ranks"]) == 2
+    rows = list(csv.DictReader(open(tmp_path / "predictions_linear.csv")))
+    assert len(rows) == 6 and all(float(r["band_low_final"]) <= float(r["predicted_final"])
+                                  <= float(r["band_high_final"]) for r in rows)
+    assert (tmp_path / "predictions_linear.png").stat().st_size > 20_000
+
+
 def test_offline_rank_design_short(tmp_path):
     import json
 

@@ -116,3 +116,24 @@ def test_auto_initial_queue_meets_the_budget_in_the_first_round():
     fresh = OnlineAllocator(shape, queue="auto", **kw)
     fresh.load_state_dict(state)
     assert fresh.queue == q and not fresh.calibrating
+
+
+def test_sweep_runs_of_fewer_rounds_are_prefixes_and_record_participation():
+    """The online latency model reads a rank's statistics over a prefix of one simulation: a
+    shorter run on the same seed must be exactly that prefix."""
+    from tsfa.simulate import VSweepSettings, sweep_v, sweep_v_runs
+
+    cell, clients, shape, compute, budget = setup()
+    settings = VSweepSettings(v_grid=(0.1, 10.0), v_refine=0)
+    kw = dict(latency_budget_s=budget, downlink_s=0.02, settings=settings, seed=4)
+    long = dict(sweep_v_runs(shape, cell, clients, compute, rounds=12, **kw))
+    short = dict(sweep_v_runs(shape, cell, clients, compute, rounds=5, **kw))
+    assert set(long) == set(short) == {0.1, 10.0}
+    for v, res in short.items():
+        for trace in ("latency_s", "dropped_energy", "queue", "mean_keep", "participation"):
+            np.testing.assert_array_equal(getattr(res, trace), getattr(long[v], trace)[:5])
+        part = long[v].participation
+        assert np.all((part >= 0) & (part <= 1)) and np.all((part == 0) == (long[v].mean_keep == 0))
+    # sweep_v summarises the same runs
+    points = sweep_v(shape, cell, clients, compute, rounds=12, **kw)
+    assert [p.time_average_latency_s for p in points] == [long[v].time_average_latency_s for v in (0.1, 10.0)]
