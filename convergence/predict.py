@@ -363,7 +363,8 @@ class Calibration:
         """The calibration's numbers, for a JSON report (the replicates are not included)."""
         m = self.model
         return {"model": "calibrated curves (convergence.fit_curve)", "floor": m.floor, "rank_power": m.rank_power,
-                "keep_power": m.keep_power, "keep_floor": m.keep_floor, "rms": self.rms, "replicates": len(self.replicates),
+                "keep_power": m.keep_power, "keep_floor": m.keep_floor, "rms": self.rms,
+                "replicates": len(self.replicates),
                 "pilots": [{"rank": p.rank, "kept_share": p.kept, "rounds": len(p.smoothed) - 1, "start": p.start,
                             "tail": p.tail} for p in m.pilots],
                 "identified": dict(self.identified), "notes": list(self.notes)}

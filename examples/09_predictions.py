@@ -3,8 +3,9 @@
 For one task, a grid of (rank, keep) cells of the ``fixed`` strategy runs with several
 seeds. Three pilot cells — the smallest rank, and the largest rank at full and at a quarter
 keep — calibrate ``convergence.fit_curve``: on the real models from the first seed only, on
-``linear`` from the first three seeds (there each seed draws another task). Every other cell is then predicted — curve, 90 % band
-and final loss — and compared with its measured mean over seeds:
+``linear`` from the first three seeds (there each seed draws another task). Every other
+cell is then predicted — curve, 90 % band and final loss — and compared with its measured
+mean over seeds:
 
 * coverage: the share of rounds 1..T at which the band contains the measured mean curve;
 * Spearman(predicted final, measured mean final) over the held-out cells;
@@ -246,8 +247,9 @@ def figure(task, rows, curves, summary, path: Path):
     ax.grid(alpha=0.3)
     for extra in list(axes.flat)[len(rows) + 1:]:
         extra.axis("off")
+    seeds = ", ".join(map(str, summary["pilot_seeds"]))
     fig.suptitle(f"{task}: curves predicted from {len(summary['pilots'])} pilot cells (seeds "
-                 f"{', '.join(map(str, summary['pilot_seeds']))}; {summary['pilot_rounds']} rounds) against the mean of "
+                 f"{seeds}; {summary['pilot_rounds']} rounds) against the mean of "
                  f"{len(summary['seeds'])} seeds; the band (for a {len(summary['seeds'])}-seed mean) covers it at "
                  f"{summary['coverage_pooled']:.0%} of held-out rounds", fontsize=9)
     fig.tight_layout()
