@@ -37,6 +37,8 @@ __all__ = ["Pilot", "CurveModel", "Calibration", "Prediction", "fit_curve", "pre
 
 #: The grid the exponents p (rank) and q (keep) are fitted on.
 EXPONENT_GRID = np.round(np.arange(0.0, 2.0001, 0.05), 2)
+#: Residual draws per bootstrap replicate in a band.
+NOISE_DRAWS = 10
 #: Power-law tail exponents are clipped to this range.
 TAIL_BOUNDS = (0.0, 3.0)
 
@@ -305,7 +307,8 @@ class Calibration:
             gen = np.random.default_rng(rng)
             reps = np.stack([m.curve(rank, keep, rounds, kept_share=kept_share, start=start, base=base)
                              for m in self.replicates])
-            if self.residuals.size:
+            if self.residuals.size:  # NOISE_DRAWS residual draws per replicate: smoother quantiles
+                reps = np.repeat(reps, NOISE_DRAWS, axis=0)
                 reps = reps + gen.choice(self.residuals, size=(runs, *reps.shape)).mean(axis=0)
             q = (1.0 - level) / 2.0
             low = np.minimum(np.quantile(reps, q, axis=0), mid)

@@ -11,18 +11,9 @@ import tsfa
 from tsfa.online_model import accepts_kept_share
 from tsfa.simulate import ErrorModel, VSweepSettings, sweep_v
 
-SPECTRUM = np.arange(1, 385, dtype=float) ** -1.5
-TAIL = np.concatenate([np.cumsum(SPECTRUM[::-1])[::-1], [0.0]])  # TAIL[r] = Σ_{i>r} λ_i
+from .test_offline import predict  # favours larger ranks: the rank term dominates the sparsification term
+
 V_GRID = (0.01, 0.1, 1.0)
-
-
-def predict(rank, keep_ratio, rounds):
-    """Favours larger ranks: the rank term dominates the sparsification term."""
-    rank_term = 0.5 * TAIL[np.asarray(rank)]
-    optimisation = 2.0 / np.asarray(rounds)
-    sparsification = 0.05 * (1.0 - np.asarray(keep_ratio))
-    return {"rank_term": rank_term, "optimisation": optimisation, "sparsification": sparsification,
-            "total": rank_term + optimisation + sparsification}
 
 
 def problem(latency_budget_s=0.43, **changes):
