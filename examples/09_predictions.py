@@ -64,6 +64,9 @@ TASKS = {
     "linear": dict(config=None, ranks=(1, 2, 3, 4, 6, 8), pilots=((1, 1), (8, 8), (8, 2)), pilot_seeds=3),
 }
 RATIOS = (0.25, 0.5, 1.0)
+#: The plan's V grid: three V around the tsfa runs' V = 1 (each simulated V runs the exact
+#: drift-plus-penalty allocator for every simulated rank, about 1–2 s per round on 2 cores).
+OFFLINE_PLAN = dict(v_grid=(0.3, 1.0, 3.0), v_refine=0)
 #: Bootstrap replicates in ``--quick`` (the test suite).
 QUICK_BOOTS = 10
 
@@ -185,7 +188,7 @@ def study(task: str, seeds: list[int], runs_dir: Path, log, *, pilot_rounds=None
         summary["exact_bound_holds_every_run_every_round"] = all(x["exact_bound_holds"] for x in rows)
     if offline:
         summary["offline"] = offline_check(task, base, cfg_of, cal, pilots, seeds, log,
-                                           **(dict(draws=40, v_rounds=30, v_refine=0) if quick else {}))
+                                           **(dict(draws=40, v_rounds=30, v_refine=0) if quick else OFFLINE_PLAN))
     return rows, curves, cal, summary
 
 

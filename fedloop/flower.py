@@ -168,9 +168,10 @@ _TASKS: dict[str, Any] = {}
 def _task_for(cfg: RunConfig):
     """The node's task (model and data), built once per process and configuration."""
     key = json.dumps({k: v for k, v in cfg.to_dict().items()
-                      if k not in ("rounds", "out", "checkpoint_every", "eval_every", "strategy", "keep", "relative_v",
-                                   "budget_factor", "latency_budget_s", "cap_factor", "allow_skip",
-                                   "deadline_factor", "reject_norm_factor", "bandwidth_hz")}, sort_keys=True)
+                      if k not in ("rounds", "out", "checkpoint_every", "eval_every", "predict_every", "strategy",
+                                   "keep", "relative_v", "budget_factor", "latency_budget_s", "cap_factor",
+                                   "allow_skip", "deadline_factor", "reject_norm_factor", "bandwidth_hz")},
+                     sort_keys=True)
     if key not in _TASKS:
         _TASKS.clear()
         _TASKS[key] = make_task(cfg)
