@@ -483,6 +483,29 @@ def _fit_constants(model: CurveModel, fit_p: bool, fit_q: bool, fit_phi: bool) -
     return _with_tails(best[1])
 
 
+def _noise_floor(residuals: np.ndarray, curves) -> np.ndarray:
+    """The residuals, scaled up to at least the round-to-round noise that the curves' second
+    differences show (σ = MAD(Δ²ℓ)/0.6745/√6, robust to the curvature of a few early rounds):
+    a short, monotone pilot fits its non-increasing template exactly and would give no band."""
+    d2 = np.concatenate([np.diff(np.asarray(c, dtype=float)[1:], 2) for c in curves if len(c) > 3])
+    if d2.size < 2:
+        return residuals
+    sigma = float(np.median(np.abs(d2 - np.median(d2)))) / 0.6745 / math.sqrt(6.0)
+    rms = float(np.sqrt(np.mean(residuals**2))) if residuals.size else 0.0
+    if rms >= sigma:
+        return residuals
+    if rms > 0:
+        return residuals * (sigma / rms)
+    return sigma * np.sqrt(2.0) * np.asarray(erfinv_grid(len(residuals)))
+
+
+def erfinv_grid(n: int) -> np.ndarray:
+    """n evenly spaced standard-normal quantiles divided by √2 (a fixed, seed-free noise set)."""
+    from scipy.special import erfinv
+
+    return erfinv(2.0 * (np.arange(1, n + 1) - 0.5) / n - 1.0)
+
+
 def _groups(parsed, hs) -> list[list[int]]:
     """Indices of the pilot runs that differ only in their seed (one configuration each)."""
     keys = {}
@@ -548,7 +571,7 @@ def fit_curve(pilots, spectrum=None, *, floor: float = 0.0, rank_power=None, kee
             res = (parsed[i][1] - gp.smoothed - wiggle)[1:]
             df = len(np.unique(gp.smoothed[1:])) + 1
             residuals.append(res * math.sqrt(len(res) * len(g) / max(len(res) * len(g) - df, 1)))
-    residuals = np.concatenate(residuals)
+    residuals = _noise_floor(np.concatenate(residuals), [parsed[i][1] for g in groups for i in g])
     ranks = {p.rank for p in group_pilots}
     kept = [p.kept for p in group_pilots]
     differ_kept = max(kept) > 1.1 * min(kept)

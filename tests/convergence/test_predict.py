@@ -215,3 +215,14 @@ def test_bound_speeds_up_larger_ranks_and_is_unchanged_at_the_reference_rank():
     assert reach(16, 4, 0.5) == pytest.approx(2.0)
     with pytest.raises(ValueError, match="reach_rank"):
         c.replace(reach_rank=0)
+
+
+def test_a_short_monotone_pilot_still_gets_a_band():
+    """Five noisy but decreasing rounds fit the non-increasing template exactly; the band takes
+    the noise the second differences show instead of collapsing to a line."""
+    loss = modal(np.arange(6), 1.0)
+    loss[1:] += np.array([0.012, -0.004, 0.006, -0.009, 0.003])
+    loss[1:] = np.minimum.accumulate(loss[1:])
+    cal = predict_from(_History(loss, 4), boots=40)
+    pred = cal.predict(4, 4, 10)
+    assert np.min(pred.high[1:] - pred.low[1:]) > 1e-3
