@@ -54,7 +54,7 @@ def main_job(out="runs/demo", *, quick: bool = False, seed: int | None = None, p
 
     from convergence import plot_bound_vs_empirical
     from convergence.calibration import loss_curve
-    from convergence.predict import pilot_kept_share
+    from convergence.template import pilot_kept_share
     from fedloop.design import plan_for
     from fedloop.loop import run
     from fedloop.plots import compare_runs, plot_run

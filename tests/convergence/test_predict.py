@@ -9,7 +9,8 @@ import pytest
 
 from convergence import BoundConstants, Schedule, bound
 from convergence.bound import reach
-from convergence.predict import alternation, fit_curve, kept_share_curve, predict_from, smooth_curve
+from convergence.predict import fit_curve, predict_from
+from convergence.template import alternation, kept_share_curve, smooth_curve
 
 
 class _History:
