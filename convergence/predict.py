@@ -69,11 +69,15 @@ class CurveModel:
     spectrum: np.ndarray | None = None
     rank_weight: float = 0.5
     keep_floor: float = 0.0
+    participation_cost: float = 0.0
 
-    def base(self, rank, kept) -> np.ndarray:
-        """The level the gap closes on: F* + ε(r) + φ (1 − κ), φ the keep floor (what a dropped
-        share of the update leaves unlearned)."""
-        return self.floor + self.rank_floor(rank) + self.keep_floor * (1.0 - np.asarray(kept, dtype=float))
+    def base(self, rank, kept, participation=0.0) -> np.ndarray:
+        """The level the gap closes on: F* + ε(r) + φ (1 − κ) + ψ χ², φ the keep floor (what a
+        dropped share of the update leaves unlearned), ψ the participation cost and χ² the
+        clients' participation divergence (Proposition 4: what skipping some clients more often
+        than others biases the objective by)."""
+        return self.floor + self.rank_floor(rank) + self.keep_floor * (1.0 - np.asarray(kept, dtype=float)) \
+            + self.participation_cost * np.asarray(participation, dtype=float)
 
     def rank_floor(self, rank) -> np.ndarray:
         """ε(r) (0 without a spectrum; a rank beyond the spectrum's length has ε = 0)."""
@@ -123,24 +127,28 @@ class CurveModel:
         j = self.template(rank, keep, kept_share) if pilot is None else np.full(f.shape[:-1], pilot)
         return np.take_along_axis(f, j[..., None].astype(np.intp), axis=-1)[..., 0]
 
-    def value_at(self, rank, keep=None, t=0, *, kept_share=None, start=None, base=None, pilot=None) -> np.ndarray:
-        """ℓ at (real) rounds ``t`` ≥ 0, broadcast with the candidates (rank, keep, kept_share).
-        ``start`` and ``base`` give the candidate's own known ℓ_0 and F* + ε(r) when they differ
-        from the pilots' (e.g. another seed's data; the keep floor is added to ``base``); the
-        gap is rescaled to them."""
+    def value_at(self, rank, keep=None, t=0, *, kept_share=None, start=None, base=None, pilot=None,
+                 participation=None) -> np.ndarray:
+        """ℓ at (real) rounds ``t`` ≥ 0, broadcast with the candidates (rank, keep, kept_share,
+        participation χ²; None: 0). ``start`` and ``base`` give the candidate's own known ℓ_0 and
+        F* + ε(r) when they differ from the pilots' (e.g. another seed's data; the keep floor and
+        the participation cost are added to ``base``); the gap is rescaled to them."""
         r = np.asarray(rank, dtype=float)
         f = self.speed(r, keep, kept_share, pilot)
         j = self.template(r, keep, kept_share) if pilot is None else np.full(np.shape(f), pilot)
         kappa = self.kept_share(r, r if keep is None else keep) if kept_share is None else kept_share
-        r, f, j, t, kappa = np.broadcast_arrays(r, f, j, np.asarray(t, dtype=float), np.asarray(kappa, dtype=float))
+        chi2 = np.asarray(0.0 if participation is None else participation, dtype=float)
+        r, f, j, t, kappa, chi2 = np.broadcast_arrays(r, f, j, np.asarray(t, dtype=float),
+                                                      np.asarray(kappa, dtype=float), chi2)
         out = np.empty(r.shape)
-        base = self.base(r.astype(int), kappa) if base is None \
-            else np.broadcast_to(np.asarray(base, dtype=float), r.shape) + self.keep_floor * (1.0 - kappa)
+        base = self.base(r.astype(int), kappa, chi2) if base is None \
+            else np.broadcast_to(np.asarray(base, dtype=float), r.shape) + self.base(r.astype(int), kappa, chi2) \
+            - self.floor - self.rank_floor(r.astype(int))
         for i, p in enumerate(self.pilots):
             m = j == i
             if not m.any():
                 continue
-            base_j = float(self.base(p.rank, p.kept))
+            base_j = float(self.base(p.rank, p.kept, p.participation))
             l0 = p.start if start is None else np.broadcast_to(np.asarray(start, dtype=float), r.shape)[m]
             scale = np.maximum(l0 - base[m], 0.0) / max(p.start - base_j, 1e-300)
             out[m] = base[m] + np.maximum(scale * p.gap(f[m] * t[m], base_j)
@@ -149,16 +157,17 @@ class CurveModel:
         return out
 
     def curve(self, rank, keep=None, rounds: int = 1, *, kept_share=None, start=None, base=None,
-              pilot=None) -> np.ndarray:
+              pilot=None, participation=None) -> np.ndarray:
         """ℓ_t for t = 0..rounds, shape (broadcast candidates, rounds + 1)."""
-        shape = np.broadcast_shapes(*(np.shape(x) for x in (rank, keep, kept_share, start, base) if x is not None))
+        shape = np.broadcast_shapes(*(np.shape(x) for x in (rank, keep, kept_share, start, base, participation)
+                                      if x is not None))
 
         def ex(x):  # a candidate axis, then the rounds axis
             return None if x is None else np.broadcast_to(np.asarray(x, dtype=float), shape)[..., None]
 
         t = np.arange(rounds + 1, dtype=float)
         return self.value_at(ex(rank), ex(keep), t, kept_share=ex(kept_share), start=ex(start), base=ex(base),
-                             pilot=pilot)
+                             pilot=pilot, participation=ex(participation))
 
 
 @dataclass(frozen=True)
@@ -203,8 +212,8 @@ class Calibration:
         return float(np.sqrt(np.mean(self.residuals**2))) if self.residuals.size else 0.0
 
     def predict(self, rank, keep=None, rounds: int = 1, *, kept_share=None, level: float = 0.9, rng=0,
-                start=None, base=None, runs: int = 1) -> Prediction:
-        """The curve of (rank, keep) — or of a given kept share — over rounds 0..``rounds`` with its
+                start=None, base=None, runs: int = 1, participation=None) -> Prediction:
+        """The curve of (rank, keep) — or of a given kept share, and participation χ² — over rounds 0..``rounds`` with its
         ``level`` band (module docstring). ``start`` and ``base`` are the candidate's own known
         ℓ_0 and F* + ε(r) where they differ from the pilots' (another seed, another data draw).
         ``runs``: the band is for the mean curve of that many runs (1: one run's curve); each
@@ -216,12 +225,13 @@ class Calibration:
         for name, v in (("start", start), ("base", base)):
             if v is not None and not np.all(np.isfinite(np.asarray(v, dtype=float))):
                 raise ValueError(f"{name} must be finite; got {name} = {v!r}")
-        mid = self.model.curve(rank, keep, rounds, kept_share=kept_share, start=start, base=base)
+        _check_participation(participation)
+        kw = dict(kept_share=kept_share, start=start, base=base, participation=participation)
+        mid = self.model.curve(rank, keep, rounds, **kw)
         low = high = mid
         if self.replicates:
             gen = np.random.default_rng(rng)
-            reps = np.stack([m.curve(rank, keep, rounds, kept_share=kept_share, start=start, base=base)
-                             for m in self.replicates])
+            reps = np.stack([m.curve(rank, keep, rounds, **kw) for m in self.replicates])
             if self.residuals.size:  # NOISE_DRAWS residual draws per replicate: smoother quantiles
                 reps = np.repeat(reps, NOISE_DRAWS, axis=0)
                 reps = reps + gen.choice(self.residuals, size=(runs, *reps.shape)).mean(axis=0)
@@ -234,17 +244,18 @@ class Calibration:
                           speed=self.model.speed(r, keep, kept_share), level=level)
 
     def predictor(self, *, level: float = 0.9, rng=0):
-        """``predict(rank, keep_ratio, rounds, kept_share=None) -> {"total", "low", "high", "rank",
-        "speed"}`` over candidate arrays for :func:`tsfa.design_offline`: the predicted final loss,
-        its band, ε(r) and the speed f(r, s); ``kept_share`` (the realised κ of a simulated
-        online stage) replaces the keep ratio's κ(r, s). Only the final round is evaluated."""
+        """``predict(rank, keep_ratio, rounds, kept_share=None, participation=None) -> {"total",
+        "low", "high", "rank", "speed"}`` over candidate arrays for :func:`tsfa.design_offline`:
+        the predicted final loss, its band, ε(r) and the speed f(r, s); ``kept_share`` (the
+        realised aggregate κ of a simulated online stage) replaces the keep ratio's κ(r, s), and
+        ``participation`` (its clients' χ²) adds ψ χ². Only the final round is evaluated."""
         from tsfa.model import keep_from_ratio
 
         q = (1.0 - level) / 2.0
         if not 0 < level < 1:
             raise ValueError(f"level must lie in (0, 1); got level = {level!r}")
 
-        def predict(rank, keep_ratio, rounds, kept_share=None):
+        def predict(rank, keep_ratio, rounds, kept_share=None, participation=None):
             T = np.asarray(rounds)
             if T.dtype.kind not in "iuf" or np.any(~np.isfinite(T)) or np.any(T < 0) or np.any(T != np.round(T)):
                 raise ValueError(f"rounds must be integers >= 0; got rounds = {rounds!r}")
@@ -258,11 +269,12 @@ class Calibration:
                     raise ValueError(f"kept_share must lie in [0, 1]; got kept_share = {kept_share!r}")
             else:
                 ks = None
-            mid = self.model.value_at(r, keep, T, kept_share=ks)
+            chi2 = None if participation is None else np.broadcast_to(_check_participation(participation), r.shape)
+            mid = self.model.value_at(r, keep, T, kept_share=ks, participation=chi2)
             low = high = mid
             if self.replicates:
                 gen = np.random.default_rng(rng)
-                reps = np.stack([m.value_at(r, keep, T, kept_share=ks) for m in self.replicates])
+                reps = np.stack([m.value_at(r, keep, T, kept_share=ks, participation=chi2) for m in self.replicates])
                 if self.residuals.size:
                     reps = reps + gen.choice(self.residuals, size=reps.shape)
                 low = np.minimum(np.quantile(reps, q, axis=0), mid)
@@ -281,7 +293,8 @@ class Calibration:
         """The calibration's numbers, for a JSON report (the replicates are not included)."""
         m = self.model
         return {"model": "calibrated curves (convergence.fit_curve)", "floor": m.floor, "rank_power": m.rank_power,
-                "keep_power": m.keep_power, "keep_floor": m.keep_floor, "rms": self.rms,
+                "keep_power": m.keep_power, "keep_floor": m.keep_floor, "participation_cost": m.participation_cost,
+                "rms": self.rms,
                 "replicates": len(self.replicates),
                 "pilots": [{"rank": p.rank, "kept_share": p.kept, "rounds": len(p.smoothed) - 1, "start": p.start,
                             "tail": p.tail} for p in m.pilots],
@@ -291,9 +304,20 @@ class Calibration:
         m = self.model
         ranks = ", ".join(f"r = {p.rank} (κ = {p.kept:.2f}, {len(p.smoothed) - 1} rounds)" for p in m.pilots)
         s = (f"curve calibrated on {len(m.pilots)} pilot(s): {ranks}; rank exponent p = {m.rank_power:.3g}, "
-             f"keep exponent q = {m.keep_power:.3g}, keep floor φ = {m.keep_floor:.3g}, F* = {m.floor:.4g}, "
+             f"keep exponent q = {m.keep_power:.3g}, keep floor φ = {m.keep_floor:.3g}, "
+             f"participation cost ψ = {m.participation_cost:.3g}, F* = {m.floor:.4g}, "
              f"rms scatter {self.rms:.3g}")
         return s + ("; " + "; ".join(self.notes) if self.notes else "")
+
+
+def _check_participation(participation):
+    """None, or the participation χ² as a finite array ≥ 0 (else a ValueError naming it)."""
+    if participation is None:
+        return None
+    x = np.asarray(participation, dtype=float)
+    if not np.all(np.isfinite(x)) or np.any(x < 0):
+        raise ValueError(f"participation must be a finite χ² >= 0; got participation = {participation!r:.80}")
+    return x
 
 
 def _with_tails(model: CurveModel) -> CurveModel:
@@ -349,6 +373,30 @@ def _fit_constants(model: CurveModel, fit_p: bool, fit_q: bool, fit_phi: bool) -
     return _with_tails(best[1])
 
 
+def _fit_participation(model: CurveModel, online: Pilot) -> CurveModel:
+    """ψ ∈ [0, ψ_max] by bounded scalar search, minimising the squared error of the online
+    pilot's smoothed curve predicted by ``model`` at its rank, aggregate kept share and χ²
+    (Proposition 4); ψ_max puts ψ χ² at the pilot's lowest loss above the rest of its base."""
+    from scipy.optimize import minimize_scalar
+
+    T = len(online.smoothed) - 1
+    room = float(np.min(online.smoothed[1:]) - model.base(online.rank, online.kept))
+    if room <= 0:
+        return dataclasses.replace(model, participation_cost=0.0)
+    j = int(model.template(online.rank, None, online.kept))
+    wiggle = model.pilots[j].alternation * (-1.0) ** np.arange(T + 1)
+
+    def err(psi):
+        m = dataclasses.replace(model, participation_cost=psi)
+        pred = m.curve(online.rank, None, T, kept_share=online.kept, start=online.start,
+                       participation=online.participation, pilot=j)
+        return float(np.sum((pred[1:] - wiggle[1:] - online.smoothed[1:]) ** 2))
+
+    hi = room / online.participation
+    res = minimize_scalar(err, bounds=(0.0, hi), method="bounded", options={"xatol": 1e-3 * hi})
+    return dataclasses.replace(model, participation_cost=float(res.x))
+
+
 def _groups(parsed, hs) -> list[list[int]]:
     """Indices of the pilot runs that differ only in their seed (one configuration each)."""
     keys = {}
@@ -360,7 +408,7 @@ def _groups(parsed, hs) -> list[list[int]]:
 
 def fit_curve(pilots, spectrum=None, *, floor: float = 0.0, rank_power=None, keep_power=None,
               keep_floor=None, boots: int = 200, rng=0, rank_weight: float = 0.5,
-              rounds: int | None = None) -> Calibration:
+              rounds: int | None = None, online_pilot=None, data_weight=None) -> Calibration:
     """Calibrate the curve model on pilot run(s) and bootstrap its band (module docstring).
 
     Args:
@@ -377,6 +425,11 @@ def fit_curve(pilots, spectrum=None, *, floor: float = 0.0, rank_power=None, kee
         boots: bootstrap replicates (0: no band).
         rank_weight: ε(r) = rank_weight · tail of the spectrum.
         rounds: use each pilot's first ``rounds`` rounds only (None: all).
+        online_pilot: a run of the online stage (``tsfa``, with skipping) whose participation
+            χ² identifies the participation cost ψ (Proposition 4), fitted after the other
+            constants on this pilot alone (None: ψ = 0; the template pilots always run every
+            client, so they cannot identify it).
+        data_weight: the clients' data weights p for the χ² (None: uniform).
     """
     hs = list(pilots) if isinstance(pilots, (list, tuple)) else [pilots]
     if not hs:
@@ -393,7 +446,8 @@ def fit_curve(pilots, spectrum=None, *, floor: float = 0.0, rank_power=None, kee
     if keep_floor is not None and keep_floor < 0:
         raise ValueError(f"keep_floor must be >= 0; got keep_floor = {keep_floor!r}")
     spec = None if spectrum is None else check_spectrum(spectrum)
-    parsed = [parse_pilot(h, i, rounds) for i, h in enumerate(hs)]
+    parsed = [parse_pilot(h, i, rounds, data_weight) for i, h in enumerate(hs)]
+    online = None if online_pilot is None else parse_pilot(online_pilot, len(hs), rounds, data_weight)
     groups = _groups(parsed, hs)
     lengths = {len(parsed[i][1]) for g in groups for i in g}
     if len(lengths) > 1 and any(len(g) > 1 for g in groups):
@@ -404,7 +458,8 @@ def fit_curve(pilots, spectrum=None, *, floor: float = 0.0, rank_power=None, kee
         mean = np.mean(curves, axis=0)
         return Pilot(rank=first.rank, kept=float(np.mean([parsed[i][0].kept for i in g])),
                      kept_curve=np.mean([parsed[i][0].kept_curve for i in g], axis=0), start=float(mean[0]),
-                     smoothed=smooth_curve(mean), tail=0.0, alternation=alternation(mean))
+                     smoothed=smooth_curve(mean), tail=0.0, alternation=alternation(mean),
+                     participation=float(np.mean([parsed[i][0].participation for i in g])))
 
     group_pilots = [pilot_of(g, [parsed[i][1] for i in g]) for g in groups]
     residuals = []
@@ -452,6 +507,14 @@ def fit_curve(pilots, spectrum=None, *, floor: float = 0.0, rank_power=None, kee
         return _fit_constants(dataclasses.replace(base, pilots=tuple(pilots)), fit_p, fit_q, fit_phi)
 
     model = calibrated(group_pilots)
+    psi_gen = np.random.default_rng([rng if isinstance(rng, int) else 0, 1])  # apart from the replicates' draws
+    if online is not None:
+        if online[0].participation < 1e-3:
+            notes.append(f"participation cost ψ = 0: the online pilot's participation χ² = "
+                         f"{online[0].participation:.2g} does not identify it")
+            online = None
+        else:
+            model = _fit_participation(model, online[0])
     for name, fitted, v in (("rank exponent p", fit_p, model.rank_power), ("keep exponent q", fit_q,
                                                                             model.keep_power)):
         if fitted and (v <= EXPONENT_GRID[0] or v >= EXPONENT_GRID[-1]):
@@ -469,13 +532,25 @@ def fit_curve(pilots, spectrum=None, *, floor: float = 0.0, rank_power=None, kee
                 wiggle = gp.alternation * (-1.0) ** np.arange(len(y))
                 y[1:] = gp.smoothed[1:] + wiggle[1:] + gen.choice(parsed[g[0]][2], size=len(y) - 1)
                 ps.append(dataclasses.replace(gp, smoothed=smooth_curve(y), alternation=alternation(y)))
-        reps.append(calibrated(ps))
-    identified = {"rank_power": fit_p, "keep_power": fit_q, "keep_floor": fit_phi}
+        m = calibrated(ps)
+        if online is not None:  # the online pilot's rounds resampled too
+            y = online[1].copy()
+            wiggle = online[0].alternation * (-1.0) ** np.arange(len(y))
+            y[1:] = online[0].smoothed[1:] + wiggle[1:] + psi_gen.choice(online[2], size=len(y) - 1)
+            m = _fit_participation(m, dataclasses.replace(online[0], smoothed=smooth_curve(y)))
+        reps.append(m)
+    identified = {"rank_power": fit_p, "keep_power": fit_q, "keep_floor": fit_phi,
+                  "participation_cost": online is not None}
     if reps and (fit_p or fit_q or fit_phi):
         e = np.array([(m.rank_power, m.keep_power, m.keep_floor) for m in reps])
         lo, hi = np.quantile(e, [0.05, 0.95], axis=0)
         notes.append(f"bootstrap 90 % ranges: p {lo[0]:.2f}–{hi[0]:.2f}, q {lo[1]:.2f}–{hi[1]:.2f}, "
                      f"φ {lo[2]:.3g}–{hi[2]:.3g}")
+    if reps and online is not None:
+        lo, hi = np.quantile([m.participation_cost for m in reps], [0.05, 0.95])
+        notes.append(f"participation cost ψ = {model.participation_cost:.3g} from the online pilot (r = "
+                     f"{online[0].rank}, χ² = {online[0].participation:.3g}, κ = {online[0].kept:.2f}); "
+                     f"bootstrap 90 % range {lo:.3g}–{hi:.3g}")
     return Calibration(model=model, replicates=tuple(reps), residuals=residuals, notes=tuple(notes),
                        identified=identified)
 

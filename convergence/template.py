@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["Pilot", "parse_pilot", "smooth_curve", "alternation", "kept_share_curve", "pilot_kept_share",
+           "pilot_participation",
            "tail_exponent", "noise_floor", "TAIL_BOUNDS"]
 
 #: Power-law tail exponents are clipped to this range.
@@ -76,7 +77,8 @@ def smooth_curve(loss) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Pilot:
-    """One pilot as the model uses it: rank, kept share κ (mean over rounds of 1 − e_t/U_t),
+    """One pilot as the model uses it: rank, the aggregate's kept share κ (:func:`pilot_kept_share`),
+    its clients' participation χ² (:func:`pilot_participation`),
     kept-share curve of its mean error profile, start loss, smoothed curve, the power-law
     tail (gap at round T times (τ/T)^(−tail)) that extends it, and the amplitude a of its
     alternation between rounds, which predictions add back as a(−1)^t (a property of the
@@ -89,6 +91,7 @@ class Pilot:
     smoothed: np.ndarray
     tail: float
     alternation: float = 0.0
+    participation: float = 0.0
 
     def gap(self, tau, base: float) -> np.ndarray:
         """The smoothed gap above ``base`` at (real) rounds τ ≥ 0: interpolated geometrically between
@@ -117,12 +120,45 @@ def tail_exponent(gap: np.ndarray) -> float:
 
 
 def pilot_kept_share(history) -> float:
-    """A run's mean kept share of the update energy, the mean over rounds of 1 − e_t/U_t
-    (``dropped_energy`` / ``update_energy``; skipped clients drop all); 1 when not recorded."""
-    return _kept_of(history.rounds)
+    """A run's mean kept share of the aggregate's update energy: the mean over rounds of
+    1 − ē(s*)/ē(0), with ē the round's mean error profile and s* the largest keep a delivered
+    client sent (the components some client sent, under the norm ranking's common order), from
+    the clients' ledger; without one, 1 − e_t/U_t (``dropped_energy`` / ``update_energy``;
+    skipped clients drop all); 1 when neither is recorded."""
+    return _kept_of(history.rounds, getattr(history, "clients", None))
 
 
-def _kept_of(rows) -> float:
+def pilot_participation(history, data_weight=None, rounds: int | None = None) -> float:
+    """χ²(w ‖ p) of a run's clients' shares of delivered rounds (``status == "ok"`` in the
+    clients' ledger; :func:`tsfa.participation_divergence`); 0 without a ledger."""
+    from tsfa.model import participation_divergence
+
+    rows = [c for c in (getattr(history, "clients", None) or []) if isinstance(c, dict)]
+    T = len(history.rounds) if rounds is None else min(rounds, len(history.rounds))
+    k = history.config.get("clients")
+    if not rows or T < 1 or isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        return 0.0
+    ok = np.zeros(k)
+    for c in rows:
+        t, i = c.get("round"), c.get("client")
+        if c.get("status") == "ok" and isinstance(t, int) and isinstance(i, int) and 1 <= t <= T and 0 <= i < k:
+            ok[i] += 1
+    return float(participation_divergence(np.minimum(ok / T, 1.0), data_weight))
+
+
+def _kept_of(rows, clients=None) -> float:
+    keeps = {}
+    for c in clients or []:
+        if isinstance(c, dict) and c.get("status") == "ok" and isinstance(c.get("keep"), int):
+            keeps[c.get("round")] = max(keeps.get(c.get("round"), 0), c["keep"])
+    union = []
+    for t, row in enumerate(rows, start=1):
+        prof = row.get("profile")
+        s = keeps.get(row.get("round", t))
+        if isinstance(prof, list) and len(prof) > 1 and s is not None and 0 <= s < len(prof):
+            union.append(float(kept_share_curve(prof)[s]))
+    if union and len(union) == len(rows):
+        return float(np.mean(union))
     shares = []
     for row in rows:
         e, u = row.get("dropped_energy"), row.get("update_energy")
@@ -132,8 +168,10 @@ def _kept_of(rows) -> float:
     return float(np.mean(shares)) if shares else 1.0
 
 
-def parse_pilot(history, index: int, rounds: int | None = None) -> tuple[Pilot, np.ndarray, np.ndarray]:
-    """(Pilot, raw curve, residuals raw − smoothed) of a history, validated."""
+def parse_pilot(history, index: int, rounds: int | None = None,
+                data_weight=None) -> tuple[Pilot, np.ndarray, np.ndarray]:
+    """(Pilot, raw curve, residuals raw − smoothed) of a history, validated (``data_weight``:
+    the clients' p for the participation χ²; None: uniform)."""
     from convergence.calibration import _check_history, loss_curve
 
     _check_history(history)
@@ -161,8 +199,9 @@ def parse_pilot(history, index: int, rounds: int | None = None) -> tuple[Pilot, 
     # residuals to the noise's size (they are shrunk by the fit's degrees of freedom)
     df = len(np.unique(smoothed[1:])) + 1
     resid = resid * math.sqrt(len(resid) / max(len(resid) - df, 1))
-    return (Pilot(rank=r, kept=_kept_of(history.rounds[: len(loss) - 1]), kept_curve=curve, start=float(loss[0]),
-                  smoothed=smoothed, tail=0.0, alternation=alternation(loss)), loss, resid)
+    return (Pilot(rank=r, kept=_kept_of(history.rounds[: len(loss) - 1], getattr(history, "clients", None)),
+                  kept_curve=curve, start=float(loss[0]), smoothed=smoothed, tail=0.0, alternation=alternation(loss),
+                  participation=pilot_participation(history, data_weight, len(loss) - 1)), loss, resid)
 
 
 def noise_floor(residuals: np.ndarray, curves) -> np.ndarray:

@@ -187,26 +187,35 @@ def study(task: str, seeds: list[int], runs_dir: Path, log, *, pilot_rounds=None
     if task == "linear":
         summary["exact_bound_holds_every_run_every_round"] = all(x["exact_bound_holds"] for x in rows)
     if offline:
-        summary["offline"] = offline_check(task, base, cfg_of, cal, pilots, seeds, log,
+        summary["offline"] = offline_check(task, base, cfg_of, pilots, seeds, log,
+                                           dict(spectrum=spectrum, floor=floor, boots=QUICK_BOOTS if quick else 100,
+                                                rng=0, rounds=pilot_rounds),
                                            **(dict(draws=40, v_rounds=30, v_refine=0) if quick else OFFLINE_PLAN))
     return rows, curves, cal, summary
 
 
-def offline_check(task, base, cfg_of, cal, pilots, seeds, log, **plan_kw) -> dict:
-    """The offline plan against ``tsfa`` at every rank under the same τ̄ (seconds)."""
+def offline_check(task, base, cfg_of, pilots, seeds, log, fit_kw, **plan_kw) -> dict:
+    """The offline plan against ``tsfa`` at every rank under the same τ̄ (seconds). The plan's
+    calibration adds one online pilot to the template pilots: ``tsfa`` at the largest rank on
+    the first seed (its skipping identifies the participation cost ψ)."""
     from fedloop.design import plan_for
     from fedloop.server import Server
 
-    tau = Server(base.replace(out=str(Path(cfg_of("tsfa", base.rank, base.keep, seeds[0]).out).parent / "probe"))
-                 ).tau_bar
+    probe = Server(base.replace(out=str(Path(cfg_of("tsfa", base.rank, base.keep, seeds[0]).out).parent / "probe")))
+    tau = probe.tau_bar
     ranks = TASKS[task]["ranks"]
-    finals = {r: [loss_curve(get_run(cfg_of("tsfa", r, max(1, r // 2), s, latency_budget_s=tau), log))[0][-1]
-                  for s in seeds] for r in ranks}
+    tsfa_runs = {(r, s): get_run(cfg_of("tsfa", r, max(1, r // 2), s, latency_budget_s=tau), log)
+                 for r in ranks for s in seeds}
+    finals = {r: [loss_curve(tsfa_runs[(r, s)])[0][-1] for s in seeds] for r in ranks}
     order = sorted(ranks, key=lambda r: np.mean(finals[r]))
+    cal = fit_curve(pilots, online_pilot=tsfa_runs[(max(ranks), seeds[0])], data_weight=probe.weights, **fit_kw)
+    log(f"{task}: offline calibration: {cal.summary()}")
     plan, _, _ = plan_for(base.replace(strategy="tsfa", latency_budget_s=tau), pilot=pilots[-1], ranks=ranks,
                           calibration=cal, latency_model="online", **plan_kw)
     log(f"{task}: offline plan: {plan.message}")
-    return {"latency_budget_s": tau, "plan_rank": plan.rank, "plan_status": plan.status.value,
+    log(plan.format_online_table())
+    return {"latency_budget_s": tau, "online_pilot": [max(ranks), seeds[0]], "calibration": cal.summary(),
+            "plan_rank": plan.rank, "plan_status": plan.status.value,
             "plan_relative_v": plan.relative_v, "plan_predicted_loss": plan.predicted_loss,
             "plan_message": plan.message, "measured_final_by_rank": {str(r): float(np.mean(finals[r])) for r in ranks},
             "measured_ci95_by_rank": {str(r): ci95(finals[r]) for r in ranks}, "best_two_ranks": order[:2],

@@ -30,6 +30,7 @@ from tsfa.model import (
     keep_from_ratio,
     llama_7b_qv,
     minilm_l6_qv,
+    participation_divergence,
     training_flops_per_sample,
 )
 from tsfa.online import Allocation, RoundProblem, allocate
@@ -38,6 +39,7 @@ from tsfa.status import InfeasibleError, SolverError, Status
 
 __all__ = [
     "__version__",
+    "participation_divergence",
     "Status",
     "SolverError",
     "InfeasibleError",

@@ -43,6 +43,7 @@ __all__ = [
     "Clients",
     "keep_from_ratio",
     "training_flops_per_sample",
+    "participation_divergence",
 ]
 
 
@@ -299,6 +300,34 @@ def keep_from_ratio(rank, keep_ratio):
         raise ValueError(f"keep_ratio must lie in (0, 1]; got keep_ratio = {keep_ratio!r}")
     s = np.clip(np.ceil(rho * r - 1e-9), 1, r).astype(np.int64)
     return int(s) if s.ndim == 0 else s
+
+
+def participation_divergence(shares, data_weight=None) -> np.ndarray:
+    """χ²(w ‖ p) = Σ_k w_k² / p_k − 1 of the aggregate's effective data weights from the data
+    weights p (docs/theory.md §6, Proposition 4).
+
+    ``shares`` (…, K): the share of rounds each client was scheduled in, π_k ∈ [0, 1]; the
+    effective weight of client k's data over a run is w_k = p_k π_k / Σ_j p_j π_j. 0 when every
+    client takes part equally often (or p is one client's); with nobody scheduled it is the
+    largest value the clients allow, max_k 1/p_k − 1 (one client carrying every round).
+    ``data_weight``: p (K,), ≥ 0 with a positive sum (None: uniform). Clients with p_k = 0
+    carry no data and are left out. Returns an array of the leading shape.
+    """
+    pi = as_array("shares", shares, ndim=None, lower=0)
+    if pi.ndim < 1 or pi.shape[-1] < 1 or np.any(pi > 1):
+        raise ValueError(f"shares must be an array (..., clients) of values in [0, 1]; got shares = {shares!r:.80}")
+    k = pi.shape[-1]
+    p = np.full(k, 1.0 / k) if data_weight is None else as_array("data_weight", data_weight, lower=0)
+    if p.shape != (k,) or p.sum() <= 0:
+        raise ValueError(f"data_weight must hold {k} weights >= 0 with a positive sum; got data_weight = "
+                         f"{data_weight!r:.80}")
+    p = p / p.sum()
+    live = p > 0
+    total = np.sum(p * pi, axis=-1)
+    w = p * pi / np.where(total > 0, total, 1.0)[..., None]
+    chi2 = np.sum(np.where(live, w**2 / np.where(live, p, 1.0), 0.0), axis=-1) - 1.0
+    worst = float(np.max(1.0 / p[live]) - 1.0)
+    return np.where(total > 0, np.clip(chi2, 0.0, worst), worst)
 
 
 # --------------------------------------------------------------------------------------

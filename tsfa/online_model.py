@@ -6,8 +6,10 @@ client and lets its queue trade a slow round for faster ones, so it runs, within
 whose nominal latency is above τ̄. With the online model the nominal steps are a screen:
 :func:`online_plan` simulates the online allocator (skipping, cap, queue; the same seed for
 every rank and V) for the screen's rank and every rank that could improve on it, prices each
-(rank, V, rounds) point with ``predict`` — passing the simulated kept energy share
-``kept_share`` when the predictor accepts it (:func:`accepts_kept_share`) — and chooses
+(rank, V, rounds) point with ``predict`` — passing, when the predictor accepts them
+(:func:`accepts_kept_share`), the aggregate's kept share ``kept_share`` and the clients'
+participation divergence ``participation`` (χ², :func:`tsfa.participation_divergence`), or
+without ``participation`` the clients' mean kept share (a skipped client keeps nothing) — and chooses
 the least predicted loss among the points whose simulated time-average latency is ≤ τ̄.
 docs/model.md ("The online latency model") states the rules.
 """
@@ -24,6 +26,7 @@ import numpy as np
 
 from tsfa.choice import CONSTRAINTS, Choice, binding, tie_tol, violations
 from tsfa.offline import MAX_ROUNDS, OfflineProblem, _PairLatency, _predicted_loss
+from tsfa.model import participation_divergence
 from tsfa.plan import OfflinePlan, OnlinePoint
 from tsfa.saa import summaries
 from tsfa.simulate import SimulationResult, sweep_v_runs, v_point
@@ -32,16 +35,17 @@ from tsfa.status import Status
 __all__ = ["online_plan", "accepts_kept_share", "LATENCY_BATCHES"]
 
 
-def accepts_kept_share(predict) -> bool:
-    """Whether ``predict`` takes a ``kept_share`` keyword (a parameter of that name that is not
-    positional-only, or ``**kwargs``); False if its signature cannot be read."""
+def accepts_kept_share(predict, name: str = "kept_share") -> bool:
+    """Whether ``predict`` takes a keyword ``name`` (``kept_share``, or ``participation``: a
+    parameter of that name that is not positional-only, or ``**kwargs``); False if its
+    signature cannot be read."""
     try:
         params = inspect.signature(predict).parameters.values()
     except (TypeError, ValueError):
         return False
     return any(p.kind is inspect.Parameter.VAR_KEYWORD
-               or (p.name == "kept_share" and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                         inspect.Parameter.KEYWORD_ONLY))
+               or (p.name == name and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                 inspect.Parameter.KEYWORD_ONLY))
                for p in params)
 
 
@@ -86,6 +90,7 @@ class _OnlineModel:
     ranks: list[int]
     horizon: int
     kept_share_passed: bool
+    participation_passed: bool = False
 
 
 def _online_model(problem: OfflineProblem, pl: _PairLatency, ranks: list[int], predict, seed) -> _OnlineModel:
@@ -114,18 +119,29 @@ def _online_model(problem: OfflineProblem, pl: _PairLatency, ranks: list[int], p
                 low, high = _batch_means_interval(lat_h, conf)
                 mk = float(res.mean_keep[:h].mean())
                 part = res.participation[:h] if res.participation is not None else np.ones(h)
+                shares = res.scheduled[:h].mean(axis=0) if res.scheduled is not None \
+                    else np.ones(len(problem.system.clients))
+                union = res.union_kept[:h] if res.union_kept is not None else 1.0 - res.dropped_energy[:h]
                 rows.append(dict(rank=r, relative_v=float(v), rounds=n, simulated_rounds=h,
                                  time_average_latency_s=float(lat_h.mean()), latency_low_s=low, latency_high_s=high,
                                  average_queue_s=float(res.queue[:h].mean()), participation=float(part.mean()),
                                  mean_keep=mk, mean_keep_ratio=float(np.clip(mk / r, 1.0 / r, 1.0)),
                                  keep=int(np.clip(math.floor(mk + 0.5), 1, r)),
-                                 kept_share=float(np.clip(1.0 - res.dropped_energy[:h].mean(), 0.0, 1.0))))
+                                 kept_share=float(np.clip(1.0 - res.dropped_energy[:h].mean(), 0.0, 1.0)),
+                                 union_kept=float(np.clip(np.mean(union), 0.0, 1.0)),
+                                 participation_divergence=float(participation_divergence(shares,
+                                                                                         vs.data_weight))))
     rk = np.array([x["rank"] for x in rows], dtype=np.int64)
     nr = np.array([x["rounds"] for x in rows], dtype=np.int64)
     ratio = np.array([x["mean_keep_ratio"] for x in rows])
-    kappa = np.array([x["kept_share"] for x in rows])
     passed = accepts_kept_share(predict)
-    total, terms = _predicted_loss(predict, rk, ratio, nr, **({"kept_share": kappa} if passed else {}))
+    extra = {}
+    if passed and accepts_kept_share(predict, "participation"):  # the aggregate's κ and the skipping's χ²
+        extra = {"kept_share": np.array([x["union_kept"] for x in rows]),
+                 "participation": np.array([x["participation_divergence"] for x in rows])}
+    elif passed:  # the clients' mean κ prices skipping as dropped energy
+        extra = {"kept_share": np.array([x["kept_share"] for x in rows])}
+    total, terms = _predicted_loss(predict, rk, ratio, nr, **extra)
     lat = np.array([x["time_average_latency_s"] for x in rows])
     part = np.array([x["participation"] for x in rows])
     bad = violations(lat, nr, part, tau, b.time_budget_s, vs.online_min_participation)
@@ -141,7 +157,7 @@ def _online_model(problem: OfflineProblem, pl: _PairLatency, ranks: list[int], p
         tied = np.flatnonzero(ok & (total <= best + tie_tol(total)))
         chosen = int(min(tied, key=lambda i: (points[i].rank, -points[i].relative_v, points[i].rounds)))
     return _OnlineModel(points=points, chosen=chosen, bad=bad, runs=runs, ranks=ranks, horizon=horizon,
-                        kept_share_passed=passed)
+                        kept_share_passed=passed, participation_passed="participation" in extra)
 
 
 def _screen_note(table, choice: Choice, p: OnlinePoint | None) -> str:
@@ -185,7 +201,8 @@ def online_plan(problem: OfflineProblem, pl: _PairLatency, table, choice: Choice
     b = problem.budgets
     om = _online_model(problem, pl, _online_ranks(problem, table, choice), predict, seed)   # 6. online model
     screen = _screen_note(table, choice, None if om.chosen is None else om.points[om.chosen])
-    how = ("kept_share passed to predict" if om.kept_share_passed
+    how = ("the aggregate's kept_share and the participation χ² passed to predict" if om.participation_passed
+           else "kept_share passed to predict" if om.kept_share_passed
            else "predict takes no kept_share: keep_ratio = simulated mean keep / r")
     if om.chosen is None:
         msg = f"{_online_infeasible_message(problem, om)}; {screen}" + note

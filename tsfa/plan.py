@@ -97,6 +97,10 @@ class OnlinePoint:
             (the plan's).
         kept_share: κ = 1 − the average relative dropped energy Σ_k p_k e_k(s_k) / Σ_k p_k e_k(0)
             (a skipped client drops all its energy).
+        union_kept: the aggregate's kept share, the mean over rounds of 1 − ē(s*)/ē(0), s* the
+            round's largest keep (``SimulationResult.union_kept``).
+        participation_divergence: χ²(w ‖ p) of the clients' shares of scheduled rounds
+            (:func:`tsfa.participation_divergence`).
         training_time_s: rounds · time_average_latency_s, s.
         predicted_loss, loss_terms: the predictor's "total" and every term (read-only).
         violated: the constraints broken ("latency": simulated latency > τ̄; "time":
@@ -119,6 +123,8 @@ class OnlinePoint:
     keep: int
     keep_ratio: float
     kept_share: float
+    union_kept: float
+    participation_divergence: float
     training_time_s: float
     predicted_loss: float
     loss_terms: Mapping[str, float]
@@ -133,7 +139,8 @@ class OnlinePoint:
         row = {k: getattr(self, k) for k in ("index", "rank", "relative_v", "rounds", "simulated_rounds",
                                              "time_average_latency_s", "latency_low_s", "latency_high_s",
                                              "average_queue_s", "participation", "mean_keep", "mean_keep_ratio",
-                                             "keep", "keep_ratio", "kept_share", "training_time_s",
+                                             "keep", "keep_ratio", "kept_share", "union_kept",
+                                             "participation_divergence", "training_time_s",
                                              "predicted_loss")}
         row.update({f"loss_{k}": v for k, v in self.loss_terms.items() if k != "total"})
         row["feasible"] = self.feasible
@@ -256,8 +263,8 @@ class OfflinePlan(ResultMixin):
     def format_online_table(self, *, feasible_only: bool = False) -> str:
         """The online points as fixed-width text; the chosen row is marked with '*'."""
         terms = [k for k in (self.online_table[0].loss_terms if self.online_table else {}) if k != "total"]
-        head = ["", "rank", "V", "rounds", "latency", f"{self.confidence:.0%} CI", "particip", "mean keep",
-                "kept", *terms, "total", "violated"]
+        head = ["", "rank", "V", "rounds", "latency", f"{self.confidence:.0%} CI", "particip", "χ²", "mean keep",
+                "kept", "union", *terms, "total", "violated"]
         rows = []
         for p in self.online_table:
             if feasible_only and not p.feasible:
@@ -265,7 +272,8 @@ class OfflinePlan(ResultMixin):
             rows.append(["*" if p.index == self.online_chosen else "", str(p.rank), f"{p.relative_v:.3g}",
                          str(p.rounds), f"{p.time_average_latency_s:.4g}",
                          f"[{p.latency_low_s:.4g}, {p.latency_high_s:.4g}]", f"{p.participation:.3f}",
-                         f"{p.mean_keep:.3g}", f"{p.kept_share:.4f}", *(f"{p.loss_terms[t]:.4g}" for t in terms),
+                         f"{p.participation_divergence:.3g}", f"{p.mean_keep:.3g}", f"{p.kept_share:.4f}",
+                         f"{p.union_kept:.4f}", *(f"{p.loss_terms[t]:.4g}" for t in terms),
                          f"{p.predicted_loss:.4g}", "+".join(p.violated) or "-"])
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))]

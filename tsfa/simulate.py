@@ -130,7 +130,11 @@ class ErrorModel:
 class SimulationResult:
     """Per-round traces (length T) and their summaries.
 
-    ``participation`` is the share of clients scheduled (keep > 0) in each round.
+    ``participation`` is the share of clients scheduled (keep > 0) in each round;
+    ``scheduled`` (T, K) whether each client was; ``union_kept`` the aggregate's kept share of
+    each round, 1 − ē(s*)/ē(0) with ē the data-weighted mean error profile and s* the largest
+    keep of the round (the components that some client sent, under the norm ranking's common
+    order; 0 when nobody is scheduled).
     """
 
     latency_s: np.ndarray
@@ -141,6 +145,8 @@ class SimulationResult:
     fallbacks: int
     latency_budget_s: float | None
     participation: np.ndarray | None = None
+    scheduled: np.ndarray | None = None
+    union_kept: np.ndarray | None = None
 
     @property
     def time_average_latency_s(self) -> float:
@@ -177,7 +183,9 @@ def simulate_allocation(policy, cell: Cell, clients: Clients, *, rounds: int, co
     em = error_model or ErrorModel()
     scales = em.client_scales(len(clients), rng)
     r = policy.shape.rank
-    out = {k: np.zeros(rounds) for k in ("latency", "dropped", "queue", "keep", "bits", "part")}
+    out = {k: np.zeros(rounds) for k in ("latency", "dropped", "queue", "keep", "bits", "part", "union")}
+    sched = np.zeros((rounds, len(clients)), dtype=bool)
+    p = np.full(len(clients), 1.0 / len(clients)) if data_weight is None else np.asarray(data_weight, dtype=float)
     fallbacks = 0
     it = range(rounds)
     if progress:
@@ -195,10 +203,15 @@ def simulate_allocation(policy, cell: Cell, clients: Clients, *, rounds: int, co
         out["dropped"][t] = alloc.dropped_energy
         out["keep"][t] = alloc.keep.mean()
         out["bits"][t] = alloc.payload_bits.sum()
-        out["part"][t] = float(np.mean(np.asarray(alloc.keep) > 0))
+        keep = np.asarray(alloc.keep)
+        sched[t] = keep > 0
+        out["part"][t] = float(np.mean(sched[t]))
+        mean_profile = p @ profile
+        out["union"][t] = 1.0 - mean_profile[int(keep.max())] / mean_profile[0] if mean_profile[0] > 0 else 1.0
     return SimulationResult(latency_s=out["latency"], dropped_energy=out["dropped"], queue=out["queue"],
                             mean_keep=out["keep"], uplink_bits=out["bits"], fallbacks=fallbacks,
-                            latency_budget_s=getattr(policy, "latency_budget_s", None), participation=out["part"])
+                            latency_budget_s=getattr(policy, "latency_budget_s", None), participation=out["part"],
+                            scheduled=sched, union_kept=np.clip(out["union"], 0.0, 1.0))
 
 
 # --------------------------------------------------------------------------------------

@@ -190,3 +190,25 @@ def test_clients_compute_time():
     np.testing.assert_allclose(t, 1e12 / cl.compute_flops_per_s)
     with pytest.raises(ValueError, match="num_clients"):
         Cell().sample_clients(0)
+
+
+def test_participation_divergence_closed_forms_and_invariances():
+    from tsfa import participation_divergence as chi2
+
+    assert chi2(np.ones(5)) == pytest.approx(0.0, abs=1e-12)
+    assert chi2(np.full(5, 0.2)) == pytest.approx(0.0, abs=1e-12)  # rare but even participation: no bias
+    assert chi2([1.0, 0.0, 0.0, 0.0]) == pytest.approx(3.0)  # one client carries everything: K − 1
+    assert chi2([0.0, 0.0]) == pytest.approx(1.0)  # nobody: the largest value the clients allow
+    p = np.array([0.2, 0.8])
+    assert chi2([1.0, 0.5], p) == pytest.approx((1 / 3) ** 2 / 0.2 + (2 / 3) ** 2 / 0.8 - 1)
+    assert chi2([1.0, 1.0, 0.3], [0.5, 0.5, 0.0]) == pytest.approx(0.0, abs=1e-12)  # no data: no weight
+    rng = np.random.default_rng(0)
+    pi = rng.uniform(0.05, 1, (50, 6))
+    w = rng.uniform(0.1, 1, 6)
+    out = chi2(pi, w)
+    assert out.shape == (50,) and np.all(out >= 0)
+    np.testing.assert_allclose(out, chi2(pi * 0.5, w))  # a common factor is not a bias
+    with pytest.raises(ValueError, match="shares"):
+        chi2([1.2, 0.5])
+    with pytest.raises(ValueError, match="data_weight"):
+        chi2([1.0, 0.5], [1.0, 1.0, 1.0])

@@ -114,6 +114,40 @@ def test_kept_share_reaches_predictors_that_accept_it():
     assert "kept_share passed" in plan.message
 
 
+def test_aggregate_kept_share_and_participation_reach_predictors_that_take_both():
+    calls = []
+
+    def with_both(rank, keep_ratio, rounds, kept_share=None, participation=None):
+        calls.append((kept_share, participation))
+        out = predict(rank, keep_ratio, rounds)
+        if participation is not None:
+            out["participation"] = 0.1 * np.asarray(participation)
+            out["total"] = out["total"] + out["participation"]
+        return out
+
+    plan = design(with_both)
+    kappa, chi2 = calls[-1]
+    np.testing.assert_array_equal(kappa, [p.union_kept for p in plan.online_table])
+    np.testing.assert_array_equal(chi2, [p.participation_divergence for p in plan.online_table])
+    # what the aggregate keeps is at least what the clients keep on average (skipped clients keep 0)
+    assert all(p.union_kept >= p.kept_share - 1e-12 for p in plan.online_table)
+    assert all(p.participation_divergence >= 0 for p in plan.online_table)
+    assert any(p.participation_divergence > 0 for p in plan.online_table if p.participation < 1)
+    assert "participation χ² passed" in plan.message
+    # each point's χ² is that of its clients' shares of scheduled rounds in the simulation
+    prob = problem()
+    p = max(plan.online_table, key=lambda q: q.participation_divergence)
+    (res,) = [r for v, r in tsfa.simulate.sweep_v_runs(
+        prob.system.modules.with_rank(p.rank), prob.system.cell, prob.system.clients,
+        prob.system.compute_time_s(prob.system.modules.with_rank(p.rank)), latency_budget_s=plan.latency_budget_s,
+        downlink_s=prob.system.downlink_s(prob.system.modules.with_rank(p.rank)), rounds=p.simulated_rounds,
+        settings=dataclasses.replace(prob.vsweep, v_grid=(p.relative_v,), v_refine=0), seed=plan.simulation_seed)]
+    shares = res.scheduled.mean(axis=0)
+    assert p.participation_divergence == pytest.approx(float(tsfa.participation_divergence(shares)), rel=1e-12)
+    np.testing.assert_allclose(res.participation, res.scheduled.mean(axis=1))
+    assert np.all(res.union_kept >= 1.0 - res.dropped_energy - 1e-12)
+
+
 def test_predictors_without_kept_share_get_the_mean_keep_ratio():
     seen = []
 
