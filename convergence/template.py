@@ -77,7 +77,7 @@ def smooth_curve(loss) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Pilot:
-    """One pilot as the model uses it: rank, the aggregate's kept share κ (:func:`pilot_kept_share`),
+    """One pilot as the model uses it: rank, its kept share κ (:func:`pilot_kept_share`),
     its clients' participation χ² (:func:`pilot_participation`),
     kept-share curve of its mean error profile, start loss, smoothed curve, the power-law
     tail (gap at round T times (τ/T)^(−tail)) that extends it, and the amplitude a of its
@@ -120,10 +120,11 @@ def tail_exponent(gap: np.ndarray) -> float:
 
 
 def pilot_kept_share(history) -> float:
-    """A run's mean kept share of the aggregate's update energy: the mean over rounds of
-    1 − ē(s*)/ē(0), with ē the round's mean error profile and s* the largest keep a delivered
-    client sent (the components some client sent, under the norm ranking's common order), from
-    the clients' ledger; without one, 1 − e_t/U_t (``dropped_energy`` / ``update_energy``;
+    """A run's kept share κ: the share of the update energy in components some delivered
+    client sent in some round, 1 − ē(s_max)/ē(0), with ē the rounds' mean error profile and
+    s_max the largest keep in the clients' ledger (under the norm ranking's common order, the
+    components the aggregate ever applied; with a fixed keep s, 1 − ē(s)/ē(0)). Without a
+    ledger, the mean over rounds of 1 − e_t/U_t (``dropped_energy`` / ``update_energy``;
     skipped clients drop all); 1 when neither is recorded."""
     return _kept_of(history.rounds, getattr(history, "clients", None))
 
@@ -147,18 +148,12 @@ def pilot_participation(history, data_weight=None, rounds: int | None = None) ->
 
 
 def _kept_of(rows, clients=None) -> float:
-    keeps = {}
-    for c in clients or []:
-        if isinstance(c, dict) and c.get("status") == "ok" and isinstance(c.get("keep"), int):
-            keeps[c.get("round")] = max(keeps.get(c.get("round"), 0), c["keep"])
-    union = []
-    for t, row in enumerate(rows, start=1):
-        prof = row.get("profile")
-        s = keeps.get(row.get("round", t))
-        if isinstance(prof, list) and len(prof) > 1 and s is not None and 0 <= s < len(prof):
-            union.append(float(kept_share_curve(prof)[s]))
-    if union and len(union) == len(rows):
-        return float(np.mean(union))
+    rounds = {row.get("round", t) for t, row in enumerate(rows, start=1)}
+    sent = [c["keep"] for c in clients or [] if isinstance(c, dict) and c.get("status") == "ok"
+            and isinstance(c.get("keep"), int) and not isinstance(c.get("keep"), bool) and c.get("round") in rounds]
+    profiles = [row["profile"] for row in rows if isinstance(row.get("profile"), list)]
+    if sent and profiles and len({len(p) for p in profiles}) == 1 and 0 <= max(sent) < len(profiles[0]):
+        return float(kept_share_curve(np.mean(np.asarray(profiles, dtype=float), axis=0))[max(sent)])
     shares = []
     for row in rows:
         e, u = row.get("dropped_energy"), row.get("update_energy")

@@ -49,7 +49,8 @@ def pilot_config(cfg: RunConfig, rounds: int = 8) -> RunConfig:
 def plan_for(cfg: RunConfig, *, pilot=None, ranks: Sequence[int] = DEFAULT_RANKS,
              keep_ratios: Sequence[float] = DEFAULT_KEEP_RATIOS, rounds=None, pilot_rounds: int = 8,
              draws: int = 200, method: str = "milp", progress: bool = False, max_latency_factor="config",
-             predictor: str = "curve", calibration=None, latency_model: str = "online", **design_kw):
+             predictor: str = "curve", calibration=None, latency_model: str = "online", online_pilot=None,
+             **design_kw):
     """The offline plan for ``cfg``'s system.
 
     Args:
@@ -68,6 +69,8 @@ def plan_for(cfg: RunConfig, *, pilot=None, ranks: Sequence[int] = DEFAULT_RANKS
             :class:`convergence.BoundConstants`) to predict with instead.
         latency_model: "online" (the online stage simulated per candidate rank and V, the
             nominal SAA as a screen; the default) or "nominal" (``tsfa.VSweepSettings``).
+        online_pilot: a ``tsfa`` run (History) whose skipping identifies the participation
+            cost ψ of the curve predictor (docs/theory.md §6, Proposition 4; None: ψ = 0).
         design_kw: other settings of the :class:`tsfa.OfflineProblem`, by their field names
             (e.g. ``v_rounds=40``, ``choose_v=False``; see ``OfflineProblem.replace``).
 
@@ -91,7 +94,8 @@ def plan_for(cfg: RunConfig, *, pilot=None, ranks: Sequence[int] = DEFAULT_RANKS
         floor = 0.0  # squared error and cross-entropy
         if system.task.name == "linear":
             floor = float(linear_floor(system.task))
-        calibration = fit_curve(pilots, spectrum, floor=floor, rng=cfg.seed) if predictor == "curve" \
+        calibration = fit_curve(pilots, spectrum, floor=floor, rng=cfg.seed, online_pilot=online_pilot,
+                                data_weight=system.weights) if predictor == "curve" \
             else calibrate(pilots[-1], spectrum)
     max_rank = min(min(m.in_features, m.out_features) for m in system.shape.modules)
     ranks = [int(r) for r in ranks if int(r) <= min(max_rank, spectrum.shape[-1])]

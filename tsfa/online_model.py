@@ -121,14 +121,14 @@ def _online_model(problem: OfflineProblem, pl: _PairLatency, ranks: list[int], p
                 part = res.participation[:h] if res.participation is not None else np.ones(h)
                 shares = res.scheduled[:h].mean(axis=0) if res.scheduled is not None \
                     else np.ones(len(problem.system.clients))
-                union = res.union_kept[:h] if res.union_kept is not None else 1.0 - res.dropped_energy[:h]
+                sent = res.sent_share(h)
                 rows.append(dict(rank=r, relative_v=float(v), rounds=n, simulated_rounds=h,
                                  time_average_latency_s=float(lat_h.mean()), latency_low_s=low, latency_high_s=high,
                                  average_queue_s=float(res.queue[:h].mean()), participation=float(part.mean()),
                                  mean_keep=mk, mean_keep_ratio=float(np.clip(mk / r, 1.0 / r, 1.0)),
                                  keep=int(np.clip(math.floor(mk + 0.5), 1, r)),
                                  kept_share=float(np.clip(1.0 - res.dropped_energy[:h].mean(), 0.0, 1.0)),
-                                 union_kept=float(np.clip(np.mean(union), 0.0, 1.0)),
+                                 sent_share=sent if math.isfinite(sent) else float(1.0 - res.dropped_energy[:h].mean()),
                                  participation_divergence=float(participation_divergence(shares,
                                                                                          vs.data_weight))))
     rk = np.array([x["rank"] for x in rows], dtype=np.int64)
@@ -137,7 +137,7 @@ def _online_model(problem: OfflineProblem, pl: _PairLatency, ranks: list[int], p
     passed = accepts_kept_share(predict)
     extra = {}
     if passed and accepts_kept_share(predict, "participation"):  # the aggregate's κ and the skipping's χ²
-        extra = {"kept_share": np.array([x["union_kept"] for x in rows]),
+        extra = {"kept_share": np.array([x["sent_share"] for x in rows]),
                  "participation": np.array([x["participation_divergence"] for x in rows])}
     elif passed:  # the clients' mean κ prices skipping as dropped energy
         extra = {"kept_share": np.array([x["kept_share"] for x in rows])}

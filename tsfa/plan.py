@@ -97,8 +97,8 @@ class OnlinePoint:
             (the plan's).
         kept_share: κ = 1 − the average relative dropped energy Σ_k p_k e_k(s_k) / Σ_k p_k e_k(0)
             (a skipped client drops all its energy).
-        union_kept: the aggregate's kept share, the mean over rounds of 1 − ē(s*)/ē(0), s* the
-            round's largest keep (``SimulationResult.union_kept``).
+        sent_share: the share of the update energy in components some client sent in some
+            round, 1 − ē(s_max)/ē(0) (``SimulationResult.sent_share``).
         participation_divergence: χ²(w ‖ p) of the clients' shares of scheduled rounds
             (:func:`tsfa.participation_divergence`).
         training_time_s: rounds · time_average_latency_s, s.
@@ -123,7 +123,7 @@ class OnlinePoint:
     keep: int
     keep_ratio: float
     kept_share: float
-    union_kept: float
+    sent_share: float
     participation_divergence: float
     training_time_s: float
     predicted_loss: float
@@ -139,7 +139,7 @@ class OnlinePoint:
         row = {k: getattr(self, k) for k in ("index", "rank", "relative_v", "rounds", "simulated_rounds",
                                              "time_average_latency_s", "latency_low_s", "latency_high_s",
                                              "average_queue_s", "participation", "mean_keep", "mean_keep_ratio",
-                                             "keep", "keep_ratio", "kept_share", "union_kept",
+                                             "keep", "keep_ratio", "kept_share", "sent_share",
                                              "participation_divergence", "training_time_s",
                                              "predicted_loss")}
         row.update({f"loss_{k}": v for k, v in self.loss_terms.items() if k != "total"})
@@ -264,7 +264,7 @@ class OfflinePlan(ResultMixin):
         """The online points as fixed-width text; the chosen row is marked with '*'."""
         terms = [k for k in (self.online_table[0].loss_terms if self.online_table else {}) if k != "total"]
         head = ["", "rank", "V", "rounds", "latency", f"{self.confidence:.0%} CI", "particip", "χ²", "mean keep",
-                "kept", "union", *terms, "total", "violated"]
+                "kept", "sent", *terms, "total", "violated"]
         rows = []
         for p in self.online_table:
             if feasible_only and not p.feasible:
@@ -273,7 +273,7 @@ class OfflinePlan(ResultMixin):
                          str(p.rounds), f"{p.time_average_latency_s:.4g}",
                          f"[{p.latency_low_s:.4g}, {p.latency_high_s:.4g}]", f"{p.participation:.3f}",
                          f"{p.participation_divergence:.3g}", f"{p.mean_keep:.3g}", f"{p.kept_share:.4f}",
-                         f"{p.union_kept:.4f}", *(f"{p.loss_terms[t]:.4g}" for t in terms),
+                         f"{p.sent_share:.4f}", *(f"{p.loss_terms[t]:.4g}" for t in terms),
                          f"{p.predicted_loss:.4g}", "+".join(p.violated) or "-"])
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))]

@@ -131,10 +131,10 @@ class SimulationResult:
     """Per-round traces (length T) and their summaries.
 
     ``participation`` is the share of clients scheduled (keep > 0) in each round;
-    ``scheduled`` (T, K) whether each client was; ``union_kept`` the aggregate's kept share of
-    each round, 1 − ē(s*)/ē(0) with ē the data-weighted mean error profile and s* the largest
-    keep of the round (the components that some client sent, under the norm ranking's common
-    order; 0 when nobody is scheduled).
+    ``scheduled`` (T, K) whether each client was; ``max_keep`` (T,) the largest keep of each
+    round (0 when nobody is scheduled) and ``profile`` (T, r + 1) each round's data-weighted
+    mean error profile ē(s)/ē(0): the components some client sent are the top ``max_keep``
+    of the norm ranking's common order (:meth:`sent_share`).
     """
 
     latency_s: np.ndarray
@@ -146,7 +146,18 @@ class SimulationResult:
     latency_budget_s: float | None
     participation: np.ndarray | None = None
     scheduled: np.ndarray | None = None
-    union_kept: np.ndarray | None = None
+    max_keep: np.ndarray | None = None
+    profile: np.ndarray | None = None
+
+    def sent_share(self, rounds: int | None = None) -> float:
+        """The share of the update energy in components some client sent in some round of the
+        first ``rounds`` rounds (None: all): 1 − ē(s_max)/ē(0), ē the rounds' mean profile and
+        s_max the largest keep (the components the aggregate ever applied; what no client ever
+        sends stays unlearned). NaN when not recorded."""
+        if self.max_keep is None or self.profile is None:
+            return math.nan
+        h = len(self.max_keep) if rounds is None else rounds
+        return float(np.clip(1.0 - self.profile[:h].mean(axis=0)[int(self.max_keep[:h].max())], 0.0, 1.0))
 
     @property
     def time_average_latency_s(self) -> float:
@@ -183,8 +194,10 @@ def simulate_allocation(policy, cell: Cell, clients: Clients, *, rounds: int, co
     em = error_model or ErrorModel()
     scales = em.client_scales(len(clients), rng)
     r = policy.shape.rank
-    out = {k: np.zeros(rounds) for k in ("latency", "dropped", "queue", "keep", "bits", "part", "union")}
+    out = {k: np.zeros(rounds) for k in ("latency", "dropped", "queue", "keep", "bits", "part")}
     sched = np.zeros((rounds, len(clients)), dtype=bool)
+    max_keep = np.zeros(rounds, dtype=np.int64)
+    profiles = np.zeros((rounds, r + 1))
     p = np.full(len(clients), 1.0 / len(clients)) if data_weight is None else np.asarray(data_weight, dtype=float)
     fallbacks = 0
     it = range(rounds)
@@ -206,12 +219,13 @@ def simulate_allocation(policy, cell: Cell, clients: Clients, *, rounds: int, co
         keep = np.asarray(alloc.keep)
         sched[t] = keep > 0
         out["part"][t] = float(np.mean(sched[t]))
+        max_keep[t] = int(keep.max())
         mean_profile = p @ profile
-        out["union"][t] = 1.0 - mean_profile[int(keep.max())] / mean_profile[0] if mean_profile[0] > 0 else 1.0
+        profiles[t] = mean_profile / mean_profile[0] if mean_profile[0] > 0 else 0.0
     return SimulationResult(latency_s=out["latency"], dropped_energy=out["dropped"], queue=out["queue"],
                             mean_keep=out["keep"], uplink_bits=out["bits"], fallbacks=fallbacks,
                             latency_budget_s=getattr(policy, "latency_budget_s", None), participation=out["part"],
-                            scheduled=sched, union_kept=np.clip(out["union"], 0.0, 1.0))
+                            scheduled=sched, max_keep=max_keep, profile=profiles)
 
 
 # --------------------------------------------------------------------------------------
