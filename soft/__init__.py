@@ -7,7 +7,9 @@ with :func:`orthogonality_penalty`, rank their components by :func:`component_im
 server :func:`aggregate` s rank-wise and may :func:`reorthogonalize_factors` the global
 factors (B·A unchanged); :func:`update_norm` is the norm it can screen updates by. Every
 codec refuses values that are not finite (or, in float16, out of range).
-:func:`covariance_norm` measures what separate averaging loses.
+:func:`quantise` sends the kept values at 8 or 4 bits (unbiased stochastic rounding, a scale
+per component; :func:`decode_quantised`). :func:`covariance_norm` measures what separate
+averaging loses.
 
 Section references (spec §N) are to docs/spec.md, the project's statement of its model.
 """
@@ -34,10 +36,14 @@ from soft.factors import (
 from soft.importance import component_importance, dropped_error, error_profile, select_top, update_energy
 from soft.optim import TensorwiseAdam
 from soft.peft_io import read_lora, write_lora
+from soft.quantise import QuantisedUpdate, decode_quantised, quantise
 from soft.update import RankSparseUpdate, WireFormatError, aggregate, decode, sparsify, update_norm
 
 __all__ = [
+    "QuantisedUpdate",
     "RankSparseUpdate",
+    "decode_quantised",
+    "quantise",
     "TensorwiseAdam",
     "WireFormatError",
     "aggregate",

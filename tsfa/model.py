@@ -92,7 +92,9 @@ class LoraShape:
     values. A client keeping s ≥ 1 components per module uploads
     ``s·M·q + L·r + H`` bits (values, an r-bit mask per module packed into whole bytes,
     header); s = 0 means "not scheduled" and costs 0 bits. ``soft.RankSparseUpdate.encode``
-    produces exactly this many bits.
+    produces exactly this many bits. Below 16 bits (q = 8, 4: ``soft.quantise``) values are
+    integers with two float32 scales per kept component and module (one for b_i, one for
+    a_i), and the values are padded to whole bytes: ``8·⌈s·M·q/8⌉ + 64·s·L + L·r + H``.
     """
 
     modules: tuple[ModuleShape, ...]
@@ -131,8 +133,21 @@ class LoraShape:
             )
 
     def dense_payload_bits_exact(self) -> int:
-        """r·M·q + mask + header as a Python int (no overflow)."""
-        return self.rank * self.values_per_component * self.bits_per_value + self.mask_bits + self.header_bits
+        """The dense payload (values, scales, mask, header) as a Python int (no overflow)."""
+        values = self.rank * self.values_per_component * self.bits_per_value
+        if self.quantised:
+            values = 8 * -(-values // 8) + self.rank * self.scale_bits_per_component
+        return values + self.mask_bits + self.header_bits
+
+    @property
+    def quantised(self) -> bool:
+        """Whether values travel as integers with per-component scales (q < 16)."""
+        return self.bits_per_value < 16
+
+    @property
+    def scale_bits_per_component(self) -> int:
+        """Scale bits per kept rank index: two float32 per module when quantised, else 0."""
+        return 64 * self.num_modules if self.quantised else 0
 
     # -- sizes ---------------------------------------------------------------------------
     @property
@@ -163,11 +178,10 @@ class LoraShape:
         clients). Returns an int for an int, else an int64 array of the same shape.
         """
         k = as_int_array("keep", keep, 0, self.rank)
-        bits = np.where(
-            k > 0,
-            k * (self.values_per_component * self.bits_per_value) + self.mask_bits + self.header_bits,
-            0,
-        ).astype(np.int64)
+        values = k * (self.values_per_component * self.bits_per_value)
+        if self.quantised:
+            values = 8 * -(-values // 8) + k * self.scale_bits_per_component
+        bits = np.where(k > 0, values + self.mask_bits + self.header_bits, 0).astype(np.int64)
         return int(bits) if np.ndim(keep) == 0 else bits
 
     @property
