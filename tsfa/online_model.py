@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from tsfa.choice import CONSTRAINTS, Choice, binding, tie_tol, violations
-from tsfa.offline import MAX_ROUNDS, OfflineProblem, _PairLatency, _predicted_loss
 from tsfa.model import participation_divergence
+from tsfa.offline import MAX_ROUNDS, OfflineProblem, _PairLatency, _predicted_loss
 from tsfa.plan import OfflinePlan, OnlinePoint
 from tsfa.saa import summaries
 from tsfa.simulate import SimulationResult, sweep_v_runs, v_point

@@ -16,7 +16,8 @@ from .test_soft import rand_factors
 
 def update(seed=0, shapes=((24, 20), (16, 30)), r=6, keep=3, scale=1.0):
     old = rand_factors(seed, shapes, r, dtype=torch.float32)
-    new = {k: (A + 0.1 * scale * torch.randn_like(A), B + 0.1 * scale * torch.randn_like(B)) for k, (A, B) in old.items()}
+    new = {k: (A + 0.1 * scale * torch.randn_like(A), B + 0.1 * scale * torch.randn_like(B))
+           for k, (A, B) in old.items()}
     return sparsify(old, new, keep)
 
 
