@@ -235,12 +235,17 @@ def _run_or_reuse(cfg: RunConfig, progress: bool) -> History:
 
 
 def benchmark(config: RunConfig, strategies=DEFAULT_STRATEGIES, seeds=5, *, out="runs/benchmark",
-              delta: float | None = None, metric: Metric | None = None, progress: bool = True) -> Benchmark:
+              delta: float | None = None, metric: Metric | None = None, progress: bool = True,
+              variants: dict | None = None) -> Benchmark:
     """Run the comparison protocol (module docstring) and write its files into ``out``.
 
     Args:
         config: the shared settings; ``strategy``, ``seed`` and ``out`` are set per run.
-        strategies: strategy names (``fedloop.STRATEGIES``), in table order.
+        strategies: strategy names (``fedloop.STRATEGIES``) or labels of ``variants``, in the
+            order to report them.
+        variants: label → config changes (with ``strategy``), e.g. ``{"tsfa+ef": {"strategy":
+            "tsfa", "error_feedback": "rotated"}}``: one strategy under other settings, run
+            and reported like a strategy (its runs live in ``out/<label>``).
         seeds: a number of seeds (0..n-1) or the seeds themselves; ≥ 2 for a CI.
         out: the benchmark folder.
         delta: the target's tolerance (default: the metric's, 1 point).
@@ -252,8 +257,16 @@ def benchmark(config: RunConfig, strategies=DEFAULT_STRATEGIES, seeds=5, *, out=
     from fedloop.config import STRATEGIES
 
     strategies = tuple(strategies)
-    if not strategies or any(s not in STRATEGIES for s in strategies) or len(set(strategies)) != len(strategies):
-        raise ValueError(f"strategies must be distinct names from {STRATEGIES}; got strategies = {strategies}")
+    variants = dict(variants or {})
+    for label, changes in variants.items():
+        if not isinstance(label, str) or not label or "/" in label or label in STRATEGIES \
+                or not isinstance(changes, dict) or changes.get("strategy") not in STRATEGIES:
+            raise ValueError(f"variants must map a new label (no '/') to config changes with a strategy from "
+                             f"{STRATEGIES}; got {label!r}: {changes!r:.80}")
+        config.replace(**changes)  # validated now, not after hours of runs
+    known = STRATEGIES + tuple(variants)
+    if not strategies or any(s not in known for s in strategies) or len(set(strategies)) != len(strategies):
+        raise ValueError(f"strategies must be distinct names from {known}; got strategies = {strategies}")
     if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
         if seeds < 1:
             raise ValueError(f"seeds must be >= 1; got seeds = {seeds}")
@@ -271,7 +284,7 @@ def benchmark(config: RunConfig, strategies=DEFAULT_STRATEGIES, seeds=5, *, out=
     bar = tqdm(jobs, desc=f"benchmark {config.task}", unit="run", disable=not progress)
     for s, k in bar:
         bar.set_postfix(strategy=s, seed=k)
-        cfg = config.replace(strategy=s, seed=k, out=str(out / s / f"seed{k}"))
+        cfg = config.replace(**{"strategy": s, **variants.get(s, {})}, seed=k, out=str(out / s / f"seed{k}"))
         runs[(s, k)] = _run_or_reuse(cfg, progress=False)
     bar.close()
     result = summarise(runs, metric, strategies, seeds, delta=delta)

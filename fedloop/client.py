@@ -27,6 +27,7 @@ from fedloop.config import RunConfig
 from fedloop.measure import ClientProbe
 from fedloop.strategies import derive_rng, derive_seed
 from fedloop.strategies import get as get_strategy
+from soft.feedback import residual, with_residual
 from soft.optim import TensorwiseAdam
 
 __all__ = ["RunFailed", "TrainReport", "Upload", "ClientPool", "LocalPool", "train_client"]
@@ -89,6 +90,9 @@ class LocalPool:
                 if self.hook is not None:
                     self.hook(t + 1, k)
                 self.local_factors[k], self.heads[k], losses[k] = self.train_one(t, k)
+                if s.config.error_feedback != "none":  # send from local + what was not sent before
+                    self.local_factors[k] = with_residual(self.local_factors[k], s.residuals[k])
+                    s.residuals[k] = residual(self.local_factors[k], s.global_factors)  # until it sends
             except RunFailed:
                 raise
             except Exception as exc:  # a failing client is dropped from this round, the run goes on
@@ -105,7 +109,18 @@ class LocalPool:
         for k in sent:
             payload, bits = s.strategy.encode(s.config, s.global_factors, self.local_factors[k], keep[k], t, k)
             out[k] = Upload(payload=payload, bits=bits, head=self.heads[k])
+            if s.config.error_feedback != "none":  # keep what this payload does not carry
+                s.residuals[k] = residual(self.local_factors[k], applied(s, payload, keep[k]))
         return out
+
+
+def applied(server, payload, keep: int) -> dict:
+    """The global factors plus what ``payload`` carries, as the server will read it."""
+    item = server.strategy.decode(payload, keep, server)
+    if hasattr(item, "apply_to"):  # SOFT's wire payload
+        return item.apply_to(server.global_factors)
+    return {n: (A + da.to(A.dtype), B + db.to(B.dtype))  # topk: dense increments with zeros
+            for (n, (A, B)), da, db in zip(server.global_factors.items(), item.delta_a, item.delta_b, strict=True)}
 
 
 def train_client(cfg: RunConfig, task, global_factors: dict, global_head: dict, t: int, k: int, on_step=None):

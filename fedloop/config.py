@@ -10,7 +10,7 @@ from typing import Any
 
 import tomllib
 
-from fedloop.strategies import SOFT_STRATEGIES, STRATEGIES  # the strategy table (spec §8)
+from fedloop.strategies import SOFT_STRATEGIES, STRATEGIES, WIRE_STRATEGIES  # the strategy table (spec §8)
 
 __all__ = ["RunConfig", "STRATEGIES", "TASKS", "SOFT_STRATEGIES"]
 
@@ -76,6 +76,13 @@ class RunConfig:
     ``keep``: the bits of keeping ``keep`` of r components spent on a smaller adapter),
     ``keep`` (components per module for fixed, random, svd, lowrank, topk's bit budget),
     ``scope`` ("module" or "global" SOFT selection).
+    Communication: ``value_bits`` q, the precision of every uploaded value (32 float32, 16
+    float16, 8 or 4: integers with a scale per component and unbiased stochastic rounding,
+    ``soft.quantise``; the SOFT wire strategies, and ``topk`` at 32 or 16);
+    ``error_feedback`` ("none"; "rotated": each client keeps what it did not send, the dropped
+    components and the rounding residual, or its whole update when it is not scheduled, and
+    adds it to its next update, re-expressed in the basis of the server's
+    re-orthogonalisation; "fixed": the same without re-expressing it). In-process only.
     Wireless (spec §2, §9): ``bandwidth_hz``, ``budget_factor`` (τ̄ = factor × median dense
     latency, so dense uploads do not fit when < 1), ``latency_budget_s`` (overrides),
     ``relative_v`` the scale-free V (error profiles are divided by the round's mean dense update
@@ -105,6 +112,8 @@ class RunConfig:
     alpha: float | None = None
     keep: int = 2
     scope: str = "module"
+    value_bits: int = 32
+    error_feedback: str = "none"
     local_steps: int = 4
     batch_size: int = 16
     lr: float = 2e-3
@@ -182,6 +191,16 @@ class RunConfig:
             bad("keep", f"must be an integer in 1..rank ({self.rank})")
         if self.scope not in ("module", "global"):
             bad("scope", "must be 'module' or 'global'")
+        if isinstance(self.value_bits, bool) or self.value_bits not in (32, 16, 8, 4):
+            bad("value_bits", "must be 32, 16, 8 or 4")
+        if self.value_bits != 32 and self.strategy not in WIRE_STRATEGIES + ("topk",):
+            bad("value_bits", f"below 32 applies to {', '.join(WIRE_STRATEGIES)} and topk")
+        if self.value_bits < 16 and (self.strategy == "topk" or self.scope == "global"):
+            bad("value_bits", "8 and 4 need per-module SOFT payloads (not topk, not scope = 'global')")
+        if self.error_feedback not in ("none", "rotated", "fixed"):
+            bad("error_feedback", "must be 'none', 'rotated' or 'fixed'")
+        if self.error_feedback != "none" and self.strategy not in WIRE_STRATEGIES + ("topk",):
+            bad("error_feedback", f"applies to {', '.join(WIRE_STRATEGIES)} and topk")
         if self.optimizer not in ("auto", "adamw", "tadam", "sgd"):
             bad("optimizer", "must be 'auto', 'adamw', 'tadam' or 'sgd'")
         if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:
@@ -223,7 +242,7 @@ class RunConfig:
             bad("reorthogonalize", "must be None, true or false")
         _check_table("linear", self.linear, LINEAR_DEFAULTS)
         _check_table("distill", self.distill, DISTILL_DEFAULTS)
-        for name in ("split", "scope", "optimizer", "drift", "task", "strategy"):
+        for name in ("split", "scope", "optimizer", "drift", "task", "strategy", "error_feedback"):
             if not isinstance(getattr(self, name), str):
                 bad(name, "must be a string")
 

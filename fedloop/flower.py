@@ -170,7 +170,8 @@ def _task_for(cfg: RunConfig):
     key = json.dumps({k: v for k, v in cfg.to_dict().items()
                       if k not in ("rounds", "out", "checkpoint_every", "eval_every", "predict_every", "strategy",
                                    "keep", "relative_v", "budget_factor", "latency_budget_s", "cap_factor",
-                                   "allow_skip", "deadline_factor", "reject_norm_factor", "bandwidth_hz")},
+                                   "allow_skip", "deadline_factor", "reject_norm_factor", "bandwidth_hz", "value_bits",
+                                   "error_feedback")},
                      sort_keys=True)
     if key not in _TASKS:
         _TASKS.clear()
@@ -277,6 +278,9 @@ class TsfaStrategy(FedAvg):
         if config.strategy not in REMOTE_STRATEGIES:
             raise ValueError(f"strategy {config.strategy!r} is not supported on Flower; use one of "
                              f"{REMOTE_STRATEGIES}")
+        if config.error_feedback != "none":
+            raise ValueError(f"error_feedback = {config.error_feedback!r} runs in process only (the residuals live "
+                             "with the in-process clients); use error_feedback = 'none' on Flower")
         self.settings = settings or FlowerSettings()
         min_nodes = self.settings.min_nodes or config.clients
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1,

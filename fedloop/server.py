@@ -39,6 +39,7 @@ from fedloop.strategies import derive_rng
 from fedloop.strategies import get as get_strategy
 from fedloop.tasks import make_task
 from soft.baselines import ffa_bits
+from soft.feedback import rotate_residuals
 from tsfa import Cell, OnlineAllocator, min_latency_bandwidth
 from tsfa.model import LoraShape
 from tsfa.simulate import dense_latency_s
@@ -80,7 +81,7 @@ class Server:
         self.head_bits = 32 * sum(p.numel() for p in self.task.head().values())
         base = self.soft_shape = soft.shape_of(live)
         # The allocator's payload includes the dense head: header H + head bits.
-        self.shape = LoraShape(base.modules, base.rank, base.bits_per_value, base.header_bits + self.head_bits)
+        self.shape = LoraShape(base.modules, base.rank, cfg.value_bits, base.header_bits + self.head_bits)
         self.cell = Cell(total_bandwidth_hz=cfg.bandwidth_hz)
         self.clients = self.cell.sample_clients(cfg.clients, rng=derive_rng(cfg.seed, 11))
         self.compute_s = self.clients.compute_time_s(cfg.local_steps * cfg.batch_size * self.task.flops_per_sample)
@@ -103,6 +104,8 @@ class Server:
         self.global_factors = soft.reorthogonalize_factors(start) if cfg.resolved_reorthogonalize else start
         self.global_head = {k: v.detach().clone() for k, v in self.task.head().items()}
         self.folded = {n: None for n in self.names}  # Σ of deltas folded into frozen weights (ideal, svd)
+        # error feedback: the in-process clients' residuals (what each did not send), checkpointed with the run
+        self.residuals: list = [None] * cfg.clients
         self.history = History(config=cfg.to_dict())
         self.history.meta.update(latency_budget_s=self.tau_bar, dense_median_latency_s=self.dense_median_s,
                                  downlink_s=self.downlink_s, head_bits=self.head_bits,
@@ -135,7 +138,10 @@ class Server:
         if local is not None:  # the clients' full factors are here: what aggregation lost
             start.update(measure.aggregation_losses(self, ok, local, folded_before, pool.probes))
         if self.config.resolved_reorthogonalize:  # SOFT: near-orthogonal factors again, B·A unchanged
-            self.global_factors = soft.reorthogonalize_factors(self.global_factors)
+            before = self.global_factors
+            self.global_factors = soft.reorthogonalize_factors(before)
+            if self.config.error_feedback == "rotated":
+                self.residuals = rotate_residuals(self.residuals, before, self.global_factors)
         queue_before = self.policy.queue if isinstance(self.policy, OnlineAllocator) else math.nan
         if isinstance(self.policy, OnlineAllocator):
             self.policy.observe(latency)
@@ -353,7 +359,39 @@ class Server:
         out = {f"global/{n}/A": A for n, (A, _) in self.global_factors.items()}
         out |= {f"global/{n}/B": B for n, (_, B) in self.global_factors.items()}
         out |= {f"head/{n}": t for n, t in self.global_head.items()}
+        out |= {f"residual/{k}/{n}/{f}": t for k, e in enumerate(self.residuals) if e is not None
+                for n, pair in e.items() for f, t in zip("AB", pair, strict=True)}
         return out | {f"folded/{n}": t for n, t in self.folded.items() if t is not None}
+
+    def _residuals_from(self, tensors: dict) -> tuple[list, list]:
+        """The clients' residuals in a checkpoint's tensors (``residual/<client>/<module>/A|B``):
+        (list per client, names of the tensors that do not fit: wrong dtype or shape, a client
+        or module this run does not have, or a module with A or B missing)."""
+        out, odd = [None] * self.config.clients, []
+        for key in sorted(k for k in tensors if k.startswith("residual/")):
+            parts = key.split("/")
+            ok = len(parts) == 4 and parts[1].isdigit() and int(parts[1]) < self.config.clients \
+                and parts[2] in self.global_factors and parts[3] in ("A", "B")
+            if ok:
+                ref = self.global_factors[parts[2]][0 if parts[3] == "A" else 1]
+                ok = tensors[key].dtype == ref.dtype and tensors[key].shape == ref.shape \
+                    and bool(torch.isfinite(tensors[key]).all())
+            if not ok:
+                odd.append(key)
+                continue
+            k = int(parts[1])
+            out[k] = out[k] or {}
+            pair = out[k].get(parts[2], [None, None])
+            pair[0 if parts[3] == "A" else 1] = tensors[key]
+            out[k][parts[2]] = pair
+        for k, e in enumerate(out):
+            if e is not None:
+                if set(e) != set(self.names) or any(t is None for pair in e.values() for t in pair):
+                    odd.append(f"residual/{k}")
+                    out[k] = None
+                else:
+                    out[k] = {n: tuple(e[n]) for n in self.names}
+        return out, odd
 
     def save_checkpoint(self, folder) -> None:
         """Write ``folder/checkpoint.safetensors`` atomically (a crash leaves the previous one intact)."""
@@ -377,14 +415,17 @@ class Server:
         if mine != theirs:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise CheckpointError(f"cannot resume from {path}: it was written with a different config ({diff})")
-        want = {k: t for k, t in self.named_tensors().items() if not k.startswith("folded/")}
+        want = {k: t for k, t in self.named_tensors().items() if not k.startswith(("folded/", "residual/"))}
         folded = {n: tensors.get(f"folded/{n}") for n in self.names}
-        extra = sorted(set(tensors) - set(want) - {f"folded/{n}" for n in self.names})
+        residuals, odd_residuals = self._residuals_from(tensors)
+        extra = sorted(set(tensors) - set(want) - {f"folded/{n}" for n in self.names}
+                       - {k for k in tensors if k.startswith("residual/") and self.config.error_feedback != "none"})
         missing = sorted(set(want) - set(tensors))
         odd = sorted(k for k, t in want.items() if k in tensors and (tensors[k].shape != t.shape
                                                                      or tensors[k].dtype != t.dtype))
         odd += sorted(f"folded/{n}" for n, d in folded.items() if d is not None and (d.dtype != torch.float32 or d.shape
                       != (self.global_factors[n][1].shape[0], self.global_factors[n][0].shape[1])))
+        odd += odd_residuals
         if missing or extra or odd:
             raise CheckpointError(f"{path}: tensors do not fit this run (missing {missing}, unexpected {extra}, "
                                   f"wrong shape or dtype {odd})")
@@ -417,6 +458,7 @@ class Server:
         self.global_factors = {n: (tensors[f"global/{n}/A"], tensors[f"global/{n}/B"]) for n in self.names}
         self.global_head = {n: tensors[f"head/{n}"] for n in self.global_head}
         self.folded = folded
+        self.residuals = residuals
         for name, delta in folded.items():
             if delta is not None:
                 self.task.fold(name, delta)

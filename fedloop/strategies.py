@@ -40,7 +40,7 @@ from tsfa.allocator import DensePolicy, FixedPolicy, OnlineAllocator
 # torch and soft are imported inside the functions: ``fedloop.config`` reads this table, and
 # importing ``fedloop`` does not import torch.
 
-__all__ = ["Strategy", "STRATEGY_TABLE", "STRATEGIES", "SOFT_STRATEGIES", "REMOTE_STRATEGIES", "get",
+__all__ = ["Strategy", "STRATEGY_TABLE", "STRATEGIES", "SOFT_STRATEGIES", "REMOTE_STRATEGIES", "WIRE_STRATEGIES", "get",
            "encode_update", "derive_seed", "derive_rng"]
 
 
@@ -118,11 +118,15 @@ def _encode_wire(cfg, glob, local, keep, t, k):
 
     import soft
 
+    wire = torch.float16 if cfg.value_bits == 16 else torch.float32
     if cfg.strategy == "random":
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 41, t, k))
-        upd = soft.random_components(glob, local, int(keep), gen)
+        upd = soft.random_components(glob, local, int(keep), gen, dtype=wire)
     else:
-        upd = soft.sparsify(glob, local, int(keep), scope="module" if cfg.strategy == "fedit" else cfg.scope)
+        upd = soft.sparsify(glob, local, int(keep), scope="module" if cfg.strategy == "fedit" else cfg.scope,
+                            dtype=wire)
+    if cfg.value_bits < 16:  # unbiased stochastic rounding, seeded from (seed, round, client)
+        upd = soft.quantise(upd, cfg.value_bits, torch.Generator().manual_seed(derive_seed(cfg.seed, 43, t, k)))
     data = upd.encode()
     return data, 8 * len(data)
 
@@ -135,7 +139,9 @@ def encode_update(cfg, glob: dict, local: dict, keep: int, t: int, k: int) -> by
 def _decode_wire(data, keep, server):
     import soft
 
-    upd = soft.decode(data, server.soft_shape)
+    quantised = isinstance(data, (bytes, bytearray)) and len(data) > 3 and data[3] >= 2  # the dtype code byte
+    upd = soft.decode_quantised(data, server.soft_shape).dequantised() if quantised \
+        else soft.decode(data, server.soft_shape)
     if upd.keep != int(keep):
         raise soft.WireFormatError(f"payload keeps {upd.keep} components, {int(keep)} were allocated")
     return upd
@@ -177,7 +183,7 @@ def _aggregate_ideal(server, decoded, weights):
 def _encode_topk(cfg, glob, local, keep, t, k):
     from soft.baselines import topk_elementwise
 
-    data = topk_elementwise(glob, local, int(keep)).encode()
+    data = topk_elementwise(glob, local, int(keep), bits_per_value=cfg.value_bits).encode()
     return data, 8 * len(data)
 
 
@@ -282,6 +288,8 @@ STRATEGIES = tuple(STRATEGY_TABLE)
 SOFT_STRATEGIES = tuple(s.name for s in STRATEGY_TABLE.values() if s.soft)
 #: Strategies whose clients can run elsewhere (:mod:`fedloop.flower`): SOFT wire payloads.
 REMOTE_STRATEGIES = tuple(s.name for s in STRATEGY_TABLE.values() if s.remote)
+#: Strategies whose clients send SOFT's wire payload (value precision, error feedback apply).
+WIRE_STRATEGIES = tuple(s.name for s in STRATEGY_TABLE.values() if s.encode is _encode_wire)
 
 
 def get(name: str) -> Strategy:

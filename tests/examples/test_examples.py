@@ -122,3 +122,19 @@ def test_testbed_short(tmp_path):
     assert isinstance(row["adapter_carries"], bool) and isinstance(row["rank_matters"], bool)
     saved = json.loads((tmp_path / "testbed.json").read_text())
     assert saved[0]["r2_final"] == row["r2_final"] and (tmp_path / "testbed.csv").is_file()
+
+
+def test_communication_short(tmp_path):
+    """Example 10 on a tiny linear task: variants with error feedback and 8-bit values run under
+    the protocol; the 8-bit variant sends fewer bits; the paired comparisons are reported."""
+    ex = load("10_communication.py")
+    assert ex.main(["--quick", "--seeds", "2", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path)]) == 0
+    s = json.loads((tmp_path / "communication_linear.json").read_text())
+    rows = {r["strategy"]: r for r in s["rows"]}
+    assert set(rows) == set(ex.QUICK)
+    assert rows["fixed+ef+q8"]["uplink_bits_mean"] < 0.35 * rows["fixed+ef"]["uplink_bits_mean"]
+    assert rows["fixed+ef"]["uplink_bits_mean"] == rows["fixed"]["uplink_bits_mean"]  # same keep, same bits
+    assert set(s["paired_at_equal_bits"]) == {"topk+ef", "fixed"}
+    run = RunConfig.from_dict(json.loads((tmp_path / "runs/linear/fixed+ef/seed0/history.json").read_text())["config"])
+    assert run.error_feedback == "rotated" and run.strategy == "fixed"
+    assert (tmp_path / "communication_linear.png").stat().st_size > 20_000

@@ -103,3 +103,8 @@ def test_benchmark_rejects_bad_arguments(tmp_path):
         benchmark(lin(tmp_path), ("fedit",), seeds=0, out=tmp_path, progress=False)
     with pytest.raises(ValueError, match="delta"):
         benchmark(lin(tmp_path), ("fedit",), seeds=1, delta=-1.0, out=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="variants"):
+        benchmark(lin(tmp_path), ("fedit",), seeds=1, out=tmp_path, progress=False, variants={"fedit": {}})
+    with pytest.raises(ValueError, match="error_feedback"):  # checked before any run
+        benchmark(lin(tmp_path), ("x",), seeds=1, out=tmp_path, progress=False,
+                  variants={"x": {"strategy": "fixed", "error_feedback": "maybe"}})

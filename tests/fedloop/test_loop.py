@@ -232,3 +232,78 @@ def test_the_ledger_writes_only_declared_columns(tmp_path):
         assert "covariance_sq" in h.rounds[0] and "dropped_energy" in h.rounds[0]
     with pytest.raises(KeyError, match="unknown ledger column 'covariance'"):
         h.column("covariance")
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_value_precision_ledger_bits_are_the_encoded_bytes(tmp_path, bits):
+    cfg = lin(tmp_path, strategy="tsfa", rounds=2, value_bits=bits)
+    h = run(cfg, progress=False)
+    r = Server(cfg)
+    shape = tsfa_shape(r, bits)
+    sent = [row for row in h.clients if row["status"] == "ok"]
+    assert sent
+    for row in sent:
+        assert row["uplink_bits"] == shape.payload_bits(row["keep"]) + r.head_bits
+    assert r.shape.bits_per_value == bits  # the allocator prices the same payload
+
+
+def tsfa_shape(server, bits):
+    from tsfa import LoraShape
+
+    s = server.soft_shape
+    return LoraShape(s.modules, s.rank, bits, s.header_bits)
+
+
+@pytest.mark.parametrize("mode", ["rotated", "fixed"])
+def test_error_feedback_resume_is_bit_identical(tmp_path, mode):
+    kw = dict(strategy="tsfa", checkpoint_every=3, error_feedback=mode, value_bits=8)
+    full = run(lin(tmp_path, rounds=6, out=str(tmp_path / "a"), **kw), progress=False)
+    run(lin(tmp_path, rounds=3, out=str(tmp_path / "b"), **kw), progress=False)
+    resumed = run(lin(tmp_path, rounds=6, out=str(tmp_path / "b"), **kw), resume=True, progress=False)
+    strip = lambda h: History.from_dict(h.to_dict()).to_dict()  # noqa: E731
+    a_rows, b_rows = strip(full), strip(resumed)
+    for rows in (a_rows, b_rows):
+        for r in rows["rounds"]:
+            r.pop("solve_time_s")
+    assert b_rows["rounds"] == a_rows["rounds"] and b_rows["clients"] == a_rows["clients"]
+    ta, _ = load_checkpoint(tmp_path / "a")
+    tb, _ = load_checkpoint(tmp_path / "b")
+    assert set(ta) == set(tb) and any(k.startswith("residual/") for k in ta)
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+
+
+def test_error_feedback_keeps_what_a_client_did_not_send(tmp_path):
+    """After a round, every client's residual is its effective local factors minus what the
+    server applied from its payload (the whole update when it sent nothing)."""
+    from fedloop.client import applied
+
+    cfg = lin(tmp_path, strategy="fixed", rounds=1, keep=1, error_feedback="fixed", reorthogonalize=False)
+    server = Server(cfg)
+    pool = LocalPool(server)
+    glob = soft.clone_factors(server.global_factors)
+    server.step(pool)
+    for k in range(cfg.clients):
+        eff = pool.local_factors[k]
+        payload, _ = server.strategy.encode(cfg, glob, eff, 1, 0, k)
+        server_now = server.global_factors
+        server.global_factors = glob
+        sent = applied(server, payload, 1)
+        server.global_factors = server_now
+        for n, (eA, eB) in server.residuals[k].items():
+            assert torch.allclose(eA, eff[n][0] - sent[n][0]) and torch.allclose(eB, eff[n][1] - sent[n][1])
+            # keep 1 of 4 components: the residual holds the other three, so it is not zero
+            assert float(eA.norm()) > 0
+
+
+def test_error_feedback_and_precision_settings_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="value_bits"):
+        lin(tmp_path, value_bits=12)
+    with pytest.raises(ValueError, match="value_bits"):
+        lin(tmp_path, strategy="topk", value_bits=8)
+    with pytest.raises(ValueError, match="value_bits"):
+        lin(tmp_path, strategy="svd", value_bits=16)
+    with pytest.raises(ValueError, match="error_feedback"):
+        lin(tmp_path, error_feedback="yes")
+    with pytest.raises(ValueError, match="error_feedback"):
+        lin(tmp_path, strategy="head", error_feedback="rotated")

@@ -105,3 +105,23 @@ def test_hostile_quantised_payloads_are_refused():
         decode(bytes(data), u.shape)  # the float decoder does not read int codes
     with pytest.raises(ValueError, match="bits"):
         quantise(u, 6)
+
+
+def test_rotated_residual_keeps_the_product_through_reorthogonalisation():
+    """(B + e_B)(A + e_A) is unchanged when the factors are re-orthogonalised and the residual
+    is re-expressed with the same change of basis."""
+    from soft import reorthogonalize_factors
+    from soft.feedback import basis_change, rotate_residuals
+
+    before = rand_factors(5, dtype=torch.float64)
+    after = reorthogonalize_factors(before)
+    g = torch.Generator().manual_seed(1)
+    res = {n: (0.1 * torch.randn(A.shape, generator=g, dtype=torch.float64),
+               0.1 * torch.randn(B.shape, generator=g, dtype=torch.float64)) for n, (A, B) in before.items()}
+    (rot,) = rotate_residuals([res], before, after)
+    for n, (A, B) in before.items():
+        A2, B2 = after[n]
+        M, Minv = basis_change(before, after)[n]
+        assert torch.allclose(M @ A, A2, atol=1e-9) and torch.allclose(B @ Minv, B2, atol=1e-9)
+        assert torch.allclose((B + res[n][1]) @ (A + res[n][0]), (B2 + rot[n][1]) @ (A2 + rot[n][0]), atol=1e-9)
+    assert rotate_residuals([None], before, after) == [None]
