@@ -33,13 +33,13 @@ import torch
 from soft.update import (
     _HEAD,
     _MAGIC,
-    HEADER_BYTES,
     WIRE_VERSION,
     RankSparseUpdate,
     WireFormatError,
     _structure_problem,
     _values_problem,
-    payload_bytes,
+    read_header,
+    read_masks,
     shape_tag,
 )
 from tsfa.model import LoraShape
@@ -173,35 +173,15 @@ def decode_quantised(data: bytes, shape: LoraShape) -> QuantisedUpdate:
     """Parse a payload of :meth:`QuantisedUpdate.encode` for this adapter shape (any
     ``bits_per_value``: the payload's dtype code sets q). Raises :class:`WireFormatError`
     naming what is wrong; an accepted payload re-encodes to the same bytes."""
-    data = payload_bytes(data, shape)
-    if len(data) < HEADER_BYTES:
-        raise WireFormatError(f"payload truncated: {len(data)} bytes, shorter than the {HEADER_BYTES}-byte header")
-    magic, version, code, r, L, keep, tag = _HEAD.unpack_from(data, 0)
-    (crc,) = struct.unpack_from("<I", data, _HEAD.size)
-    if magic != _MAGIC or version != WIRE_VERSION:
-        raise WireFormatError(f"not a SOFT payload of wire version {WIRE_VERSION} (magic {magic!r}, version {version})")
+    data, code, keep, crc = read_header(data, shape)
     bits = {v: k for k, v in _CODE.items()}.get(code)
     if bits is None:
         raise WireFormatError(f"dtype code {code} is not a quantised payload (2 = int8, 3 = int4)")
-    if r != shape.rank or L != shape.num_modules or tag != shape_tag(shape):
-        raise WireFormatError("the payload was encoded for another adapter (rank, module count or shape tag)")
-    if not 1 <= keep <= r:
-        raise WireFormatError(f"keep = {keep} outside 1..{r}")
-    wire = LoraShape(shape.modules, shape.rank, bits, 8 * HEADER_BYTES)
-    if len(data) != wire.payload_bits(keep) // 8:
-        raise WireFormatError(f"payload length {len(data)} bytes, expected {wire.payload_bits(keep) // 8} "
-                              f"for keep = {keep} at {bits} bits")
-    if zlib.crc32(data[HEADER_BYTES:], zlib.crc32(data[: _HEAD.size])) != crc:
-        raise WireFormatError("checksum mismatch: the payload is corrupted")
-    mask_bytes = wire.mask_bits // 8
-    all_bits = np.unpackbits(np.frombuffer(data, np.uint8, mask_bytes, HEADER_BYTES))
-    if all_bits[L * r:].any():
-        raise WireFormatError(f"mask padding bits (after the {L * r} mask bits) must be zero")
-    mask = all_bits[: L * r].reshape(L, r)
+    L = shape.num_modules
+    wire, mask, off = read_masks(data, shape, bits, keep, crc)
     counts = mask.sum(axis=1)
     if np.any(counts != keep):
         raise WireFormatError(f"masks set {counts.tolist()} components per module; expected keep = {keep} each")
-    off = HEADER_BYTES + mask_bytes
     scales = np.frombuffer(data, "<f4", 2 * keep * L, off).astype(np.float32).reshape(L, keep, 2)
     off += 8 * keep * L
     if not np.all(np.isfinite(scales)) or np.any(scales < 0):

@@ -285,14 +285,10 @@ def sparsify(old: Factors, new: Factors, keep: int, *, dtype=torch.float32, scop
     return updates_from_indices(old, new, indices, keep, dtype)
 
 
-def decode(data: bytes, shape: LoraShape) -> RankSparseUpdate:
-    """Parse a payload produced by :meth:`RankSparseUpdate.encode` for this adapter shape.
-
-    Raises :class:`WireFormatError` naming what is wrong (magic, version, dtype, rank,
-    module count, keep, shape tag, length, checksum, mask popcounts or padding bits, or a
-    value that is not finite — named by module, component and factor — even under a valid
-    checksum). An accepted payload re-encodes to the same bytes.
-    """
+def read_header(data, shape: LoraShape) -> tuple[bytes, int, int, int]:
+    """(bytes, dtype code, keep, CRC) of a SOFT payload's header, checked against ``shape``:
+    not empty or truncated, magic, version, rank, module count, shape tag, keep in 1..r
+    (a :class:`WireFormatError` naming what is wrong). The dtype code is the caller's to check."""
     data = payload_bytes(data, shape)
     if len(data) == 0:
         raise WireFormatError("empty payload: a client keeping 0 components sends nothing, there is nothing to decode")
@@ -304,8 +300,6 @@ def decode(data: bytes, shape: LoraShape) -> RankSparseUpdate:
         raise WireFormatError(f"bad magic {magic!r}: not a SOFT payload (expected {_MAGIC!r})")
     if version != WIRE_VERSION:
         raise WireFormatError(f"unsupported wire version {version} (this decoder reads {WIRE_VERSION})")
-    if code not in _DTYPES:
-        raise WireFormatError(f"unknown dtype code {code} (0 = float32, 1 = float16)")
     if r != shape.rank or L != shape.num_modules:
         raise WireFormatError(
             f"payload is for rank {r} with {L} modules; the receiver's adapter has rank {shape.rank} "
@@ -315,24 +309,46 @@ def decode(data: bytes, shape: LoraShape) -> RankSparseUpdate:
         raise WireFormatError("shape tag mismatch: the payload was encoded for different module names or sizes")
     if not 1 <= keep <= r:
         raise WireFormatError(f"keep = {keep} outside 1..{r}")
-    dtype, np_dtype, q = _DTYPES[code]
-    wire_shape = LoraShape(shape.modules, shape.rank, q, 8 * HEADER_BYTES)
-    expected = wire_shape.payload_bits(keep) // 8
+    return data, code, keep, crc
+
+
+def read_masks(data: bytes, shape: LoraShape, q: int, keep: int, crc: int) -> tuple[LoraShape, np.ndarray, int]:
+    """After :func:`read_header`: the length for ``keep`` at ``q`` bits, the checksum and the
+    masks' padding bits, checked; returns (the wire's LoraShape, the L×r mask, the offset
+    after the masks)."""
+    L, r = shape.num_modules, shape.rank
+    wire = LoraShape(shape.modules, shape.rank, q, 8 * HEADER_BYTES)
+    expected = wire.payload_bits(keep) // 8
     if len(data) != expected:
-        raise WireFormatError(f"payload length {len(data)} bytes, expected {expected} for keep = {keep}")
+        raise WireFormatError(f"payload length {len(data)} bytes, expected {expected} for keep = {keep} at {q} bits")
     if zlib.crc32(data[HEADER_BYTES:], zlib.crc32(data[: _HEAD.size])) != crc:
         raise WireFormatError("checksum mismatch: the payload is corrupted")
-    mask_bytes = wire_shape.mask_bits // 8
+    mask_bytes = wire.mask_bits // 8
     all_bits = np.unpackbits(np.frombuffer(data, np.uint8, mask_bytes, HEADER_BYTES))
     if all_bits[L * r:].any():
         raise WireFormatError(f"mask padding bits (after the {L * r} mask bits) must be zero")
-    bits = all_bits[: L * r].reshape(L, r)
+    return wire, all_bits[: L * r].reshape(L, r), HEADER_BYTES + mask_bytes
+
+
+def decode(data: bytes, shape: LoraShape) -> RankSparseUpdate:
+    """Parse a payload produced by :meth:`RankSparseUpdate.encode` for this adapter shape.
+
+    Raises :class:`WireFormatError` naming what is wrong (magic, version, dtype, rank,
+    module count, keep, shape tag, length, checksum, mask popcounts or padding bits, or a
+    value that is not finite — named by module, component and factor — even under a valid
+    checksum). An accepted payload re-encodes to the same bytes.
+    """
+    data, code, keep, crc = read_header(data, shape)
+    if code not in _DTYPES:
+        raise WireFormatError(f"unknown dtype code {code} (0 = float32, 1 = float16; 2, 3: soft.decode_quantised)")
+    L = shape.num_modules
+    dtype, np_dtype, q = _DTYPES[code]
+    wire_shape, bits, off = read_masks(data, shape, q, keep, crc)
     counts = bits.sum(axis=1)
     sizes = {m.out_features + m.in_features for m in shape.modules}
     if np.any(counts != keep) and (len(sizes) != 1 or counts.sum() != keep * L):
         raise WireFormatError(f"masks set {counts.tolist()} components per module; expected keep = {keep} each"
                               + (f" or {keep * L} in total" if len(sizes) == 1 else ""))
-    off = HEADER_BYTES + mask_bytes
     idxs, dbs, das = [], [], []
     size = q // 8
     for ell, mod in enumerate(shape.modules):
