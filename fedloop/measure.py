@@ -64,6 +64,7 @@ CLIENT_COLUMNS: dict[str, str] = {
     "status": '"ok", "skipped", "deadline" or "error: ..."',
     "keep": "components sent s_k",
     "uplink_bits": "bits uploaded (adapter payload and head)",
+    "downlink_bits": "bits received: the round's broadcast of the global adapter and head",
     "bandwidth_hz": "bandwidth allocated b_k [Hz]",
     "snr_hz": "the round's c_k = B·SNR_k per unit bandwidth [Hz]",
     "compute_s": "local computation time [s]",

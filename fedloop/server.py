@@ -340,7 +340,8 @@ class Server:
         for k in range(K):
             self.history.clients.append({
                 "round": t + 1, "client": k, "status": status[k], "keep": int(keep[k]),
-                "uplink_bits": int(bits[k]), "bandwidth_hz": float(decision.bandwidth_hz[k]),
+                "uplink_bits": int(bits[k]), "downlink_bits": int(self.broadcast_bits),
+                "bandwidth_hz": float(decision.bandwidth_hz[k]),
                 "snr_hz": float(snr[k]), "compute_s": float(self.compute_s[k]), "upload_s": float(decision.upload_s[k]),
                 "finish_s": float(finish[k]), "train_loss": float(report.losses[k]),
                 "dropped_energy": float(profiles[k, keep[k]]) if k in ok else math.nan,
