@@ -75,6 +75,8 @@ def test_run_config_maps_to_run_config():
 def test_strategy_rejects_what_flower_cannot_run(tmp_path):
     with pytest.raises(ValueError, match="not supported on Flower"):
         fl.TsfaStrategy(lin(tmp_path, strategy="svd"))
+    with pytest.raises(ValueError, match="in process only"):
+        fl.TsfaStrategy(lin(tmp_path, error_feedback="rotated"))
     with pytest.raises(FileNotFoundError, match="cannot resume"):
         fl.TsfaStrategy(lin(tmp_path / "none"), fl.FlowerSettings(resume=True))
     s = fl.TsfaStrategy(lin(tmp_path))
