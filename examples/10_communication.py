@@ -38,8 +38,13 @@ VARIANTS = {
     "fixed+ef+q8": {"strategy": "fixed", "value_bits": 8, **EF},
     "topk+ef": {"strategy": "topk", **EF},
     "random+ef": {"strategy": "random", **EF},
+    "tsfa+ef+q8": {"strategy": "tsfa", "value_bits": 8, **EF},
 }
-ORDER = ("ideal", "fedit", "head", "lowrank", "topk", "fixed", "fixed+ef", "fixed+ef+q8", "topk+ef", "random+ef")
+ORDER = ("ideal", "fedit", "head", "lowrank", "topk", "fixed", "fixed+ef", "fixed+ef+q8", "topk+ef", "random+ef",
+         "tsfa+ef+q8")
+#: On rt-distill (1–5 min a run on 2 cores) the set the claims need: the references, the frozen
+#: adapter, SOFT with error feedback, TSFA at 8 bits with it, and the other compressors with it.
+ORDER_DISTILL = ("ideal", "fedit", "head", "fixed+ef", "tsfa+ef+q8", "topk+ef", "random+ef")
 QUICK = ("fedit", "fixed", "fixed+ef", "fixed+ef+q8", "topk+ef")
 
 
@@ -69,7 +74,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a short run of five variants (the test suite)")
     args = ap.parse_args(argv)
     cfg = base_config(args.task)
-    order = ORDER
+    order = ORDER if args.task == "linear" else ORDER_DISTILL
     if args.quick:
         cfg = cfg.replace(rounds=4, clients=4, linear={"dim": 16, "samples": 64, "test_samples": 256})
         order = QUICK
@@ -102,7 +107,7 @@ def main(argv=None) -> int:
         rel = rows[soft_ef]["final_mean"] / ref["final_mean"] - 1
         summary["soft_ef_vs_fedit_final_relative"] = rel
         print(f"{soft_ef} final vs fedit: {100 * rel:+.1f} %")
-        for s in (soft_ef, "fixed+ef+q8"):
+        for s in (soft_ef, "fixed+ef+q8", "tsfa+ef+q8"):
             if rows.get(s, {}).get("reached") and ref["reached"]:
                 ratio = ref["bits_to_target_mean"] / rows[s]["bits_to_target_mean"]
                 summary[f"{s}_bits_to_target_saving_vs_fedit"] = ratio
