@@ -334,13 +334,13 @@ def plot_benchmark(b: Benchmark, path) -> Path:
         stats = [mean_ci(Y[:, j]) for j in range(n)]
         mean = np.array([m for m, _ in stats])
         half = np.nan_to_num(np.array([c for _, c in stats]))
-        color = f"C{i}"
+        color, style = f"C{i % 10}", ("-", "--", ":")[(i // 10) % 3]  # beyond 10 entries: dashed
         bits = np.mean([x[:n] for x in xs_bits], 0)
         silent = not np.any(bits > 0)  # head on a task without a head: nothing to place on the bits axis
         for ax, x in zip(axes, (xs_round[:n], bits, np.mean([x[:n] for x in xs_time], 0)), strict=True):
             if silent and ax is axes[1]:
                 continue
-            ax.plot(x, mean, color=color, label=s if not silent else f"{s} (0 uplink bits)", lw=1.6)
+            ax.plot(x, mean, color=color, ls=style, label=s if not silent else f"{s} (0 uplink bits)", lw=1.6)
             ax.fill_between(x, mean - half, mean + half, color=color, alpha=0.18, lw=0)
     if np.isfinite(b.target):
         for ax in axes:
