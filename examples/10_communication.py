@@ -36,12 +36,13 @@ EF = {"error_feedback": "rotated"}
 VARIANTS = {
     "fixed+ef": {"strategy": "fixed", **EF},
     "fixed+ef+q8": {"strategy": "fixed", "value_bits": 8, **EF},
+    "fixed+ef-unrotated": {"strategy": "fixed", "error_feedback": "fixed"},  # residual left in the old basis
     "topk+ef": {"strategy": "topk", **EF},
     "random+ef": {"strategy": "random", **EF},
     "tsfa+ef+q8": {"strategy": "tsfa", "value_bits": 8, **EF},
 }
-ORDER = ("ideal", "fedit", "head", "lowrank", "topk", "fixed", "fixed+ef", "fixed+ef+q8", "topk+ef", "random+ef",
-         "tsfa+ef+q8")
+ORDER = ("ideal", "fedit", "head", "lowrank", "topk", "fixed", "fixed+ef", "fixed+ef-unrotated", "fixed+ef+q8",
+         "topk+ef", "random+ef", "tsfa+ef+q8")
 #: On rt-distill (1–5 min a run on 2 cores) the set the claims need: the references, the frozen
 #: adapter, SOFT with error feedback, TSFA at 8 bits with it, and the other compressors with it.
 ORDER_DISTILL = ("ideal", "fedit", "head", "fixed+ef", "tsfa+ef+q8", "topk+ef", "random+ef")
@@ -84,17 +85,17 @@ def main(argv=None) -> int:
     lower = not metric.higher_is_better
     print(f"{args.task}: {len(bench.seeds)} seeds; reference {bench.reference}, target {bench.target:.4g}; "
           f"equal uplink bits {bench.equal_bits / 1e6:.3g} Mbit")
-    print(f"{'variant':12s} {'final':>18s} {'uplink Mbit':>12s} {'bits to target (Mbit)':>24s} {'at equal bits':>18s}")
+    print(f"{'variant':18s} {'final':>18s} {'uplink Mbit':>12s} {'bits to target (Mbit)':>24s} {'at equal bits':>18s}")
     for s in order:
         r = rows[s]
         reach = (f"{r['bits_to_target_mean'] / 1e6:.3g} ± {r['bits_to_target_ci'] / 1e6:.2g} ({r['reached']}/"
                  f"{r['seeds']})" if r["reached"] else f"not reached (0/{r['seeds']})")
-        print(f"{s:12s} {r['final_mean']:10.4f} ± {r['final_ci']:.4f} {r['uplink_bits_mean'] / 1e6:12.3g} "
+        print(f"{s:18s} {r['final_mean']:10.4f} ± {r['final_ci']:.4f} {r['uplink_bits_mean'] / 1e6:12.3g} "
               f"{reach:>24s} {r['at_equal_bits_mean']:10.4f} ± {r['at_equal_bits_ci']:.4f}")
     summary = {"task": args.task, "seeds": list(bench.seeds), "reference": bench.reference, "target": bench.target,
                "equal_bits": bench.equal_bits, "rows": bench.summary, "paired_at_equal_bits": {}}
     soft_ef = "fixed+ef"
-    for other in ("topk+ef", "random+ef", "fixed"):
+    for other in ("topk+ef", "random+ef", "fixed", "fixed+ef-unrotated"):
         if other in rows and soft_ef in rows:
             mean, ci, budget = paired_at_equal_bits(bench, soft_ef, other)
             better = (mean < -ci) if lower else (mean > ci)
