@@ -214,8 +214,9 @@ class Calibration:
     def predict(self, rank, keep=None, rounds: int = 1, *, kept_share=None, level: float = 0.9, rng=0,
                 start=None, base=None, runs: int = 1, participation=None) -> Prediction:
         """The curve of (rank, keep) — or of a given kept share and participation χ² — over
-        rounds 0..``rounds`` with its ``level`` band (module docstring). ``start`` and ``base`` are the candidate's own known
-        ℓ_0 and F* + ε(r) where they differ from the pilots' (another seed, another data draw).
+        rounds 0..``rounds`` with its ``level`` band (module docstring). ``start`` and ``base``
+        are the candidate's own known ℓ_0 and F* + ε(r) where they differ from the pilots'
+        (another seed, another data draw).
         ``runs``: the band is for the mean curve of that many runs (1: one run's curve); each
         replicate adds the mean of ``runs`` resampled residuals per round."""
         if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
