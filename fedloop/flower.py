@@ -116,6 +116,8 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, Fl
         else:
             data[key.replace("-", "_")] = value
     data.update({name: values for name, values in tables.items() if values})
+    if "error_feedback" in data and data["error_feedback"] is None:  # its off value is the string "none"
+        data["error_feedback"] = "none"
     for name in ("lr", "head_lr", "bandwidth_hz", "budget_factor", "relative_v", "dirichlet_alpha", "test_fraction",
                  "reject_norm_factor"):
         if isinstance(data.get(name), int) and not isinstance(data[name], bool):
