@@ -45,7 +45,7 @@ ORDER = ("ideal", "fedit", "head", "lowrank", "topk", "fixed", "fixed+ef", "fixe
          "topk+ef", "random+ef", "tsfa+ef+q8")
 #: On rt-distill (1–5 min a run on 2 cores) the set the claims need: the references, the frozen
 #: adapter, SOFT with error feedback, TSFA at 8 bits with it, and the other compressors with it.
-ORDER_DISTILL = ("ideal", "fedit", "head", "fixed+ef", "tsfa+ef+q8", "topk+ef", "random+ef")
+ORDER_DISTILL = ("ideal", "fedit", "head", "lowrank", "fixed+ef", "tsfa+ef+q8", "topk+ef", "random+ef")
 QUICK = ("fedit", "fixed", "fixed+ef", "fixed+ef+q8", "topk+ef")
 
 
