@@ -98,12 +98,20 @@ class OnlineAllocator(_Policy):
             the queue jumps, the next rounds skip, and small V alternates between the two for
             many rounds. Starting at the price that meets τ̄ avoids that start; Q then moves as
             usual, so the time-average latency still converges to within τ̄.
+        certify_every: with ``backend="fast"``, rounds 0, N, 2N, ... (N = ``certify_every``, counted
+            by :meth:`observe`) run the certified τ search of :func:`~tsfa.online.allocate`
+            (``lower_bound`` and ``gap`` set; about 10–20 knapsack relaxations over the whole τ
+            range) and the other rounds its uncertified fast path (``certify=False``: a secant
+            search on the relaxation's τ-derivative from the previous round's latency, typically
+            3–5 relaxations; ``lower_bound`` and ``gap`` NaN), which returned the same choice on
+            the default cell in the tests. 1 certifies every round; 0 never. Both drifts use it:
+            ``"exact"`` solves each of its linear problems this way. Other backends always certify.
     """
 
     def __init__(self, shape: LoraShape, *, latency_budget_s: float, weight_v: float, total_bandwidth_hz: float,
                  downlink_s: float = 0.0, max_latency_s: float | None = None, min_keep: int = 1,
                  allow_skip: bool = False, backend="fast", fallback: str = "relax_cap",
-                 queue: float | str = 0.0, drift: str = "linear"):
+                 queue: float | str = 0.0, drift: str = "linear", certify_every: int = 10):
         super().__init__(shape, total_bandwidth_hz=total_bandwidth_hz, downlink_s=downlink_s,
                          max_latency_s=max_latency_s, min_keep=min_keep, allow_skip=allow_skip)
         self.latency_budget_s = as_scalar("latency_budget_s", latency_budget_s, lower=0, strict=True)
@@ -117,6 +125,7 @@ class OnlineAllocator(_Policy):
         if drift not in ("linear", "exact"):
             raise ValueError(f"drift must be 'linear' or 'exact'; got drift = {drift!r}")
         self.drift = drift
+        self.certify_every = as_scalar("certify_every", certify_every, lower=0, integer=True)
         self.calibrating = isinstance(queue, str) and queue == "auto"
         self.queue = 0.0 if self.calibrating else as_scalar("queue", queue, lower=0)
         self.last_latency_s: float | None = None
@@ -149,21 +158,29 @@ class OnlineAllocator(_Policy):
         if self.drift == "exact":
             return self._exact_step(snr_hz, compute_s, error_profile, data_weight)
         prob = self.problem(snr_hz, compute_s, error_profile, data_weight, queue=self.queue, weight_v=self.weight_v)
-        alloc = allocate(prob, backend=self.backend, tau_hint=self.last_latency_s)
+        alloc = allocate(prob, backend=self.backend, tau_hint=self.last_latency_s, certify=self.certifies())
         if alloc.status is Status.INFEASIBLE:
             alloc = self._fall_back(prob, alloc)
         return alloc
+
+    def certifies(self) -> bool:
+        """Whether this round runs the certified search (``certify_every``; always for backends
+        other than ``"fast"``)."""
+        if self.backend != "fast":
+            return True
+        return self.certify_every > 0 and self.round % self.certify_every == 0
 
     def _exact_step(self, snr_hz, compute_s, error_profile, data_weight, iterations: int = 30) -> Allocation:
         """min V·P + ½·max(Q + τ − τ̄, 0)²: the linear problem at price q answers τ(q), decreasing in
         q; the exact objective's price is q = max(Q + τ − τ̄, 0), so bisect φ(q) = q − max(Q + τ(q) − τ̄, 0)
         on [0, Q + τ(0) − τ̄] and keep the best allocation seen under the exact objective."""
         queue, budget = self.queue, self.latency_budget_s
+        certify = self.certifies()
         seen = []
 
         def solve(q: float) -> Allocation:
             prob = self.problem(snr_hz, compute_s, error_profile, data_weight, queue=q, weight_v=self.weight_v)
-            alloc = allocate(prob, backend=self.backend, tau_hint=self.last_latency_s)
+            alloc = allocate(prob, backend=self.backend, tau_hint=self.last_latency_s, certify=certify)
             if alloc.status is Status.INFEASIBLE:
                 alloc = self._fall_back(prob, alloc)
             seen.append(alloc)
@@ -225,7 +242,7 @@ class OnlineAllocator(_Policy):
             raise InfeasibleError(failed.message)
         if self.fallback == "relax_cap":
             relaxed = dataclasses.replace(prob, max_latency_s=None)
-            alloc = allocate(relaxed, backend=self.backend, tau_hint=self.last_latency_s)
+            alloc = allocate(relaxed, backend=self.backend, tau_hint=self.last_latency_s, certify=self.certifies())
             note = f"relax_cap: {failed.message}; solved without max_latency_s"
         else:
             t0 = time.perf_counter()

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -48,6 +48,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "KnapsackSolution",
+    "Relaxation",
+    "mckp_relaxation",
+    "mckp_greedy",
     "solve_mckp_highspy",
     "build_mckp_pyomo",
     "solve_mckp_pyomo",
@@ -213,6 +216,34 @@ def _finish(
 # The LP relaxation (convex hull + greedy, exact) and reduced-cost fixing
 
 
+def _hull_if_chains_are_convex(W: np.ndarray, C: np.ndarray, mask: np.ndarray):
+    """:func:`_hull`'s answer when every client's allowed items are consecutive and already
+    form a convex chain (every increment lowers the cost, efficiencies strictly decreasing),
+    the common case of the online stage; None otherwise. Same values as the general loop."""
+    K, J = W.shape
+    if J < 2:
+        return None
+    count = mask.sum(axis=1)
+    first = np.argmax(mask, axis=1)
+    idx = np.arange(J)
+    if not np.array_equal(mask, (idx >= first[:, None]) & (idx < (first + count)[:, None])):
+        return None
+    has = np.zeros((K, J), dtype=bool)
+    has[:, 1:] = mask[:, 1:] & mask[:, :-1]
+    dW = np.ones((K, J))
+    dC = np.zeros((K, J))
+    with np.errstate(invalid="ignore"):
+        dW[:, 1:] = np.where(has[:, 1:], W[:, 1:] - W[:, :-1], 1.0)
+        dC[:, 1:] = np.where(has[:, 1:], C[:, 1:] - C[:, :-1], 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        eff = np.where(has, -dC / dW, np.nan)
+    if np.any(has & ~(eff > 0)):
+        return None
+    if np.any(has[:, 1:] & has[:, :-1] & ~(eff[:, 1:] < eff[:, :-1])):
+        return None
+    prev = np.where(has, idx - 1, -1)
+    return mask, prev, eff, dW, dC
+
 def _hull(W: np.ndarray, C: np.ndarray):
     """Lower convex hull of each client's allowed items in the (weight, cost) plane.
 
@@ -222,6 +253,9 @@ def _hull(W: np.ndarray, C: np.ndarray):
     """
     K, J = W.shape
     mask = np.isfinite(W)
+    quick = _hull_if_chains_are_convex(W, C, mask)
+    if quick is not None:
+        return quick
     idx = np.arange(J)
     rows = np.arange(K)[:, None]
     for _ in range(2 * J + 1):
@@ -248,15 +282,47 @@ def _hull(W: np.ndarray, C: np.ndarray):
     raise RuntimeError("convex hull did not converge")  # pragma: no cover
 
 
-def mckp_greedy(W: np.ndarray, C: np.ndarray, budget: float, fill: int = 256, return_split: bool = False):
-    """MCKP LP relaxation (exact, one multiplier) and a greedy integer solution.
+class Relaxation(NamedTuple):
+    """The MCKP LP relaxation at one budget (:func:`mckp_relaxation`).
 
-    Returns (lp_value, choice, multiplier) or (inf, None, nan) if even the lightest items
-    do not fit. ``multiplier`` is the efficiency of the split item (the LP's λ; 0 if every
-    item fits). With ``return_split`` a fourth value is the split item (k, j), or None.
+    Attributes:
+        value: the LP value (``inf`` when even the lightest items do not fit).
+        choice: int64 (K,), the greedy integer choice after the fill (feasible), or None.
+        whole: int64 (K,), the LP's integer part: per client the last hull vertex it takes
+            whole (``choice`` before the fill), or None.
+        multiplier: λ ≥ 0, the efficiency of the split increment (0 when everything fits).
+        split: (k, j_from, j_to), the increment the LP takes in part, or None.
+        fraction: the share θ ∈ [0, 1) of the split increment in the LP solution.
+    """
+
+    value: float
+    choice: np.ndarray | None
+    whole: np.ndarray | None
+    multiplier: float
+    split: tuple[int, int, int] | None
+    fraction: float
+
+
+def mckp_relaxation(W: np.ndarray, C: np.ndarray, budget: float, *, fill: int = 256,
+                    multiplier_hint: float | None = None) -> Relaxation:
+    """The MCKP LP relaxation (exact, one multiplier) and a greedy integer choice.
+
+    The relaxation takes each client's lower convex hull and fills the budget with hull
+    increments in order of efficiency −ΔC/ΔW; the increment that does not fit whole is
+    taken in part (the split, whose efficiency is the multiplier λ). The integer choice
+    drops the split and then adds later increments that still fit, in efficiency order,
+    keeping each client's chain intact (at most ``fill`` of them).
+
+    ``multiplier_hint`` (a λ from a nearby instance, e.g. the previous τ of a search) lets
+    the kernel sort only the increments with efficiency within a factor of the hint
+    instead of all of them; the LP (value, multiplier, split, whole) is the same, and the fill
+    then scans only those sorted increments. Without a hint, above 8192 increments, the kernel
+    estimates λ from a strided sample of them first. Unchecked input: W (K, J) ≥ 0 with ``inf`` for
+    items not allowed, C finite where W is finite, budget > 0 (:func:`solve_mckp_highspy`
+    validates; this kernel is the inner loop of the online search).
     """
     K = W.shape[0]
-    none = (math.inf, None, math.nan, None) if return_split else (math.inf, None, math.nan)
+    none = Relaxation(math.inf, None, None, math.nan, None, math.nan)
     # The hull walks each group's items in order of weight: sort groups that are not (in the
     # online stage they are, b^min grows with s, except for skipped and disallowed options).
     perm = None
@@ -274,39 +340,82 @@ def mckp_greedy(W: np.ndarray, C: np.ndarray, budget: float, fill: int = 256, re
     if left < -1e-12 * budget:
         return none
     kk, jj = np.nonzero(mask & (prev >= 0))  # row-major: chain order within each client
-    e = eff[kk, jj]
-    order = np.argsort(-e, kind="stable")  # by efficiency, ties in (client, item) order
-    kk, jj, e = kk[order], jj[order], e[order]
-    w, c = dW[kk, jj], dC[kk, jj]
-    cum = np.cumsum(w)
-    n = int(np.searchsorted(cum, left, side="right"))
-    choice = base.copy()
-    if n:
-        np.maximum.at(choice, kk[:n], jj[:n])
-    lp = base_cost + c[:n].sum()
-    mult = 0.0
-    split = None
-    if n < len(w):
-        rem = left - (cum[n - 1] if n else 0.0)
-        lp += c[n] * rem / w[n]
-        mult = float(e[n])
-        split = (int(kk[n]), int(jj[n]))
-        # Integer fill: later increments that still fit, in order, keeping each chain intact.
-        stop = min(len(w), n + 1 + fill)
-        tail_min = np.minimum.accumulate(w[n + 1:stop][::-1])[::-1]
-        for i in range(n + 1, stop):
-            if tail_min[i - n - 1] > rem:
+    e, w, c = eff[kk, jj], dW[kk, jj], dC[kk, jj]
+    # The increments taken whole (``taken``), the split (index into kk, or -1) and the ones after it.
+    window = None
+    if multiplier_hint is None and len(w) > 8192:  # estimate λ from every m-th increment, sorted
+        m = len(w) // 2048
+        es = e[::m]
+        o = np.argsort(-es)
+        n_s = int(np.searchsorted(np.cumsum(w[::m][o]) * m, left, side="right"))
+        multiplier_hint = float(es[o[min(n_s, len(o) - 1)]])
+    if multiplier_hint is not None and multiplier_hint > 0 and len(w):
+        for f in (1.15, 4.0):
+            above = e > multiplier_hint * f
+            w_above = w[above].sum()
+            if w_above > left:
+                continue
+            mid = np.flatnonzero((e >= multiplier_hint / f) & ~above)
+            if w_above + w[mid].sum() > left:
+                window = above, mid, w_above
                 break
-            if w[i] <= rem and prev[kk[i], jj[i]] == choice[kk[i]]:
-                choice[kk[i]] = jj[i]
-                rem -= w[i]
+    if window is not None:
+        above, mid, w_above = window
+        order = mid[np.argsort(-e[mid], kind="stable")]  # ties in (client, item) order, as a full sort
+        cum = w_above + np.cumsum(w[order])
+        n = int(np.searchsorted(cum, left, side="right"))
+        taken = np.concatenate([np.flatnonzero(above), order[:n]])
+        used = cum[n - 1] if n else w_above
+    else:
+        order = np.argsort(-e, kind="stable")  # by efficiency, ties in (client, item) order
+        cum = np.cumsum(w[order])
+        n = int(np.searchsorted(cum, left, side="right"))
+        taken = order[:n]
+        used = cum[n - 1] if n else 0.0
+    choice = base.copy()
+    if len(taken):
+        np.maximum.at(choice, kk[taken], jj[taken])
+    whole = choice.copy()
+    lp = base_cost + c[taken].sum()
+    mult, split, frac = 0.0, None, 0.0
+    if n < len(order):
+        i = order[n]
+        rem = left - used
+        frac = float(rem / w[i])
+        lp += c[i] * frac
+        mult = float(e[i])
+        split = (int(kk[i]), int(prev[kk[i], jj[i]]), int(jj[i]))
+        # Integer fill: later increments that still fit, in order, keeping each chain intact.
+        tail = order[n + 1:n + 1 + fill]
+        wt = w[tail]
+        tail_min = np.minimum.accumulate(wt[::-1])[::-1]
+        for t in range(len(tail)):
+            if tail_min[t] > rem:
+                break
+            q = tail[t]
+            if wt[t] <= rem and prev[kk[q], jj[q]] == choice[kk[q]]:
+                choice[kk[q]] = jj[q]
+                rem -= wt[t]
     if perm is not None:
-        choice = perm[rows, choice]
+        choice, whole = perm[rows, choice], perm[rows, whole]
         if split is not None:
-            split = (split[0], int(perm[split[0], split[1]]))
+            split = (split[0], int(perm[split[0], split[1]]), int(perm[split[0], split[2]]))
+    return Relaxation(float(lp), choice, whole, mult, split, frac)
+
+
+def mckp_greedy(W: np.ndarray, C: np.ndarray, budget: float, fill: int = 256, return_split: bool = False):
+    """MCKP LP relaxation (exact, one multiplier) and a greedy integer solution.
+
+    Returns (lp_value, choice, multiplier) or (inf, None, nan) if even the lightest items
+    do not fit. ``multiplier`` is the efficiency of the split item (the LP's λ; 0 if every
+    item fits). With ``return_split`` a fourth value is the split item (k, j), or None.
+    (:func:`mckp_relaxation` returns the whole solution.)
+    """
+    rel = mckp_relaxation(W, C, budget, fill=fill)
+    split = None if rel.split is None else (rel.split[0], rel.split[2])
     if return_split:
-        return float(lp), choice, mult, split
-    return float(lp), choice, mult
+        return rel.value, rel.choice, rel.multiplier, split
+    return rel.value, rel.choice, rel.multiplier
 
 
 def _maybe_reduce(inst: _Instance, reduce: bool, cutoff: float | None):

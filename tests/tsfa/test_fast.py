@@ -1,0 +1,184 @@
+"""The online allocator's uncertified fast path (``allocate(..., certify=False)``) and its kernels."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.tsfa.test_online import _default_cell_problem, make, problems
+from tsfa import Status, min_latency_bandwidth, minilm_l6_qv
+from tsfa.allocator import OnlineAllocator
+from tsfa.knapsack import _hull, mckp_greedy, mckp_relaxation
+from tsfa.online import _min_bandwidth_grid, allocate, allocate_uncertified
+from tsfa.rate import min_bandwidth
+
+
+def check_feasible_uncertified(p, a):
+    assert a.success
+    assert np.all(a.bandwidth_hz >= 0) and a.bandwidth_hz.sum() <= p.total_bandwidth_hz * (1 + 1e-9)
+    sch = a.keep > 0
+    assert np.all(a.keep[sch] >= p.min_keep) and np.all(a.keep <= p.shape.rank)
+    if not p.allow_skip:
+        assert sch.all()
+    fin = p.downlink_s + p.compute_s[sch] + a.upload_time_s[sch]
+    assert np.all(fin <= a.latency_s * (1 + 1e-9))
+    if p.max_latency_s is not None:
+        assert a.latency_s <= p.max_latency_s * (1 + 1e-9)
+    assert a.objective == pytest.approx(p.weight_v * a.dropped_energy + p.queue * a.latency_s, rel=1e-12)
+    assert math.isnan(a.lower_bound) and math.isnan(a.gap) and "not certified" in a.message
+
+
+@pytest.mark.parametrize("k", [20, 100])
+def test_fast_path_equals_certified_on_default_cell(k):
+    p = _default_cell_problem(k)
+    certified, fast = allocate(p), allocate(p, certify=False)
+    exact = allocate(p, backend="milp")
+    check_feasible_uncertified(p, fast)
+    np.testing.assert_array_equal(fast.keep, certified.keep)
+    assert fast.objective <= exact.objective * (1 + 1e-3)
+    assert fast.objective >= exact.lower_bound * (1 - 1e-9)
+
+
+@settings(max_examples=40)
+@given(problems, st.sampled_from([None, 0.5, 1.0, 2.0]))
+def test_fast_path_within_0_1_percent_of_exact(p, hint_scale):
+    exact = allocate(p, backend="milp")
+    hint = None if hint_scale is None else exact.latency_s * hint_scale
+    fast = allocate(p, certify=False, tau_hint=hint)
+    assert fast.objective <= exact.objective * (1 + 1e-3) + 1e-12
+    assert fast.objective >= exact.lower_bound * (1 - 1e-7) - 1e-12
+    if math.isnan(fast.lower_bound):
+        check_feasible_uncertified(p, fast)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_fast_path_within_0_1_percent_on_random_cells(seed):
+    """Seeded default-cell draws: K, Q, V, skipping and the warm start vary."""
+    rng = np.random.default_rng(seed)
+    k = int(rng.choice([30, 60, 150, 400]))
+    p = _default_cell_problem(k, seed=100 + seed)
+    import dataclasses
+
+    p = dataclasses.replace(p, queue=float(rng.choice([0.1, 1.0, 3.0])), weight_v=float(rng.choice([1.0, 10.0])),
+                            allow_skip=bool(seed % 2))
+    certified = allocate(p)
+    fast = allocate(p, certify=False, tau_hint=certified.latency_s * float(rng.uniform(0.7, 1.3)))
+    assert fast.success
+    assert fast.objective <= certified.objective * (1 + 1e-3)
+    assert fast.objective >= certified.lower_bound * (1 - 1e-9)
+
+
+def test_fast_path_with_cap_and_infeasible():
+    p = make(k=5, r=4, queue=0.0)
+    dense = allocate(p).latency_s
+    least = min_latency_bandwidth(p.shape.payload_bits(np.ones(5, int)), p.snr_hz, p.compute_s,
+                                  p.total_bandwidth_hz, downlink_s=p.downlink_s).latency_s
+    cap = 0.5 * (least + dense)
+    for queue in (0.0, 0.05, 0.5):
+        capped = make(k=5, r=4, queue=queue, cap=cap)
+        a, b = allocate(capped, backend="milp"), allocate(capped, certify=False)
+        assert b.success and b.latency_s <= cap * (1 + 1e-9)
+        assert b.objective <= a.objective * (1 + 1e-3)
+    bad = allocate(make(k=5, r=4, cap=1e-3), certify=False)
+    assert bad.status is Status.INFEASIBLE and "min_keep = 1" in bad.message
+
+
+def test_certify_false_needs_the_fast_backend():
+    with pytest.raises(ValueError, match="certify=False needs backend='fast'"):
+        allocate(make(), backend="milp", certify=False)
+    with pytest.raises(ValueError, match="certify must be True or False"):
+        allocate(make(), certify="no")
+
+
+def test_online_allocator_certifies_every_n_rounds():
+    p = _default_cell_problem(200)
+    kw = dict(latency_budget_s=2.0, weight_v=10.0, total_bandwidth_hz=p.total_bandwidth_hz, downlink_s=0.02,
+              allow_skip=True)
+    every, sparse = (OnlineAllocator(minilm_l6_qv(16), certify_every=n, **kw) for n in (1, 3))
+    rng = np.random.default_rng(0)
+    uncertified = 0
+    for t in range(6):
+        snr = p.snr_hz * rng.exponential(1.0, p.num_clients)
+        a = every.step(snr, p.compute_s, p.error_profile, p.data_weight)
+        b = sparse.step(snr, p.compute_s, p.error_profile, p.data_weight)
+        assert math.isfinite(a.lower_bound)
+        if t % 3 == 0:
+            assert math.isfinite(b.lower_bound)
+        uncertified += math.isnan(b.lower_bound)  # the other rounds: fast (certified only if its guard asks)
+        assert b.objective <= a.objective * (1 + 1e-3)
+        every.observe(a.latency_s)
+        sparse.observe(a.latency_s)  # the same queue path, so the rounds stay comparable
+    assert uncertified >= 2
+    with pytest.raises(ValueError, match="certify_every"):
+        OnlineAllocator(minilm_l6_qv(16), certify_every=-1, **kw)
+
+
+# --- kernels -------------------------------------------------------------------------------
+
+
+@given(problems, st.floats(0.0, 3.0))
+def test_grid_kernel_equals_min_bandwidth(p, frac):
+    bits = p.shape.payload_bits(np.arange(1, p.shape.rank + 1)).astype(float)
+    tau = p.downlink_s + float(p.compute_s.max()) * frac
+    slack = tau - (p.compute_s + p.downlink_s)
+    b1, d1 = min_bandwidth(bits[None, :], p.snr_hz[:, None], slack[:, None], slope=True)
+    b2, d2 = _min_bandwidth_grid(bits, p.snr_hz, slack)
+    np.testing.assert_array_equal(b1, b2)
+    np.testing.assert_array_equal(d1, d2)
+
+
+def _hull_general(W, C):
+    import tsfa.knapsack as kn
+
+    quick = kn._hull_if_chains_are_convex
+    kn._hull_if_chains_are_convex = lambda *a: None
+    try:
+        return kn._hull(W, C)
+    finally:
+        kn._hull_if_chains_are_convex = quick
+
+
+@given(problems, st.floats(0.05, 3.0))
+def test_hull_shortcut_equals_general_loop(p, frac):
+    W = p.item_weights(float(p.compute_s.max()) * (1 + frac) + p.downlink_s)
+    C = p.item_costs()
+    for x, y in zip(_hull(W, C), _hull_general(W, C), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@given(problems, st.floats(0.05, 3.0), st.floats(0.01, 100.0))
+def test_relaxation_with_a_hint_is_the_same_lp(p, frac, hint_scale):
+    W = p.item_weights(float(p.compute_s.max()) * (1 + frac) + p.downlink_s)
+    C = p.item_costs()
+    full = mckp_relaxation(W, C, p.total_bandwidth_hz)
+    if full.choice is None:
+        return
+    hinted = mckp_relaxation(W, C, p.total_bandwidth_hz, multiplier_hint=max(full.multiplier, 1e-30) * hint_scale)
+    assert hinted.value == pytest.approx(full.value, rel=1e-12, abs=1e-15)
+    assert hinted.multiplier == full.multiplier and hinted.split == full.split
+    np.testing.assert_array_equal(hinted.whole, full.whole)
+    rows = np.arange(p.num_clients)
+    assert W[rows, hinted.choice].sum() <= p.total_bandwidth_hz * (1 + 1e-12)
+    lp, choice, lam = mckp_greedy(W, C, p.total_bandwidth_hz)
+    assert (lp, lam) == (full.value, full.multiplier)
+    np.testing.assert_array_equal(choice, full.choice)
+
+
+def test_relaxation_sample_estimate_on_many_increments():
+    """Above 8192 increments the kernel estimates λ from a sample: the LP is unchanged."""
+    p = _default_cell_problem(800)
+    W, C = p.item_weights(3.0), p.item_costs()
+    full = mckp_relaxation(W, C, p.total_bandwidth_hz, multiplier_hint=-1.0)  # a non-positive hint: full sort
+    est = mckp_relaxation(W, C, p.total_bandwidth_hz)
+    assert est.value == pytest.approx(full.value, rel=1e-12)
+    assert est.multiplier == full.multiplier and est.split == full.split
+    np.testing.assert_array_equal(est.whole, full.whole)
+
+
+def test_allocate_uncertified_is_allocate_certify_false():
+    p = _default_cell_problem(40)
+    a, b = allocate(p, certify=False, tau_hint=1.0), allocate_uncertified(p, tau_hint=1.0)
+    np.testing.assert_array_equal(a.keep, b.keep)
+    assert a.objective == b.objective
