@@ -33,6 +33,8 @@ lightest item of every group already over the budget) and the message names the 
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NamedTuple
@@ -55,6 +57,7 @@ __all__ = [
     "build_mckp_pyomo",
     "solve_mckp_pyomo",
     "PYOMO_MCKP_SOLVERS",
+    "new_highs",
 ]
 
 #: Relative slack on the budget when checking a returned choice (and when declaring infeasibility).
@@ -471,6 +474,41 @@ def reduce_mckp(W, C, budget, *, cutoff: float | None = None, rtol: float = 1e-9
 # highspy
 
 
+def new_highs():
+    """A ``highspy.Highs`` whose output is off, without HiGHS's banner on stdout.
+
+    HiGHS prints its banner ("Running HiGHS ...") to the C-level stdout when the first
+    ``Highs`` of a process is built, before any option can be set; that one construction
+    runs with file descriptor 1 pointed at ``os.devnull``. Later ones print nothing.
+    """
+    import highspy
+
+    global _HIGHS_BANNER_SHOWN
+    if not _HIGHS_BANNER_SHOWN:
+        _HIGHS_BANNER_SHOWN = True
+        try:
+            sys.stdout.flush()
+            saved = os.dup(1)
+        except (OSError, ValueError, AttributeError):  # no usable stdout: nothing to protect
+            saved = None
+        if saved is not None:
+            try:
+                with open(os.devnull, "w") as null:
+                    os.dup2(null.fileno(), 1)
+                    h = highspy.Highs()
+            finally:
+                os.dup2(saved, 1)
+                os.close(saved)
+            h.setOptionValue("output_flag", False)
+            return h
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    return h
+
+
+_HIGHS_BANNER_SHOWN = False
+
+
 def solve_mckp_highspy(
     W, C, budget, *, time_limit_s: float = 60.0, mip_rel_gap: float = 0.0, reduce: bool = True,
     cutoff: float | None = None,
@@ -524,7 +562,7 @@ def solve_mckp_highspy(
     lp.a_matrix_.index_ = np.column_stack([kk, np.full(n, K)]).ravel().astype(np.int32)
     lp.a_matrix_.value_ = np.column_stack([np.ones(n), inst.W[kk, jj] / inst.budget]).ravel()
 
-    h = highspy.Highs()
+    h = new_highs()
     options = {
         "output_flag": False,
         "mip_rel_gap": mip_rel_gap,

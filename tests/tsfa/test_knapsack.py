@@ -347,3 +347,24 @@ def test_reduction_and_cutoff_are_exact(inst, frac):
 def test_cutoff_needs_reduce():
     with pytest.raises(ValueError, match="cutoff"):
         solve_mckp_highspy(np.ones((2, 2)), np.ones((2, 2)), 3.0, reduce=False, cutoff=1.0)
+
+
+@pytest.mark.parametrize("first", ["highspy", "pyomo"])
+def test_no_solver_banner_on_stdout(first):
+    """HiGHS prints a banner on the C-level stdout when a process builds its first Highs object:
+    none of it may reach the program's output, whichever interface runs first."""
+    code = (
+        "import numpy as np\n"
+        "from tsfa.knapsack import solve_mckp_highspy, solve_mckp_pyomo\n"
+        "W = np.array([[1.0, 2.0, 3.0], [1.0, 2.5, 4.0]]); C = np.array([[3.0, 2.0, 1.0], [3.0, 1.5, 0.0]])\n"
+        "print('before', flush=True)\n"
+        f"order = ['{first}', 'highspy', 'pyomo']\n"
+        "for name in order:\n"
+        "    solve = solve_mckp_highspy if name == 'highspy' else solve_mckp_pyomo\n"
+        "    assert solve(W, C, 5.0).status.success\n"
+        "    print('solved', name, flush=True)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "HiGHS" not in out.stdout and "Running" not in out.stdout, out.stdout
+    assert out.stdout.split() == ["before", "solved", first, "solved", "highspy", "solved", "pyomo"]
