@@ -69,9 +69,15 @@ class Metric:
 
 
 #: rt-minilm: test accuracy (1 point = 0.01); rt-distill: the distillation test loss, the share of
-#: the teacher's change still missing (1 point = 0.01); linear: test loss (δ = 1 % of the reference).
+#: the teacher's change still missing (1 point = 0.01); linear: test loss (δ = 1 % of the reference);
+#: hf-classification: test accuracy; hf-causal-lm (and registered tasks): test loss, the mean token
+#: cross-entropy for a causal LM, log perplexity (δ = 1 % of the reference).
 METRICS = {"rt-minilm": Metric("accuracy", True, 0.01), "rt-distill": Metric("test_loss", False, 0.01),
-           "linear": Metric("test_loss", False, 0.01, relative=True)}
+           "linear": Metric("test_loss", False, 0.01, relative=True),
+           "hf-classification": Metric("accuracy", True, 0.01),
+           "hf-causal-lm": Metric("test_loss", False, 0.01, relative=True)}
+#: The metric of a task not in :data:`METRICS` (one added with ``fedloop.register_task``).
+DEFAULT_METRIC = Metric("test_loss", False, 0.01, relative=True)
 
 
 def mean_ci(values, level: float = 0.95) -> tuple[float, float]:
@@ -276,7 +282,7 @@ def benchmark(config: RunConfig, strategies=DEFAULT_STRATEGIES, seeds=5, *, out=
         raise ValueError(f"seeds must be distinct integers >= 0; got seeds = {seeds}")
     if delta is not None and (not np.isfinite(delta) or delta < 0):
         raise ValueError(f"delta must be a finite number >= 0; got delta = {delta}")
-    metric = metric or METRICS[config.task]
+    metric = metric or METRICS.get(config.task, DEFAULT_METRIC)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = {}

@@ -30,7 +30,7 @@ from fedloop.strategies import get as get_strategy
 from soft.feedback import residual, with_residual
 from soft.optim import TensorwiseAdam
 
-__all__ = ["RunFailed", "TrainReport", "Upload", "ClientPool", "LocalPool", "train_client"]
+__all__ = ["RunFailed", "TrainReport", "Upload", "ClientPool", "LocalPool", "train_client", "to_host"]
 
 
 class RunFailed(RuntimeError):
@@ -123,6 +123,15 @@ def applied(server, payload, keep: int) -> dict:
             for (n, (A, B)), da, db in zip(server.global_factors.items(), item.delta_a, item.delta_b, strict=True)}
 
 
+def to_host(tensors: dict) -> dict:
+    """Detached float32 CPU copies of ``{name: tensor}`` or ``{name: (A, B)}``, from live
+    parameters on any device and dtype: what the server keeps and the wire format reads."""
+    def copy(t):
+        return t.detach().to("cpu", torch.float32, copy=True)
+
+    return {n: tuple(copy(t) for t in v) if isinstance(v, tuple) else copy(v) for n, v in tensors.items()}
+
+
 def train_client(cfg: RunConfig, task, global_factors: dict, global_head: dict, t: int, k: int, on_step=None):
     """Client k's local training in round t (0-based) from the global factors and head: E steps
     of task loss + λ·R_orth with a fresh optimiser, seeded from (seed, t, k).
@@ -179,4 +188,4 @@ def train_client(cfg: RunConfig, task, global_factors: dict, global_head: dict, 
     for A, B in live.values():
         A.requires_grad_(True)
         B.requires_grad_(True)
-    return soft.clone_factors(live), {n: p.detach().clone() for n, p in task.head().items()}, float(np.mean(losses))
+    return to_host(live), to_host(task.head()), float(np.mean(losses))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,40 @@ import tomllib
 
 from fedloop.strategies import SOFT_STRATEGIES, STRATEGIES, WIRE_STRATEGIES  # the strategy table (spec §8)
 
-__all__ = ["RunConfig", "STRATEGIES", "TASKS", "SOFT_STRATEGIES"]
+__all__ = ["RunConfig", "STRATEGIES", "TASKS", "HF_TASKS", "SOFT_STRATEGIES", "register_task", "task_names"]
 
-TASKS = ("rt-minilm", "rt-distill", "linear")
+#: The generic Hugging Face tasks (:mod:`fedloop.hf`), set up by the ``[hf]`` table.
+HF_TASKS = ("hf-classification", "hf-causal-lm")
+#: The built-in tasks; :func:`register_task` adds others.
+TASKS = ("rt-minilm", "rt-distill", "linear") + HF_TASKS
+#: Tasks added by :func:`register_task`: name -> factory(config) -> task.
+REGISTERED_TASKS: dict[str, Any] = {}
+#: The hf tasks' settings and defaults (``[hf]`` table); see :mod:`fedloop.hf`. None = unset.
+HF_DEFAULTS = {"model": None, "tokenizer": None, "target_modules": None, "dataset": None, "test_dataset": None,
+               "text_column": "text", "label_column": "label", "prompt_column": None, "client_split": None,
+               "split_column": None, "head": None}
+#: The devices a run may name: "auto" (a CUDA GPU when there is one, else the CPU), "cpu", "cuda", "cuda:N".
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]{1,3})?")
+DTYPES = ("float32", "bfloat16")
+
+
+def register_task(name: str, factory) -> None:
+    """Make ``task = name`` build ``factory(config)``: a :class:`fedloop.tasks.Task` (the
+    interface in that module's docstring) for a model or data a configuration cannot express.
+    Registration is per process: a Flower app registers its tasks where its ServerApp and
+    ClientApp are defined. A built-in name, a non-string name or a factory that is not
+    callable is a ValueError; registering a name again replaces its factory."""
+    if not isinstance(name, str) or not name.strip() or name in TASKS:
+        raise ValueError(f"task name must be a non-empty string other than the built-in {TASKS}; got {name!r}")
+    if not callable(factory):
+        raise ValueError(f"factory must be callable (config -> Task); got {type(factory).__name__}")
+    REGISTERED_TASKS[name] = factory
+
+
+def task_names() -> tuple[str, ...]:
+    """The built-in task names, then the registered ones."""
+    return TASKS + tuple(REGISTERED_TASKS)
+
 
 #: The linear task's settings and defaults (``[linear]`` table); see :class:`fedloop.tasks.LinearTask`.
 LINEAR_DEFAULTS = {"modules": 2, "dim": 32, "true_rank": 4, "decay": 1.0, "scale": 1.0, "samples": 200, "noise": 0.1,
@@ -55,16 +87,50 @@ def _check_table(table: str, values, defaults: dict) -> None:
                              f"got {table}.{key} = {v!r:.40}")
 
 
+def _check_hf(values) -> None:
+    """The ``[hf]`` table's form: known keys; paths, columns and split as strings; module lists as
+    a list of strings or one comma-separated string. Whether paths exist and columns are in the
+    data is checked when the task loads them (:mod:`fedloop.hf`)."""
+    if not isinstance(values, dict):
+        raise ValueError(f"hf must be a table of settings; got hf = {values!r:.60}")
+    unknown = sorted(set(values) - set(HF_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown hf settings {unknown}; known: {sorted(HF_DEFAULTS)}")
+    for key, v in values.items():
+        if v is None:
+            continue
+        if key in ("target_modules", "head"):
+            ok = isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) and x.strip() for x in v))
+            if not ok:
+                raise ValueError(f"hf.{key} must be a list of module names or one comma-separated string; "
+                                 f"got hf.{key} = {v!r:.60}")
+        elif not isinstance(v, str) or not v.strip():
+            raise ValueError(f"hf.{key} must be a non-empty string; got hf.{key} = {v!r:.60}")
+    split = values.get("client_split")
+    if split is not None and split not in ("iid", "dirichlet", "column"):
+        raise ValueError(f"hf.client_split must be 'iid', 'dirichlet' or 'column'; got hf.client_split = {split!r}")
+    if (split == "column") != (values.get("split_column") is not None):
+        raise ValueError("hf.split_column names the column to split by, and needs hf.client_split = 'column' "
+                         f"(and the other way round); got client_split = {split!r}, "
+                         f"split_column = {values.get('split_column')!r}")
+
+
 @dataclass
 class RunConfig:
     """Everything a run needs; every field has a default (the embedded demo settings).
 
-    Task and data: ``task`` ("rt-minilm", "rt-distill" or "linear"), ``clients`` K, ``split`` ("movie" or
+    Task and data: ``task`` ("rt-minilm", "rt-distill", "linear", "hf-classification",
+    "hf-causal-lm", or a name given to :func:`register_task`), ``clients`` K, ``split`` ("movie" or
     "dirichlet", rt-minilm), ``dirichlet_alpha``, ``test_fraction`` (held-out share),
     ``test_size`` (evaluated examples, 0 = all), ``max_length`` (tokens), ``train_head``
     (rt-minilm: train the classification head with the adapter; False freezes it at its
     seeded initialisation so only the adapter learns), ``distill`` (rt-distill's settings,
-    see :class:`fedloop.tasks.RTDistillTask`), ``linear`` (the linear task's).
+    see :class:`fedloop.tasks.RTDistillTask`), ``linear`` (the linear task's), ``hf`` (the hf
+    tasks': model and data paths, columns, target modules, client split, head; :mod:`fedloop.hf`).
+    Device: ``device`` ("cpu", "auto": a CUDA GPU when one is available, else the CPU; "cuda",
+    "cuda:N"; rt-minilm and the hf tasks, the others run on the CPU) and ``dtype`` of the base
+    model ("float32", or "bfloat16" for the hf tasks; the adapter and the head train in float32
+    where the model allows, and what travels is float32 either way).
     LoRA and training: ``rank`` r, ``alpha`` (None = r), ``local_steps`` E, ``batch_size``,
     ``lr`` (LoRA factors), ``head_lr`` (the dense head, AdamW), ``optimizer`` ("auto":
     TensorwiseAdam for SOFT strategies, AdamW otherwise;
@@ -142,8 +208,11 @@ class RunConfig:
     checkpoint_every: int = 5
     predict_every: int = 5
     out: str = "runs/run"
+    device: str = "cpu"
+    dtype: str = "float32"
     linear: dict = field(default_factory=dict)
     distill: dict = field(default_factory=dict)
+    hf: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.validate()
@@ -174,8 +243,8 @@ class RunConfig:
         def bad(name, why):
             raise ValueError(f"{name} {why}; got {name} = {getattr(self, name)!r}")
 
-        if self.task not in TASKS:
-            bad("task", f"must be one of {TASKS}")
+        if not isinstance(self.task, str) or self.task not in task_names():
+            bad("task", f"must be one of {task_names()} (fedloop.register_task adds others)")
         if self.strategy not in STRATEGIES:
             bad("strategy", f"must be one of {STRATEGIES}")
         for name in ("rounds", "clients", "rank", "local_steps", "batch_size", "eval_every", "checkpoint_every",
@@ -242,7 +311,21 @@ class RunConfig:
             bad("reorthogonalize", "must be None, true or false")
         _check_table("linear", self.linear, LINEAR_DEFAULTS)
         _check_table("distill", self.distill, DISTILL_DEFAULTS)
-        for name in ("split", "scope", "optimizer", "drift", "task", "strategy", "error_feedback"):
+        _check_hf(self.hf)
+        if self.task in HF_TASKS:
+            for key in ("model", "dataset"):
+                if self.hf.get(key) is None:
+                    raise ValueError(f"task {self.task!r} needs hf.{key} (a path); got hf = {self.hf!r:.120}")
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
+            bad("device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if self.dtype not in DTYPES:
+            bad("dtype", f"must be one of {DTYPES}")
+        if self.task in ("linear", "rt-distill") and self.device not in ("auto", "cpu"):
+            bad("device", f"must be 'cpu' or 'auto' for task {self.task!r}, which runs on the CPU")
+        if self.dtype != "float32" and self.task in ("linear", "rt-distill", "rt-minilm"):
+            bad("dtype", f"must be 'float32' for task {self.task!r} (bfloat16 applies to {', '.join(HF_TASKS)} "
+                "and registered tasks)")
+        for name in ("split", "scope", "optimizer", "drift", "task", "strategy", "error_feedback", "device", "dtype"):
             if not isinstance(getattr(self, name), str):
                 bad(name, "must be a string")
 

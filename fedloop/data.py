@@ -14,6 +14,7 @@ Public API:
 * splits (indices, deterministic per seed): :func:`train_test_split`, :func:`split_by_movie`,
   :func:`split_dirichlet`
 * model: :func:`minilm_path`, :func:`build_minilm_lora`, :func:`tokenize`
+* loading Hugging Face code offline: :func:`import_hf`, :func:`quiet_transformers`
 * LoRA factors as plain (A, B) tensors for SOFT: :func:`lora_factor_names`,
   :func:`get_lora_factors`, :func:`set_lora_factors`, and :func:`head_parameters` for the
   dense classification head.
@@ -50,6 +51,8 @@ __all__ = [
     "build_minilm_lora",
     "load_minilm_encoder",
     "tokenize",
+    "import_hf",
+    "quiet_transformers",
     "lora_factor_names",
     "get_lora_factors",
     "set_lora_factors",
@@ -327,8 +330,9 @@ def split_dirichlet(labels: Any, num_clients: int, alpha: float, seed: int, *,
 # ----------------------------------------------------------------------------- model
 
 
-def _import_hf():
-    """Import torch, transformers and peft, or raise :class:`TaskUnavailable` (no traceback chain)."""
+def import_hf():
+    """Import torch, transformers and peft offline (``HF_HUB_OFFLINE=1``), or raise
+    :class:`TaskUnavailable` (no traceback chain)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
@@ -343,7 +347,7 @@ def _import_hf():
 
 
 @contextlib.contextmanager
-def _quiet_transformers(transformers) -> Iterator[None]:
+def quiet_transformers(transformers) -> Iterator[None]:
     """Silence transformers' load report ("newly initialized weights") and progress bars, then restore."""
     hf_logging = transformers.utils.logging
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
@@ -427,8 +431,8 @@ def build_minilm_lora(rank: int, *, alpha: float | None = None, dropout: float =
     if isinstance(target_modules, str) or not target_modules:
         raise ValueError(f"target_modules must be a non-empty sequence of module names; got {target_modules!r}")
     path = minilm_path()
-    torch, transformers, peft = _import_hf()
-    with _quiet_transformers(transformers), torch.random.fork_rng(devices=[]):
+    torch, transformers, peft = import_hf()
+    with quiet_transformers(transformers), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         if pooling == "cls":
@@ -454,8 +458,8 @@ def load_minilm_encoder():
     """all-MiniLM-L6-v2's encoder (no pooler, no adapter, float32, CPU, eval mode) and its
     tokenizer, loaded offline; ``(encoder, tokenizer)``. Raises :class:`TaskUnavailable`."""
     path = minilm_path()
-    _, transformers, _ = _import_hf()
-    with _quiet_transformers(transformers):
+    _, transformers, _ = import_hf()
+    with quiet_transformers(transformers):
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         encoder = transformers.AutoModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False)
     encoder.eval()

@@ -36,11 +36,15 @@ are used unchanged. Faults, each recorded in the ledger (client status ``error: 
 
 Run config keys (``[tool.flwr.app.config]`` of a Flower app, or ``flwr run -c``, which only
 overrides keys the app lists): every :class:`~fedloop.RunConfig` field, spelled with ``-`` or
-``_`` (``local-steps``), ``linear.*`` and ``distill.*`` for the tasks' tables, ``"none"`` for a ``None``
-value; and the Flower settings ``round-timeout`` (s, default 300), ``min-nodes`` (nodes to wait
-for before the first round; 0 or absent = ``clients``), ``wait-timeout`` (s to wait for them,
-default 600) and ``resume`` (continue from the checkpoint in ``out``, :mod:`fedloop.checkpoint`).
-``out`` should be an absolute path in a deployment (the ServerApp runs in its own process and working directory).
+``_`` (``local-steps``); ``linear.*``, ``distill.*`` and ``hf.*`` for the tasks' tables
+(``hf.target-modules`` and ``hf.head`` as one comma-separated string, ``""`` for no head);
+``"none"`` for a ``None`` value; and the Flower settings ``round-timeout`` (s, default 300),
+``min-nodes`` (nodes to wait for before the first round; 0 or absent = ``clients``),
+``wait-timeout`` (s to wait for them, default 600) and ``resume`` (continue from the
+checkpoint in ``out``, :mod:`fedloop.checkpoint`). ``out`` should be an absolute path in a
+deployment (the ServerApp runs in its own process and working directory). An hf task's paths
+must exist on the SuperLink's machine and on every SuperNode's; each builds the task with its
+own ``device``.
 
 Supported strategies: :data:`fedloop.strategies.REMOTE_STRATEGIES` (tsfa, fixed, random, fedit).
 """
@@ -104,7 +108,7 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, Fl
     """A :class:`RunConfig` and :class:`FlowerSettings` from a Flower run config (flat keys)."""
     data: dict[str, Any] = {}
     settings: dict[str, Any] = {}
-    tables: dict[str, dict[str, Any]] = {"linear": {}, "distill": {}}
+    tables: dict[str, dict[str, Any]] = {"linear": {}, "distill": {}, "hf": {}}
     for key, value in run_config.items():
         if isinstance(value, str) and value.strip().lower() in ("none", "null"):
             value = None
@@ -276,7 +280,7 @@ class TsfaStrategy(FedAvg):
     end, with ``history.json``; ``settings.resume`` continues from there.
     """
 
-    def __init__(self, config: RunConfig, settings: FlowerSettings | None = None):
+    def __init__(self, config: RunConfig, settings: FlowerSettings | None = None, callbacks=()):
         if config.strategy not in REMOTE_STRATEGIES:
             raise ValueError(f"strategy {config.strategy!r} is not supported on Flower; use one of "
                              f"{REMOTE_STRATEGIES}")
@@ -288,6 +292,7 @@ class TsfaStrategy(FedAvg):
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1,
                          min_available_nodes=int(min_nodes))
         self.config = config
+        self.callbacks = list(callbacks)  # callback(row) per round, as in fedloop.run
         self.server = Server(config)
         self.server.history.meta["engine"] = "flower"
         if self.settings.resume:
@@ -352,6 +357,8 @@ class TsfaStrategy(FedAvg):
         """Profiles in, policy, phase 2 (uploads), rank-wise aggregation, ledger and checkpoint."""
         self._replies = list(replies)
         row = self.server.step(self)  # the strategy is the round's client pool: train() and upload() below
+        for callback in self.callbacks:
+            callback(dict(row))
         cfg, out = self.config, Path(self.config.out)
         if self.server.round % cfg.checkpoint_every == 0 or self.server.round == cfg.rounds:
             self.server.save_checkpoint(out)
@@ -445,10 +452,11 @@ class TsfaStrategy(FedAvg):
 
 
 def make_server_app(config: RunConfig | None = None, settings: FlowerSettings | None = None,
-                    on_done=None) -> ServerApp:
+                    on_done=None, callbacks=()) -> ServerApp:
     """A ServerApp running :class:`TsfaStrategy`. With ``config=None`` the run is read from the
     Flower run config (``context.run_config``, see the module docstring). ``on_done(strategy)``
-    is called at the end (tests use it to read the ledger)."""
+    is called at the end (tests use it to read the ledger); ``callbacks`` get each round's
+    ledger row (as :func:`fedloop.run`'s) and are closed at the end."""
     app = ServerApp()
 
     @app.main()
@@ -460,9 +468,14 @@ def make_server_app(config: RunConfig | None = None, settings: FlowerSettings | 
         out = check_run_folder(cfg.out)
         if st.resume:  # verified before the lock file is touched
             load_checkpoint(out)
-        with RunFolder(out):  # one server per run folder
-            strategy = TsfaStrategy(cfg, st)
-            strategy.execute(grid)
+        try:
+            with RunFolder(out):  # one server per run folder
+                strategy = TsfaStrategy(cfg, st, callbacks)
+                strategy.execute(grid)
+        finally:
+            for callback in callbacks:
+                if callable(getattr(callback, "close", None)):
+                    callback.close()
         if on_done is not None:
             on_done(strategy)
 

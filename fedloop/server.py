@@ -32,7 +32,7 @@ import torch
 import soft
 from fedloop import measure
 from fedloop.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, save_checkpoint
-from fedloop.client import RunFailed, TrainReport, Upload
+from fedloop.client import RunFailed, TrainReport, Upload, to_host
 from fedloop.config import RunConfig
 from fedloop.history import History
 from fedloop.strategies import derive_rng
@@ -79,7 +79,7 @@ class Server:
         live = self.task.factors()
         self.names = list(live)
         self.head_bits = 32 * sum(p.numel() for p in self.task.head().values())
-        base = self.soft_shape = soft.shape_of(live)
+        base = self.soft_shape = self.task.lora_shape()
         # The allocator's payload includes the dense head: header H + head bits.
         self.shape = LoraShape(base.modules, base.rank, cfg.value_bits, base.header_bits + self.head_bits)
         self.cell = Cell(total_bandwidth_hz=cfg.bandwidth_hz)
@@ -100,9 +100,9 @@ class Server:
             self.shape, config=cfg, latency_budget_s=self.tau_bar,
             max_latency_s=None if cfg.cap_factor is None else cfg.cap_factor * self.tau_bar,
             total_bandwidth_hz=cfg.bandwidth_hz, downlink_s=self.downlink_s)
-        start = soft.clone_factors(live)
+        start = to_host(live)  # the server's state: float32 on the CPU, wherever the model lives
         self.global_factors = soft.reorthogonalize_factors(start) if cfg.resolved_reorthogonalize else start
-        self.global_head = {k: v.detach().clone() for k, v in self.task.head().items()}
+        self.global_head = to_host(self.task.head())
         self.folded = {n: None for n in self.names}  # Σ of deltas folded into frozen weights (ideal, svd)
         # error feedback: the in-process clients' residuals (what each did not send), checkpointed with the run
         self.residuals: list = [None] * cfg.clients
@@ -326,6 +326,9 @@ class Server:
                "train_loss": float(np.nanmean(report.losses)) if ok else math.nan,
                "test_loss": test_loss, "accuracy": acc, "solve_time_s": decision.solve_time_s,
                "fallback": decision.fallback, **start}
+        extra = getattr(self.task, "ledger_metrics", None)  # e.g. hf-causal-lm's perplexity
+        if extra is not None:
+            row.update(extra(test_loss, acc))
         if ok:  # the dense update energy Σ p̃ e_k(0) and the mean normalised error profile (offline prediction)
             mean_profile = (self.weights[ok] / self.weights[ok].sum()) @ profiles[ok]
             row["update_energy"] = float(mean_profile[0])
@@ -413,6 +416,9 @@ class Server:
         for key in ("rounds", "out", "checkpoint_every"):
             mine.pop(key, None)
             theirs.pop(key, None)
+        for key, default in (("device", "cpu"), ("dtype", "float32"), ("hf", {})):  # newer than some checkpoints
+            if key not in theirs and mine.get(key) == default:
+                mine.pop(key)
         if mine != theirs:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise CheckpointError(f"cannot resume from {path}: it was written with a different config ({diff})")

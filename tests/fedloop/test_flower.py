@@ -96,11 +96,13 @@ def test_the_app_layout_is_what_flwr_run_accepts():
     assert cfg.task == "linear" and cfg.strategy == "tsfa" and not st.resume
     # `flwr run -c` can override only listed keys: every RunConfig field and linear setting is listed
     listed = {k.replace("-", "_") for k in flat}
-    assert {f for f in RunConfig().to_dict() if f not in ("linear", "distill")} <= listed
+    assert {f for f in RunConfig().to_dict() if f not in ("linear", "distill", "hf")} <= listed
+    from fedloop.config import HF_DEFAULTS
     from fedloop.tasks import DISTILL_DEFAULTS, LinearTask
 
     assert set(cfg.linear) == set(LinearTask(cfg).settings)
     assert cfg.distill == DISTILL_DEFAULTS
+    assert cfg.hf == HF_DEFAULTS
 
 
 # -- Ray simulation ----------------------------------------------------------------------------
