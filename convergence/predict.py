@@ -426,8 +426,10 @@ def fit_curve(pilots, spectrum=None, *, floor: float = 0.0, rank_power=None, kee
         boots: bootstrap replicates (0: no band).
         rank_weight: ε(r) = rank_weight · tail of the spectrum.
         rounds: use each pilot's first ``rounds`` rounds only (None: all).
-        online_pilot: a run of the online stage (``tsfa``, with skipping) whose participation
-            χ² identifies the participation cost ψ (Proposition 4), fitted after the other
+        online_pilot: a run of the online stage (``tsfa``, with skipping), or a list of runs of
+            one configuration that differ only in the seed (averaged: their mean curve, kept
+            share and χ²; the bootstrap resamples the seeds), whose participation χ²
+            identifies the participation cost ψ (Proposition 4), fitted after the other
             constants on this pilot alone (None: ψ = 0; the template pilots always run every
             client, so they cannot identify it).
         data_weight: the clients' data weights p for the χ² (None: uniform).
@@ -448,21 +450,29 @@ def fit_curve(pilots, spectrum=None, *, floor: float = 0.0, rank_power=None, kee
         raise ValueError(f"keep_floor must be >= 0; got keep_floor = {keep_floor!r}")
     spec = None if spectrum is None else check_spectrum(spectrum)
     parsed = [parse_pilot(h, i, rounds, data_weight) for i, h in enumerate(hs)]
-    online = None if online_pilot is None else parse_pilot(online_pilot, len(hs), rounds, data_weight)
     groups = _groups(parsed, hs)
     lengths = {len(parsed[i][1]) for g in groups for i in g}
     if len(lengths) > 1 and any(len(g) > 1 for g in groups):
         raise ValueError(f"pilots of one configuration must have the same number of rounds; got {sorted(lengths)}")
+    ons = [] if online_pilot is None else \
+        list(online_pilot) if isinstance(online_pilot, (list, tuple)) else [online_pilot]
+    on_parsed = [parse_pilot(h, len(hs) + i, rounds, data_weight) for i, h in enumerate(ons)]
+    if ons and (len(_groups(on_parsed, ons)) > 1 or len({len(x[1]) for x in on_parsed}) > 1):
+        raise ValueError(f"online_pilot must be one run or runs of one configuration that differ only in the seed, "
+                         f"with the same rounds; got {len(ons)} runs of "
+                         f"{len(_groups(on_parsed, ons))} configurations")
 
-    def pilot_of(g, curves) -> Pilot:
-        first = parsed[g[0]][0]
-        mean = np.mean(curves, axis=0)
-        return Pilot(rank=first.rank, kept=float(np.mean([parsed[i][0].kept for i in g])),
-                     kept_curve=np.mean([parsed[i][0].kept_curve for i in g], axis=0), start=float(mean[0]),
+    def pilot_of(entries) -> Pilot:
+        """One pilot from runs of one configuration (parsed entries): their mean curve."""
+        mean = np.mean([e[1] for e in entries], axis=0)
+        return Pilot(rank=entries[0][0].rank, kept=float(np.mean([e[0].kept for e in entries])),
+                     kept_curve=np.mean([e[0].kept_curve for e in entries], axis=0), start=float(mean[0]),
                      smoothed=smooth_curve(mean), tail=0.0, alternation=alternation(mean),
-                     participation=float(np.mean([parsed[i][0].participation for i in g])))
+                     participation=float(np.mean([e[0].participation for e in entries])))
 
-    group_pilots = [pilot_of(g, [parsed[i][1] for i in g]) for g in groups]
+    group_pilots = [pilot_of([parsed[i] for i in g]) for g in groups]
+    online = None if not ons else (pilot_of(on_parsed), np.mean([e[1] for e in on_parsed], axis=0),
+                                   np.concatenate([e[2] for e in on_parsed]))
     residuals = []
     for g, gp in zip(groups, group_pilots, strict=True):  # one run's scatter around its configuration's template
         wiggle = gp.alternation * (-1.0) ** np.arange(len(gp.smoothed))
@@ -526,15 +536,17 @@ def fit_curve(pilots, spectrum=None, *, floor: float = 0.0, rank_power=None, kee
         ps = []
         for g, gp in zip(groups, group_pilots, strict=True):
             if len(g) > 1:  # resample the seeds: the template's seed-to-seed uncertainty
-                pick = gen.choice(g, size=len(g))
-                ps.append(pilot_of(list(pick), [parsed[i][1] for i in pick]))
+                ps.append(pilot_of([parsed[i] for i in gen.choice(g, size=len(g))]))
             else:
                 y = parsed[g[0]][1].copy()
                 wiggle = gp.alternation * (-1.0) ** np.arange(len(y))
                 y[1:] = gp.smoothed[1:] + wiggle[1:] + gen.choice(parsed[g[0]][2], size=len(y) - 1)
                 ps.append(dataclasses.replace(gp, smoothed=smooth_curve(y), alternation=alternation(y)))
         m = calibrated(ps)
-        if online is not None:  # the online pilot's rounds resampled too
+        if online is not None and len(on_parsed) > 1:  # the online pilot's seeds resampled too
+            m = _fit_participation(m, pilot_of([on_parsed[i] for i in psi_gen.choice(len(on_parsed),
+                                                                                     size=len(on_parsed))]))
+        elif online is not None:  # its rounds
             y = online[1].copy()
             wiggle = online[0].alternation * (-1.0) ** np.arange(len(y))
             y[1:] = online[0].smoothed[1:] + wiggle[1:] + psi_gen.choice(online[2], size=len(y) - 1)
@@ -549,8 +561,9 @@ def fit_curve(pilots, spectrum=None, *, floor: float = 0.0, rank_power=None, kee
                      f"φ {lo[2]:.3g}–{hi[2]:.3g}")
     if reps and online is not None:
         lo, hi = np.quantile([m.participation_cost for m in reps], [0.05, 0.95])
+        seeds = f", {len(on_parsed)} seeds" if len(on_parsed) > 1 else ""
         notes.append(f"participation cost ψ = {model.participation_cost:.3g} from the online pilot (r = "
-                     f"{online[0].rank}, χ² = {online[0].participation:.3g}, κ = {online[0].kept:.2f}); "
+                     f"{online[0].rank}{seeds}, χ² = {online[0].participation:.3g}, κ = {online[0].kept:.2f}); "
                      f"bootstrap 90 % range {lo:.3g}–{hi:.3g}")
     return Calibration(model=model, replicates=tuple(reps), residuals=residuals, notes=tuple(notes),
                        identified=identified)

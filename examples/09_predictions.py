@@ -15,7 +15,8 @@ mean over seeds:
 
 With ``--offline``, ``tsfa`` also runs at every rank under one τ̄ (in seconds; the base
 configuration's), and the offline plan (``fedloop.design.plan_for`` with the calibrated
-curves and the simulated online stage) is compared with the two empirically best ranks.
+curves and the simulated online stage) is compared with the two empirically best ranks; its
+online pilot is ``tsfa`` at the largest rank on the pilot seeds (``--pilot-seeds``), averaged.
 
 Runs are stored under ``<runs>/<task>/`` and reused when their configuration matches, so a
 second call only analyses. Writes ``<out>/predictions_<task>.png``, ``predictions_<task>.csv``
@@ -189,15 +190,15 @@ def study(task: str, seeds: list[int], runs_dir: Path, log, *, pilot_rounds=None
     if offline:
         summary["offline"] = offline_check(task, base, cfg_of, pilots, seeds, log,
                                            dict(spectrum=spectrum, floor=floor, boots=QUICK_BOOTS if quick else 100,
-                                                rng=0, rounds=pilot_rounds),
+                                                rng=0, rounds=pilot_rounds), pilot_seeds=n_pilot,
                                            **(dict(draws=40, v_rounds=30, v_refine=0) if quick else OFFLINE_PLAN))
     return rows, curves, cal, summary
 
 
-def offline_check(task, base, cfg_of, pilots, seeds, log, fit_kw, **plan_kw) -> dict:
+def offline_check(task, base, cfg_of, pilots, seeds, log, fit_kw, pilot_seeds=1, **plan_kw) -> dict:
     """The offline plan against ``tsfa`` at every rank under the same τ̄ (seconds). The plan's
-    calibration adds one online pilot to the template pilots: ``tsfa`` at the largest rank on
-    the first seed (its skipping identifies the participation cost ψ)."""
+    calibration adds an online pilot to the template pilots: ``tsfa`` at the largest rank on
+    the first ``pilot_seeds`` seeds, averaged (its skipping identifies the participation cost ψ)."""
     from fedloop.design import plan_for
     from fedloop.server import Server
 
@@ -208,13 +209,14 @@ def offline_check(task, base, cfg_of, pilots, seeds, log, fit_kw, **plan_kw) -> 
                  for r in ranks for s in seeds}
     finals = {r: [loss_curve(tsfa_runs[(r, s)])[0][-1] for s in seeds] for r in ranks}
     order = sorted(ranks, key=lambda r: np.mean(finals[r]))
-    cal = fit_curve(pilots, online_pilot=tsfa_runs[(max(ranks), seeds[0])], data_weight=probe.weights, **fit_kw)
+    online = [tsfa_runs[(max(ranks), s)] for s in seeds[:pilot_seeds]]
+    cal = fit_curve(pilots, online_pilot=online, data_weight=probe.weights, **fit_kw)
     log(f"{task}: offline calibration: {cal.summary()}")
     plan, _, _ = plan_for(base.replace(strategy="tsfa", latency_budget_s=tau), pilot=pilots[-1], ranks=ranks,
                           calibration=cal, latency_model="online", **plan_kw)
     log(f"{task}: offline plan: {plan.message}")
     log(plan.format_online_table())
-    return {"latency_budget_s": tau, "online_pilot": [max(ranks), seeds[0]], "calibration": cal.summary(),
+    return {"latency_budget_s": tau, "online_pilot": [max(ranks), seeds[:pilot_seeds]], "calibration": cal.summary(),
             "plan_rank": plan.rank, "plan_status": plan.status.value,
             "plan_relative_v": plan.relative_v, "plan_predicted_loss": plan.predicted_loss,
             "plan_message": plan.message, "measured_final_by_rank": {str(r): float(np.mean(finals[r])) for r in ranks},

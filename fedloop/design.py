@@ -69,8 +69,9 @@ def plan_for(cfg: RunConfig, *, pilot=None, ranks: Sequence[int] = DEFAULT_RANKS
             :class:`convergence.BoundConstants`) to predict with instead.
         latency_model: "online" (the online stage simulated per candidate rank and V, the
             nominal SAA as a screen; the default) or "nominal" (``tsfa.VSweepSettings``).
-        online_pilot: a ``tsfa`` run (History) whose skipping identifies the participation
-            cost ψ of the curve predictor (docs/theory.md §6, Proposition 4; None: ψ = 0).
+        online_pilot: a ``tsfa`` run (History), or a list of its seeds, whose skipping
+            identifies the participation cost ψ of the curve predictor (docs/theory.md §6,
+            Proposition 4; None: ψ = 0).
         design_kw: other settings of the :class:`tsfa.OfflineProblem`, by their field names
             (e.g. ``v_rounds=40``, ``choose_v=False``; see ``OfflineProblem.replace``).
 

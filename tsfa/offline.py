@@ -62,14 +62,15 @@ candidates, the grid ranks × keep_ratios (× a rounds grid), and a sixth with
    ``predict`` takes ``kept_share`` (:func:`tsfa.online_model.accepts_kept_share`), else
    ``predict(rank, keep_ratio, rounds)``, with keep_ratio = clip(mean keep / r, 1/r, 1)
    either way; derived rounds are max(1, ⌊time_budget_s / simulated latency⌋). The choice
-   is the least predicted loss among the points whose simulated latency is ≤ τ̄, training
+   is the least predicted loss among the points whose simulated latency passes
+   ``online_latency_test`` against τ̄ (by default, τ̄ is not below its whole interval), training
    time ≤ time_budget_s and simulated participation ≥ ``online_min_participation`` (0 by
    default; the online stage can meet a small τ̄ by skipping nearly everyone, which a
    ``kept_share`` predictor prices); ties go to the smaller rank, then the larger V, then
    fewer rounds. ``min_participation`` and ``latency_statistic`` apply to the screen only.
    The plan takes the point's rank, rounded mean keep, rounds and V, its simulated latency
    and the chosen rank's V sweep; with no feasible point it is INFEASIBLE, with the least
-   simulated latency in the message.
+   simulated latency (the tested statistic) in the message.
 
 Symbols (spec → code): r ``rank``; s ``keep``; ρ ``keep_ratio``; τ̄ ``latency_budget_s``;
 τ_max ``max_latency_s``; D ``draws``; V ``relative_v`` (scale-free) and ``weight_v``
@@ -320,7 +321,7 @@ class OfflineProblem:
         saa: :class:`SaaSettings` (draws, confidence, backend).
         vsweep: :class:`~tsfa.simulate.VSweepSettings` (choose_v, v_grid, v_rounds, v_refine,
             online_cap_factor, online_drift, error_model, data_weight, latency_model,
-            online_min_participation).
+            online_min_participation, online_latency_test).
 
     Field names are unique across the groups, so :meth:`replace` takes them flat.
     """

@@ -10,12 +10,14 @@ every rank and V) for the screen's rank and every rank that could improve on it,
 (:func:`accepts_kept_share`), the aggregate's kept share ``kept_share`` and the clients'
 participation divergence ``participation`` (χ², :func:`tsfa.participation_divergence`), or
 without ``participation`` the clients' mean kept share (a skipped client keeps nothing) — and chooses
-the least predicted loss among the points whose simulated time-average latency is ≤ τ̄.
+the least predicted loss among the points whose simulated time-average latency passes
+``VSweepSettings.online_latency_test`` against τ̄ (by default: not significantly above it).
 docs/model.md ("The online latency model") states the rules.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import time
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tsfa.choice import CONSTRAINTS, Choice, binding, tie_tol, violations
+from tsfa.choice import CONSTRAINTS, FEASIBILITY_RTOL, Choice, binding, tie_tol, violations
 from tsfa.model import participation_divergence
 from tsfa.offline import MAX_ROUNDS, OfflineProblem, _PairLatency, _predicted_loss
 from tsfa.plan import OfflinePlan, OnlinePoint
@@ -32,7 +34,7 @@ from tsfa.saa import summaries
 from tsfa.simulate import SimulationResult, sweep_v_runs, v_point
 from tsfa.status import Status
 
-__all__ = ["online_plan", "accepts_kept_share", "LATENCY_BATCHES"]
+__all__ = ["online_plan", "accepts_kept_share", "latency_tested", "LATENCY_BATCHES"]
 
 
 def accepts_kept_share(predict, name: str = "kept_share") -> bool:
@@ -64,6 +66,19 @@ def _batch_means_interval(x: np.ndarray, confidence: float) -> tuple[float, floa
     _, low, high, _ = summaries(means[None, :], confidence)
     centre, half = float(np.mean(x)), 0.5 * float(high[0] - low[0])
     return centre - half, centre + half
+
+
+def latency_tested(points, test: str) -> np.ndarray:
+    """The latency each point is held against τ̄ under ``test`` (``VSweepSettings.online_latency_test``):
+    "interval" the lower end of its batch-means interval, "upper" the upper end, "mean" the
+    time-average; the time-average wherever the interval is NaN (fewer than 4 rounds).
+    ``points``: OnlinePoints or dicts with their fields."""
+    get = (lambda p, k: p[k]) if points and isinstance(points[0], dict) else getattr
+    mean = np.array([get(p, "time_average_latency_s") for p in points], dtype=float)
+    if test == "mean":
+        return mean
+    end = np.array([get(p, "latency_low_s" if test == "interval" else "latency_high_s") for p in points], dtype=float)
+    return np.where(np.isfinite(end), end, mean)
 
 
 def _online_ranks(problem: OfflineProblem, table, choice: Choice) -> list[int]:
@@ -145,6 +160,7 @@ def _online_model(problem: OfflineProblem, pl: _PairLatency, ranks: list[int], p
     lat = np.array([x["time_average_latency_s"] for x in rows])
     part = np.array([x["participation"] for x in rows])
     bad = violations(lat, nr, part, tau, b.time_budget_s, vs.online_min_participation)
+    bad[:, 0] = latency_tested(rows, vs.online_latency_test) > tau * (1 + FEASIBILITY_RTOL)
     points = tuple(OnlinePoint(
         index=i, **x, keep_ratio=x["keep"] / x["rank"],
         training_time_s=float(x["rounds"] * x["time_average_latency_s"]),
@@ -172,13 +188,22 @@ def _screen_note(table, choice: Choice, p: OnlinePoint | None) -> str:
             f"{c.latency_s:.4g} s)")
 
 
+_LATENCY_TEST_WORDS = {"mean": "test: the time-average ≤ τ̄",
+                       "interval": "test: τ̄ not below the whole interval",
+                       "upper": "test: the interval's upper end ≤ τ̄"}
+
+
 def _online_infeasible_message(problem: OfflineProblem, om: _OnlineModel) -> str:
     b = problem.budgets
     pts = om.points
-    i = min(range(len(pts)), key=lambda j: (pts[j].time_average_latency_s, pts[j].rank))
+    test = problem.vsweep.online_latency_test
+    tested = latency_tested(pts, test)
+    i = min(range(len(pts)), key=lambda j: (tested[j], pts[j].rank))
     p = pts[i]
-    parts = [f"no (rank, V) simulated on the online stage meets the budgets: the least simulated time-average "
-             f"latency is {p.time_average_latency_s:.6g} s (rank {p.rank}, V = {p.relative_v:.3g}, "
+    what = {"mean": "time-average latency", "interval": "lower end of a time-average latency's interval",
+            "upper": "upper end of a time-average latency's interval"}[test]
+    parts = [f"no (rank, V) simulated on the online stage meets the budgets: the least simulated {what} "
+             f"(online_latency_test = {test!r}) is {tested[i]:.6g} s (rank {p.rank}, V = {p.relative_v:.3g}, "
              f"{p.simulated_rounds} rounds simulated) against latency_budget_s = {b.latency_budget_s:.6g} s"]
     fast = [q for q in pts if "latency" not in q.violated]
     if fast and all("participation" in q.violated for q in fast):
@@ -216,12 +241,20 @@ def online_plan(problem: OfflineProblem, pl: _PairLatency, table, choice: Choice
     p = om.points[om.chosen]
     loss = np.array([q.predicted_loss for q in om.points])
     bind = binding(loss, om.bad, om.chosen, problem.grid.rounds is None)
-    sweep = tuple(v_point(v, res, b.latency_budget_s, p.simulated_rounds) for v, res in om.runs[p.rank])
+    same = {}  # each V's point over the chosen point's horizon (its rounds where the grid has them)
+    for q in om.points:
+        if q.rank == p.rank and q.simulated_rounds == p.simulated_rounds and \
+                (q.rounds == p.rounds or q.relative_v not in same):
+            same[q.relative_v] = q
+    sweep = tuple(dataclasses.replace(v_point(v, res, b.latency_budget_s, p.simulated_rounds),
+                                      meets_budget="latency" not in same[float(v)].violated)  # the online test
+                  for v, res in om.runs[p.rank])
     msg = (f"rank {p.rank}, keep {p.keep}/{p.rank} (mean keep {p.mean_keep:.3g}), {p.rounds} rounds, "
            f"V = {p.relative_v:.3g}: predicted loss {p.predicted_loss:.6g}; chosen on the simulated online stage "
-           f"(skipping, cap, queue): time-average latency {p.time_average_latency_s:.6g} s ≤ τ̄ = "
+           f"(skipping, cap, queue): time-average latency {p.time_average_latency_s:.6g} s against τ̄ = "
            f"{b.latency_budget_s:.6g} s (batch-means {problem.saa.confidence:.0%} CI {p.latency_low_s:.4g}–"
-           f"{p.latency_high_s:.4g} s over {p.simulated_rounds} simulated rounds), kept energy share "
+           f"{p.latency_high_s:.4g} s over {p.simulated_rounds} simulated rounds; "
+           f"{_LATENCY_TEST_WORDS[problem.vsweep.online_latency_test]}), kept energy share "
            f"{p.kept_share:.4g}, participation {p.participation:.3f}; {len(om.points)} (rank, V, rounds) points "
            f"over ranks {', '.join(map(str, om.ranks))} ({how}); binding: {', '.join(bind) or 'none'}; {screen}"
            + note)

@@ -174,7 +174,9 @@ class OfflinePlan(ResultMixin):
         table: every candidate (:class:`Candidate`), in tie-break order.
         chosen: index of the chosen candidate in ``table`` (None if none).
         draws, confidence, latency_statistic: SAA settings.
-        v_sweep: the V sweep (:class:`VPoint`), empty if V was not chosen.
+        v_sweep: the V sweep (:class:`VPoint`), empty if V was not chosen (with
+            ``latency_model="online"``, each V's ``meets_budget`` is its point's
+            ``online_latency_test``).
         cross_check: True if the MILP and enumeration agreed (None for method="enumerate").
         objective: equals ``predicted_loss``.
         solve_time_s: wall time of the whole design, s.

@@ -40,6 +40,7 @@ __all__ = [
     "pick_v",
     "DEFAULT_V_GRID",
     "LATENCY_MODELS",
+    "ONLINE_LATENCY_TESTS",
 ]
 
 #: The scale-free V values (``relative_v``) swept by default.
@@ -48,6 +49,8 @@ DEFAULT_V_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 FEASIBILITY_RTOL = 1e-9
 #: The offline stage's latency models (``VSweepSettings.latency_model``).
 LATENCY_MODELS = ("nominal", "online")
+#: How a simulated online point's latency is tested against τ̄ (``VSweepSettings.online_latency_test``).
+ONLINE_LATENCY_TESTS = ("interval", "mean", "upper")
 #: A measured profile may rise by this much (relative to its first entry) between entries.
 PROFILE_RTOL = 1e-6
 
@@ -263,6 +266,17 @@ class VSweepSettings:
             ``kept_share`` prices that, one that does not sees it only through the mean keep
             (floored at 1/r), so a floor here rules such points out. ``Budgets.min_participation``
             applies to the nominal screen (steps 1–4) only.
+        online_latency_test: with ``latency_model="online"``, how a point's simulated
+            time-average latency is held against τ̄. ``"interval"`` (the default): the point
+            breaks τ̄ only when its whole batch-means interval lies above τ̄, i.e. the
+            simulated stage runs significantly slower than τ̄. The queue steers every point's
+            average towards τ̄ and guarantees it only in the long run (over a finite horizon
+            the average may exceed τ̄ by Q(T)/T), so over a short horizon the points differ
+            from τ̄ by a transient and by noise, and a point estimate would choose whichever
+            point happens to dip under. ``"mean"``: the point estimate ≤ τ̄ (the strict
+            finite-horizon reading of the budget). ``"upper"``: the interval's upper end ≤ τ̄
+            (conservative). With fewer than 4 simulated rounds there is no interval and every
+            test uses the point estimate.
     """
 
     choose_v: bool = True
@@ -275,6 +289,7 @@ class VSweepSettings:
     data_weight: np.ndarray | None = None
     latency_model: str = "nominal"
     online_min_participation: float = 0.0
+    online_latency_test: str = "interval"
 
     def __post_init__(self):
         if not isinstance(self.choose_v, (bool, np.bool_)):
@@ -282,6 +297,9 @@ class VSweepSettings:
         if not isinstance(self.latency_model, str) or self.latency_model not in LATENCY_MODELS:
             raise ValueError(f"latency_model must be one of {LATENCY_MODELS}; got latency_model = "
                              f"{self.latency_model!r}")
+        if not isinstance(self.online_latency_test, str) or self.online_latency_test not in ONLINE_LATENCY_TESTS:
+            raise ValueError(f"online_latency_test must be one of {ONLINE_LATENCY_TESTS}; got online_latency_test = "
+                             f"{self.online_latency_test!r}")
         part = as_scalar("online_min_participation", self.online_min_participation, lower=0)
         if part > 1:
             raise ValueError(f"online_min_participation must lie in [0, 1]; got online_min_participation = {part!r}")

@@ -269,6 +269,33 @@ def test_an_online_pilot_identifies_the_participation_cost():
     assert any("does not identify" in n for n in even.notes)
 
 
+def test_an_online_pilot_of_several_seeds_is_averaged_and_its_seeds_resampled():
+    T, psi = 20, 0.3
+    shares = [1.0] * 8 + [0.25, 0.25]
+    from tsfa import participation_divergence
+
+    chi2 = float(participation_divergence(shares))
+    pilots = [_History(modal(np.arange(T + 1), 0.5 ** 0.5), 2), _History(modal(np.arange(T + 1), 2 ** 0.5), 8)]
+    online = modal(np.arange(T + 1), 1.0, floor=0.2 + psi * chi2)
+    noise = np.random.default_rng(0).normal(0, 0.004, (3, T + 1)) * (np.arange(T + 1) > 0)
+    noise -= noise.mean(axis=0)  # the seeds' mean is the noiseless curve
+    runs = []
+    for i in range(3):
+        h = _History(online + noise[i], 4, shares=shares)
+        h.config["seed"] = i
+        runs.append(h)
+    cal = fit_curve(pilots, floor=0.2, boots=20, online_pilot=runs)
+    assert cal.model.participation_cost == pytest.approx(psi, rel=0.05)
+    mean = fit_curve(pilots, floor=0.2, boots=0, online_pilot=_History(online, 4, shares=shares))
+    assert cal.model.participation_cost == pytest.approx(mean.model.participation_cost, rel=1e-6)
+    assert any("3 seeds" in n for n in cal.notes)
+    spread = [m.participation_cost for m in cal.replicates]
+    assert max(spread) > min(spread)  # the seeds are resampled: the replicates differ
+    other = _History(online, 8, shares=shares)
+    with pytest.raises(ValueError, match="online_pilot must be one run or runs of one configuration"):
+        fit_curve(pilots, floor=0.2, boots=0, online_pilot=[runs[0], other])
+
+
 def test_proposition_4_bounds_the_bias_of_uneven_participation_on_quadratics():
     """F_k(θ) = ½ (θ − c_k)ᵀ H (θ − c_k), μ = λ_min(H): F(θ_w) − F* ≤ χ²(w‖p) ζ²_p / (2μ)."""
     from tsfa import participation_divergence

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import tsfa
-from tsfa.online_model import accepts_kept_share
+from tsfa.online_model import accepts_kept_share, latency_tested
 from tsfa.simulate import ErrorModel, VSweepSettings, sweep_v
 
 from .test_offline import predict  # favours larger ranks: the rank term dominates the sparsification term
@@ -51,7 +51,8 @@ def test_online_model_runs_a_rank_the_nominal_screen_calls_infeasible(online_pla
     assert plan.rank == 16
     p = plan.chosen_point
     assert p.feasible and p.rank == plan.rank and p.relative_v == plan.relative_v
-    assert plan.expected_latency_s == p.time_average_latency_s <= plan.latency_budget_s
+    # the default test: τ̄ is not below the point's whole batch-means interval
+    assert plan.expected_latency_s == p.time_average_latency_s and p.latency_low_s <= plan.latency_budget_s
     assert p.latency_low_s <= p.time_average_latency_s <= p.latency_high_s
     assert plan.keep == min(max(math.floor(p.mean_keep + 0.5), 1), 16) and plan.keep_ratio == plan.keep / 16
     assert plan.predicted_loss == p.predicted_loss < screen.predicted_loss
@@ -88,7 +89,6 @@ def test_every_online_point_agrees_with_resimulating_it(online_plan):
                            latency_budget_s=plan.latency_budget_s, downlink_s=sys_.downlink_s(shape),
                            rounds=p.simulated_rounds, settings=settings, seed=plan.simulation_seed)
         assert again.time_average_latency_s == pytest.approx(p.time_average_latency_s, rel=1e-12)
-        assert again.meets_budget is ("latency" not in p.violated)
         assert 1.0 - again.average_dropped_energy == pytest.approx(p.kept_share, rel=1e-12)
         assert again.mean_keep == pytest.approx(p.mean_keep, rel=1e-12)
 
@@ -193,8 +193,9 @@ def test_no_feasible_online_point_is_infeasible_with_the_least_simulated_latency
     assert plan.status is tsfa.Status.INFEASIBLE and plan.rank is None and plan.online_chosen is None
     assert plan.online_table and not any(p.feasible for p in plan.online_table)
     assert {p.rank for p in plan.online_table} == {1, 2, 4, 8, 16}  # the screen had no choice
-    least = min(p.time_average_latency_s for p in plan.online_table)
+    least = min(p.latency_low_s for p in plan.online_table)  # the default test holds the interval's lower end
     assert f"{least:.6g} s" in plan.message and "latency_budget_s = 0.05 s" in plan.message
+    assert "online_latency_test = 'interval'" in plan.message
     assert "nominal screen" in plan.message
     with pytest.raises(tsfa.InfeasibleError, match="online stage"):
         plan.raise_for_status()
@@ -202,6 +203,31 @@ def test_no_feasible_online_point_is_infeasible_with_the_least_simulated_latency
     fast = [p for p in plan.online_table if "latency" not in p.violated]
     assert fast and all(p.participation < 0.5 and "participation" in p.violated for p in fast)
     assert "online_min_participation = 0.5" in plan.message
+
+
+def test_latency_tests_hold_the_interval_the_mean_or_the_upper_end_against_tau(online_plan):
+    tau = online_plan.latency_budget_s
+    pts = online_plan.online_table
+    # the default: a point breaks τ̄ only when its whole interval lies above it
+    assert all(("latency" in p.violated) == (p.latency_low_s > tau * (1 + 1e-9)) for p in pts)
+    # the fixture's points straddle τ̄: some are above it on average but not significantly
+    assert any(p.latency_low_s <= tau < p.time_average_latency_s for p in pts)
+    # the chosen V's sweep entry follows the same test
+    same = {p.relative_v: p for p in pts if p.rank == online_plan.rank}
+    assert all(v.meets_budget == ("latency" not in same[v.relative_v].violated) for v in online_plan.v_sweep)
+    for test, stat in (("interval", "latency_low_s"), ("mean", "time_average_latency_s"),
+                       ("upper", "latency_high_s")):
+        assert np.array_equal(latency_tested(pts, test), [getattr(p, stat) for p in pts])
+    strict = design(online_latency_test="mean")  # the same simulations, judged by the point estimate
+    assert [(p.rank, p.relative_v) for p in strict.online_table] == [(p.rank, p.relative_v) for p in pts]
+    assert all(("latency" in p.violated) == (p.time_average_latency_s > tau * (1 + 1e-9))
+               for p in strict.online_table)
+    ok = {(p.rank, p.relative_v) for p in strict.online_table if p.feasible}
+    assert ok < {(p.rank, p.relative_v) for p in pts if p.feasible}  # a stricter test admits a subset
+    assert strict.success and strict.chosen_point.time_average_latency_s <= tau
+    assert "test: the time-average ≤ τ̄" in strict.message and "test: τ̄ not below" in online_plan.message
+    with pytest.raises(ValueError, match="online_latency_test must be one of"):
+        VSweepSettings(online_latency_test="median")
 
 
 def test_online_min_participation_rules_out_points_that_meet_the_budget_by_skipping():
