@@ -340,3 +340,13 @@ def test_gpt2_conv1d_shapes_and_fold(tmp_path):
     delta = torch.randn(96, 32)
     task.fold(name, delta)
     assert torch.allclose(weight.detach() - before, delta.T)
+
+
+def test_resume_repeats_an_uninterrupted_run(files, tmp_path):
+    top, hf = cls_config(files, tmp_path, strategy="tsfa", checkpoint_every=1)
+    whole = run(RunConfig(**top, hf=hf), progress=False)
+    top["out"] = str(tmp_path / "resumed")
+    run(RunConfig(**{**top, "rounds": 1}, hf=hf), progress=False)
+    resumed = run(RunConfig(**top, hf=hf), resume=True, progress=False)
+    assert [c["uplink_bits"] for c in resumed.clients] == [c["uplink_bits"] for c in whole.clients]
+    assert [r["test_loss"] for r in resumed.rounds] == [r["test_loss"] for r in whole.rounds]
