@@ -350,3 +350,13 @@ def test_resume_repeats_an_uninterrupted_run(files, tmp_path):
     resumed = run(RunConfig(**top, hf=hf), resume=True, progress=False)
     assert [c["uplink_bits"] for c in resumed.clients] == [c["uplink_bits"] for c in whole.clients]
     assert [r["test_loss"] for r in resumed.rounds] == [r["test_loss"] for r in whole.rounds]
+
+
+def test_benchmark_takes_an_hf_config(files, tmp_path, capsys):
+    top, hf = lm_config(files, tmp_path, rounds=1, clients=2)
+    out = tmp_path / "bench"
+    argv = ["benchmark", toml(tmp_path / "b.toml", hf, **top), "--strategies", "fedit", "tsfa", "--seeds", "1",
+            "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert "final test loss" in capsys.readouterr().out and "tsfa" in json.dumps(summary)
