@@ -238,7 +238,7 @@ def test_auto_is_the_cpu_here_and_bfloat16_keeps_the_wire(files, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_run_keeps_the_ledger(files, tmp_path):  # pragma: no cover - runs where a GPU is
-    top, hf = lm_config(files, tmp_path, rounds=2)
+    top, hf = lm_config(files, tmp_path, rounds=2, strategy="fedit")  # dense uploads: the same bits
     cpu = run(RunConfig(**top, hf=hf), progress=False)
     top["out"] = str(tmp_path / "gpu")
     gpu = run(RunConfig(**top, device="cuda", dtype="bfloat16", hf=hf), progress=False)
