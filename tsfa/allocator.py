@@ -104,7 +104,8 @@ class OnlineAllocator(_Policy):
             range) and the other rounds its uncertified fast path (``certify=False``: a secant
             search on the relaxation's τ-derivative from the previous round's latency, typically
             3–5 relaxations; ``lower_bound`` and ``gap`` NaN), which returned the same choice on
-            the default cell in the tests. 1 certifies every round; 0 never. Both drifts use it:
+            the default cell in the tests (below 64 clients it runs the certified search, cheap there).
+            1 certifies every round; 0 never. Both drifts use it:
             ``"exact"`` solves each of its linear problems this way. Other backends always certify.
     """
 

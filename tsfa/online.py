@@ -566,7 +566,7 @@ def allocate(
 
 
 def allocate_uncertified(problem: RoundProblem, *, tau_hint: float | None = None, xtol: float = 3e-3,
-                         max_evaluations: int = 40, polish: int = 2) -> Allocation:
+                         max_evaluations: int = 40, polish: int = 2, min_clients: int = 64) -> Allocation:
     """The fast path of :func:`allocate` (``certify=False``): one round without a certificate.
 
     With G(τ) = Q τ + LP(τ) (LP the knapsack relaxation at τ, :func:`tsfa.knapsack.mckp_relaxation`),
@@ -589,9 +589,13 @@ def allocate_uncertified(problem: RoundProblem, *, tau_hint: float | None = None
     Covers every :class:`RoundProblem` (cap, skipping, min_keep); if the relaxation finds nothing
     that fits under ``max_latency_s`` it hands over to the certified search, which reports the cause.
     ``Allocation.lower_bound`` and ``gap`` are NaN; ``tau_evaluations`` counts the knapsacks.
+    Below ``min_clients`` clients the certified search runs instead: it is cheap there, and the
+    jumps of G are large enough that the guard above would often ask for it anyway.
     """
     t0 = time.perf_counter()
     p = problem
+    if p.num_clients < min_clients:
+        return allocate(problem, tau_hint=tau_hint)
     Q, B = p.queue, p.total_bandwidth_hz
     K, r = p.num_clients, p.shape.rank
     rows = np.arange(K)

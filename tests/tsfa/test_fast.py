@@ -33,7 +33,7 @@ def check_feasible_uncertified(p, a):
 @pytest.mark.parametrize("k", [20, 100])
 def test_fast_path_equals_certified_on_default_cell(k):
     p = _default_cell_problem(k)
-    certified, fast = allocate(p), allocate(p, certify=False)
+    certified, fast = allocate(p), allocate_uncertified(p, min_clients=0)
     exact = allocate(p, backend="milp")
     check_feasible_uncertified(p, fast)
     np.testing.assert_array_equal(fast.keep, certified.keep)
@@ -46,7 +46,7 @@ def test_fast_path_equals_certified_on_default_cell(k):
 def test_fast_path_within_0_1_percent_of_exact(p, hint_scale):
     exact = allocate(p, backend="milp")
     hint = None if hint_scale is None else exact.latency_s * hint_scale
-    fast = allocate(p, certify=False, tau_hint=hint)
+    fast = allocate_uncertified(p, tau_hint=hint, min_clients=0)
     assert fast.objective <= exact.objective * (1 + 1e-3) + 1e-12
     assert fast.objective >= exact.lower_bound * (1 - 1e-7) - 1e-12
     if math.isnan(fast.lower_bound):
@@ -64,7 +64,7 @@ def test_fast_path_within_0_1_percent_on_random_cells(seed):
     p = dataclasses.replace(p, queue=float(rng.choice([0.1, 1.0, 3.0])), weight_v=float(rng.choice([1.0, 10.0])),
                             allow_skip=bool(seed % 2))
     certified = allocate(p)
-    fast = allocate(p, certify=False, tau_hint=certified.latency_s * float(rng.uniform(0.7, 1.3)))
+    fast = allocate_uncertified(p, tau_hint=certified.latency_s * float(rng.uniform(0.7, 1.3)), min_clients=0)
     assert fast.success
     assert fast.objective <= certified.objective * (1 + 1e-3)
     assert fast.objective >= certified.lower_bound * (1 - 1e-9)
@@ -78,10 +78,10 @@ def test_fast_path_with_cap_and_infeasible():
     cap = 0.5 * (least + dense)
     for queue in (0.0, 0.05, 0.5):
         capped = make(k=5, r=4, queue=queue, cap=cap)
-        a, b = allocate(capped, backend="milp"), allocate(capped, certify=False)
+        a, b = allocate(capped, backend="milp"), allocate_uncertified(capped, min_clients=0)
         assert b.success and b.latency_s <= cap * (1 + 1e-9)
         assert b.objective <= a.objective * (1 + 1e-3)
-    bad = allocate(make(k=5, r=4, cap=1e-3), certify=False)
+    bad = allocate_uncertified(make(k=5, r=4, cap=1e-3), min_clients=0)
     assert bad.status is Status.INFEASIBLE and "min_keep = 1" in bad.message
 
 
