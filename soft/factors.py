@@ -46,9 +46,12 @@ def check_pair(A, B, name: str = "module") -> tuple[torch.Tensor, torch.Tensor]:
             f"rank mismatch in {name!r}: A is {tuple(A.shape)} (r×n) but B is {tuple(B.shape)} (m×r)"
         )
     for label, t in (("A", A), ("B", B)):
-        if not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise ValueError(f"{label} of {name!r} has {bad} non-finite entries (NaN or inf)")
+        # One reduction, no mask: a finite sum has no NaN or inf among its terms (they propagate);
+        # an infinite sum of finite entries (overflow) gets the elementwise check.
+        if bool(torch.isfinite(t.detach().sum())) or bool(torch.isfinite(t).all()):
+            continue
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{label} of {name!r} has {bad} non-finite entries (NaN or inf)")
     return A, B
 
 

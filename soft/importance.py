@@ -31,13 +31,16 @@ def component_importance(A_old, B_old, A_new, B_new) -> torch.Tensor:
 
 
 def _importance(A_old, B_old, A_new, B_new) -> torch.Tensor:
-    a0, b0 = A_old.detach().double(), B_old.detach().double()
-    a1, b1 = A_new.detach().double(), B_new.detach().double()
-    sq = (
-        (b1 * b1).sum(0) * (a1 * a1).sum(1)
-        + (b0 * b0).sum(0) * (a0 * a0).sum(1)
-        - 2.0 * (b1 * b0).sum(0) * (a1 * a0).sum(1)
-    )
+    # D_i = δb_i a'_iᵀ + b_i δa_iᵀ with δ = new − old: ‖D_i‖² = ‖δb‖²‖a'‖² + ‖b‖²‖δa‖² + 2 (δb·b)(a'·δa).
+    # Sums of products in the input dtype (no float64 copies of the factors), from the increments,
+    # so nothing cancels but the cross term; the r-vectors are combined in float64.
+    a0, b0 = A_old.detach(), B_old.detach()
+    a1, b1 = A_new.detach(), B_new.detach()
+    db, da = b1 - b0, a1 - a0
+    dot = torch.linalg.vecdot
+    sq = (dot(db, db, dim=0).double() * dot(a1, a1, dim=1).double()
+          + dot(b0, b0, dim=0).double() * dot(da, da, dim=1).double()
+          + 2.0 * dot(db, b0, dim=0).double() * dot(a1, da, dim=1).double())
     return sq.clamp_min(0.0).sqrt()
 
 
