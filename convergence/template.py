@@ -148,12 +148,17 @@ def pilot_participation(history, data_weight=None, rounds: int | None = None) ->
 
 
 def _kept_of(rows, clients=None) -> float:
+    """A pilot's kept share κ: the sent share (:func:`tsfa.sent_share`) of its rounds' mean
+    profile at the largest keep its clients' ledger shows delivered; else the mean of
+    1 − dropped / update energy over its rounds (1 without either)."""
+    from tsfa.model import sent_share
+
     rounds = {row.get("round", t) for t, row in enumerate(rows, start=1)}
     sent = [c["keep"] for c in clients or [] if isinstance(c, dict) and c.get("status") == "ok"
             and isinstance(c.get("keep"), int) and not isinstance(c.get("keep"), bool) and c.get("round") in rounds]
     profiles = [row["profile"] for row in rows if isinstance(row.get("profile"), list)]
     if sent and profiles and len({len(p) for p in profiles}) == 1 and 0 <= max(sent) < len(profiles[0]):
-        return float(kept_share_curve(np.mean(np.asarray(profiles, dtype=float), axis=0))[max(sent)])
+        return sent_share(np.mean(np.asarray(profiles, dtype=float), axis=0), max(sent))
     shares = []
     for row in rows:
         e, u = row.get("dropped_energy"), row.get("update_energy")

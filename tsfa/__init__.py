@@ -31,6 +31,7 @@ from tsfa.model import (
     llama_7b_qv,
     minilm_l6_qv,
     participation_divergence,
+    sent_share,
     training_flops_per_sample,
 )
 from tsfa.online import Allocation, RoundProblem, allocate
@@ -40,6 +41,7 @@ from tsfa.status import InfeasibleError, SolverError, Status
 __all__ = [
     "__version__",
     "participation_divergence",
+    "sent_share",
     "Status",
     "SolverError",
     "InfeasibleError",

@@ -33,6 +33,7 @@ import numpy as np
 from tsfa._validate import as_array, as_int_array, as_rng, as_scalar
 
 __all__ = [
+    "sent_share",
     "ModuleShape",
     "LoraShape",
     "MINILM_L6_CONFIG",
@@ -344,6 +345,22 @@ def keep_from_ratio(rank, keep_ratio):
         raise ValueError(f"keep_ratio must lie in (0, 1]; got keep_ratio = {keep_ratio!r}")
     s = np.clip(np.ceil(rho * r - 1e-9), 1, r).astype(np.int64)
     return int(s) if s.ndim == 0 else s
+
+
+def sent_share(mean_profile, max_keep: int) -> float:
+    """κ_sent = 1 − ē(s_max): the share of the update energy in the components some client sent
+    (docs/model.md, the online latency model), from the mean relative error profile ē(s) =
+    e(s)/e(0), s = 0..r, over the rounds (1-D) and the largest keep s_max any client sent in
+    them. Under SOFT's renormalising aggregation those are the components the aggregate ever
+    applied; what no client sends stays unlearned. Clipped to [0, 1]."""
+    e = as_array("mean_profile", mean_profile)
+    if e.size < 2:
+        raise ValueError(f"mean_profile must hold e(s)/e(0) for s = 0..r (r >= 1); got mean_profile = "
+                         f"{mean_profile!r:.80}")
+    s = as_scalar("max_keep", max_keep, lower=0, integer=True)
+    if s >= e.size:
+        raise ValueError(f"max_keep must lie in 0..{e.size - 1} (the profile's rank); got max_keep = {max_keep!r}")
+    return float(np.clip(1.0 - e[s], 0.0, 1.0))
 
 
 def participation_divergence(shares, data_weight=None) -> np.ndarray:

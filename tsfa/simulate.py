@@ -25,7 +25,7 @@ import numpy as np
 
 from tsfa._validate import as_array, as_rng, as_scalar
 from tsfa.bandwidth import min_latency_bandwidth_batch
-from tsfa.model import Cell, Clients, LoraShape
+from tsfa.model import Cell, Clients, LoraShape, sent_share
 
 __all__ = [
     "ErrorModel",
@@ -160,7 +160,7 @@ class SimulationResult:
         if self.max_keep is None or self.profile is None:
             return math.nan
         h = len(self.max_keep) if rounds is None else rounds
-        return float(np.clip(1.0 - self.profile[:h].mean(axis=0)[int(self.max_keep[:h].max())], 0.0, 1.0))
+        return sent_share(self.profile[:h].mean(axis=0), int(self.max_keep[:h].max()))
 
     @property
     def time_average_latency_s(self) -> float:

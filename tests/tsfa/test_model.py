@@ -212,3 +212,17 @@ def test_participation_divergence_closed_forms_and_invariances():
         chi2([1.2, 0.5])
     with pytest.raises(ValueError, match="data_weight"):
         chi2([1.0, 0.5], [1.0, 1.0, 1.0])
+
+
+def test_sent_share_is_the_energy_outside_the_largest_keep():
+    from tsfa import sent_share
+
+    profiles = np.array([[1.0, 0.5, 0.2, 0.0], [1.0, 0.7, 0.3, 0.1]])
+    mean = profiles.mean(axis=0)
+    assert sent_share(mean, 2) == pytest.approx(1 - 0.25) and sent_share(mean, 0) == 0.0
+    assert sent_share(mean, 3) == pytest.approx(0.95)
+    assert sent_share(np.array([1.0, 1.2]), 1) == 0.0  # clipped to [0, 1]
+    with pytest.raises(ValueError, match="max_keep must lie in 0..3"):
+        sent_share(mean, 4)
+    with pytest.raises(ValueError, match="mean_profile"):
+        sent_share([1.0], 0)
