@@ -34,7 +34,7 @@ lint: $(STAMP)
 # Every benchmark, each printing its ratios side by side from one run (a few minutes on 2 cores).
 bench: $(STAMP)
 	$(PY) benchmarks/allocator.py --repeats 3
-	$(PY) benchmarks/soft_selection.py --repeats 3
+	$(PY) benchmarks/soft_selection.py --repeats 3 --dense-max 1024
 	$(PY) benchmarks/bandwidth.py
 	$(PY) benchmarks/bound.py
 	@echo "Not in make bench: benchmarks/soft_alignment.py (component alignment on real rt-minilm training) and benchmarks/loop_scaling.py (the federated loop, minutes per size) and Flower deployments (SuperLink + SuperNodes vs Ray vs in-process), timed separately."

@@ -41,7 +41,7 @@ Factors ("trained" pairs, seed fixed per size and rank):
   noise spreads the step over all components and entries), the timings do not.
 
     python benchmarks/soft_selection.py [--sizes 768 4096] [--ranks 8 16 64] [--repeats 5] [--skip-dense]
-                              [--noise 0.5] [--rho 0.8] [--threads N]
+                              [--dense-max N] [--noise 0.5] [--rho 0.8] [--threads N]
 """
 
 from __future__ import annotations
@@ -178,6 +178,7 @@ def main():
     ap.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-dense", action="store_true", help="do not run the dense SVD")
+    ap.add_argument("--dense-max", type=int, default=None, help="run the dense SVD only up to this size")
     ap.add_argument("--noise", type=float, default=0.5, help="ε: ‖ε N Aᵀ‖ / ‖dominant part of ∇_B‖ (default 0.5)")
     ap.add_argument("--rho", type=float, default=0.8, help="ρ: share of the dominant directions in the adapter's span")
     ap.add_argument("--threads", type=int, default=None,
@@ -203,7 +204,7 @@ def main():
                 args.repeats)
             t_qr, _ = timed(lambda old=old, new=new, keep=keep: soft.svd_truncation_qr(old, new, keep), args.repeats)
             dense_time = dense_out = None
-            if not args.skip_dense:
+            if not args.skip_dense and (args.dense_max is None or n <= args.dense_max):
                 large = n > DENSE_LARGE
                 dense_time, dense_out = timed(
                     lambda old=old, new=new, keep=keep: soft.svd_truncation_dense(old, new, keep),
