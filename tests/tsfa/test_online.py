@@ -1,5 +1,6 @@
 import itertools
 import json
+import math
 
 import numpy as np
 import pytest
@@ -56,7 +57,9 @@ def brute_force(p: RoundProblem):
     return best
 
 
-def check_feasible(p, a):
+def check_feasible(p, a, certified=True):
+    """``a`` is a feasible allocation of ``p`` with its objective; certified answers carry a
+    lower bound below it, uncertified ones (the fast path) say so and carry NaN bound and gap."""
     assert a.success
     assert np.all(a.bandwidth_hz >= 0) and a.bandwidth_hz.sum() <= p.total_bandwidth_hz * (1 + 1e-9)
     sch = a.keep > 0
@@ -69,7 +72,10 @@ def check_feasible(p, a):
         assert a.latency_s <= p.max_latency_s * (1 + 1e-9)
     np.testing.assert_array_equal(a.payload_bits, p.shape.payload_bits(a.keep))
     assert a.objective == pytest.approx(p.weight_v * a.dropped_energy + p.queue * a.latency_s, rel=1e-12)
-    assert a.lower_bound <= a.objective * (1 + 1e-9) + 1e-12
+    if certified:
+        assert a.lower_bound <= a.objective * (1 + 1e-9) + 1e-12
+    else:
+        assert math.isnan(a.lower_bound) and math.isnan(a.gap) and "not certified" in a.message
 
 
 @given(problems)
