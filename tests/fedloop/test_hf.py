@@ -360,3 +360,25 @@ def test_benchmark_takes_an_hf_config(files, tmp_path, capsys):
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert "final test loss" in capsys.readouterr().out and "tsfa" in json.dumps(summary)
+
+
+def test_design_takes_an_hf_config(files, tmp_path, capsys):
+    """The offline plan on a user's own model: the pilot trains the hf task, the plan table
+    covers the ranks asked for, and the payload bits come from the model's adapted modules."""
+    top, hf = cls_config(files, tmp_path, rounds=4, out=str(tmp_path / "plan"))
+    argv = ["design", toml(tmp_path / "d.toml", hf, **top), "--pilot-rounds", "3", "--ranks", "2", "4",
+            "--draws", "20", "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "rank" in out and "*" in out
+    plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert plan["status"] in ("optimal", "feasible") and plan["rank"] in (2, 4)
+    with open(tmp_path / "plan" / "plan.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {int(r["rank"]) for r in rows} == {2, 4}
+    task = make_task(RunConfig(**top, hf=hf))  # rank 4, the config's
+    shape, head_bits = LoraShape.from_model(task.model), 32 * sum(p.numel() for p in task.head().values())
+    assert head_bits > 0  # the classifier travels with every upload
+    for r in rows:
+        if int(r["rank"]) == 4:
+            assert int(r["payload_bits"]) == shape.payload_bits(int(r["keep"])) + head_bits
