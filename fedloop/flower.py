@@ -6,8 +6,9 @@ this module does, on import.
 Protocol (two Flower message exchanges per FL round, both inside one Flower round):
 
 1. ``configure_train`` sends every connected node a ``train`` message: the global LoRA factors
-   and head (``ArrayRecord``) and the run's :class:`~fedloop.RunConfig` as JSON plus the
-   round index (``ConfigRecord``). The node (partition ``k`` = its ``partition-id`` node
+   and head as one safetensors blob (``ConfigRecord["global"]``; for ``svd`` and ``ideal`` also
+   the deltas folded into the frozen weights so far, ``ConfigRecord["folded"]``), the run's
+   :class:`~fedloop.RunConfig` as JSON and the round index. The node (partition ``k`` = its ``partition-id`` node
    config) trains exactly as ``fedloop`` does (:func:`fedloop.client.train_client`, seeded from
    (seed, round, k)), keeps the received and trained factors in its ``Context.state``, and
    replies with its error profile e_k(s), s = 0..r, and its partition id.
@@ -15,9 +16,9 @@ Protocol (two Flower message exchanges per FL round, both inside one Flower roun
    (``fedloop``'s cell: fixed positions from the seed, Rayleigh fading per round; the nodes
    report no channel state), runs the strategy's policy (``tsfa``: the ``OnlineAllocator``),
    then sends each scheduled node a ``train.upload`` message with **its own** keep count and
-   bandwidth in its own ``ConfigRecord``. The node replies with its SOFT payload bytes
-   (``ConfigRecord["payload"]``, :func:`fedloop.strategies.encode_update`) and its head. The server
-   decodes, aggregates rank-wise with the data weights, re-orthogonalises, feeds the round's
+   bandwidth in its own ``ConfigRecord``. The node replies with its strategy's upload as bytes
+   (:mod:`fedloop.flower_codec`: ``payload``, and ``factors`` for ``ideal``) and its head. The server
+   checks and decodes them, aggregates with the data weights, re-orthogonalises, feeds the round's
    latency to the Lyapunov queue, evaluates and writes the ledger — the server half of
    ``fedloop``'s round (:meth:`fedloop.Server.step`, with this strategy as its client pool).
 
@@ -40,13 +41,17 @@ overrides keys the app lists): every :class:`~fedloop.RunConfig` field, spelled 
 (``hf.target-modules`` and ``hf.head`` as one comma-separated string, ``""`` for no head);
 ``"none"`` for a ``None`` value; and the Flower settings ``round-timeout`` (s, default 300),
 ``min-nodes`` (nodes to wait for before the first round; 0 or absent = ``clients``),
-``wait-timeout`` (s to wait for them, default 600) and ``resume`` (continue from the
-checkpoint in ``out``, :mod:`fedloop.checkpoint`). ``out`` should be an absolute path in a
+``wait-timeout`` (s to wait for them, default 600), ``resume`` (continue from the
+checkpoint in ``out``, :mod:`fedloop.checkpoint`) and ``poll-interval`` (s between the server's
+pulls for replies, default 0.05: :class:`PollingGrid`). ``out`` should be an absolute path in a
 deployment (the ServerApp runs in its own process and working directory). An hf task's paths
 must exist on the SuperLink's machine and on every SuperNode's; each builds the task with its
 own ``device``.
 
-Supported strategies: :data:`fedloop.strategies.REMOTE_STRATEGIES` (tsfa, fixed, random, fedit).
+Every strategy of :data:`fedloop.strategies.STRATEGIES` runs here. The ledger's uplink bits are
+8 × the bytes each node sent plus the head (as in process), its downlink bits 8 × the bytes each
+node received. :func:`run_flower` runs a simulation on Flower's supported path (a SuperLink in
+simulation mode and ``flwr run``); :mod:`fedloop.flower_node` runs long-lived SuperNodes.
 """
 
 from __future__ import annotations
@@ -78,15 +83,18 @@ import soft
 from fedloop.checkpoint import RunFolder, check_run_folder, load_checkpoint
 from fedloop.client import RunFailed, TrainReport, Upload, train_client
 from fedloop.config import RunConfig
+from fedloop.flower_codec import decode as decode_upload
+from fedloop.flower_codec import encode as encode_upload
+from fedloop.flower_codec import pack_tensors, unpack_tensors
 from fedloop.server import Server
-from fedloop.strategies import REMOTE_STRATEGIES, encode_update
+from fedloop.strategies import STRATEGIES
 from fedloop.tasks import make_task
 
-__all__ = ["FlowerSettings", "TsfaStrategy", "client_app", "client_train", "client_upload", "server_app",
-           "make_server_app", "config_from_run_config", "run_flower"]
+__all__ = ["FlowerSettings", "TsfaStrategy", "PollingGrid", "client_app", "client_train", "client_upload",
+           "server_app", "make_server_app", "config_from_run_config", "run_config_of", "run_flower"]
 
 UPLOAD = f"{MessageType.TRAIN}.upload"
-_STATE_ARRAYS, _STATE_META = "fedloop.arrays", "fedloop.meta"
+_STATE = "fedloop.state"
 
 
 @dataclass
@@ -97,11 +105,26 @@ class FlowerSettings:
     min_nodes: int | None = None
     wait_timeout: float = 600.0
     resume: bool = False
+    poll_interval: float = 0.05
+
+    def __post_init__(self):
+        for name, low, high in (("round_timeout", 0.001, 1e7), ("wait_timeout", 0.0, 1e7),
+                                ("poll_interval", 0.001, 60.0)):
+            value, key = getattr(self, name), name.replace("_", "-")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ValueError(f"{key} must be a number of seconds in [{low:g}, {high:g}]; got {key} = {value!r}")
+            setattr(self, name, float(value))
+        if self.min_nodes is not None and (isinstance(self.min_nodes, bool) or not isinstance(self.min_nodes, int)
+                                           or self.min_nodes < 0):
+            raise ValueError(f"min-nodes must be an integer >= 0; got min-nodes = {self.min_nodes!r}")
+        self.min_nodes = self.min_nodes or None  # 0: as absent (wait for every client's node)
+        if not isinstance(self.resume, bool):
+            raise ValueError(f"resume must be true or false; got resume = {self.resume!r}")
 
 
 # -- run config --------------------------------------------------------------------------------
 _FLOWER_KEYS = {"round-timeout": "round_timeout", "min-nodes": "min_nodes", "wait-timeout": "wait_timeout",
-                "resume": "resume"}
+                "resume": "resume", "poll-interval": "poll_interval"}
 
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerSettings]:
@@ -163,8 +186,48 @@ def _to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord(torch_state_dict=dict(tensors)) if tensors else ArrayRecord()
 
 
-def _from_record(record: ArrayRecord) -> dict:
-    return dict(record.to_torch_state_dict()) if len(record) else {}
+def _expected(factors: Mapping, head: Mapping) -> dict:
+    """name -> (shape, (float32,)) of the packed tensors of ``factors`` and ``head``."""
+    return {k: (tuple(v.shape), (torch.float32,)) for k, v in _pack(factors, head).items()}
+
+
+def _global_from_bytes(data, task) -> dict:
+    """The global factors and head a node received, checked against its own task's tensors."""
+    from fedloop.client import to_host
+
+    return unpack_tensors(data, _expected(to_host(task.factors()), to_host(task.head())), "the global adapter")
+
+
+#: Strategies whose server folds updates into the frozen weights (the nodes must receive them).
+FOLDING = ("svd", "ideal")
+
+
+def _folded_shapes(factors: Mapping) -> dict:
+    """name -> ((m, n), (float32,)): the frozen weight delta of each module (m × n = B A)."""
+    return {f"folded/{n}": ((tuple(B.shape)[0], tuple(A.shape)[1]), (torch.float32,)) for n, (A, B) in factors.items()}
+
+
+def _sync_folded(task, data) -> None:
+    """Make the node's frozen weights the task's own plus the server's folded deltas ``data``
+    (safetensors ``folded/<module>``, or empty for none): the node remembers what it folded and
+    folds the difference, so a node that missed rounds, or a task reused by a new run, catches up."""
+    from fedloop.client import to_host
+
+    factors = to_host(task.factors())
+    target = {k.split("/", 1)[1]: v for k, v in
+              (unpack_tensors(data, _folded_shapes(factors), "the folded weights") if data else {}).items()}
+    applied = task.__dict__.setdefault("_flower_folded", {})
+    for name in factors:
+        want, have = target.get(name), applied.get(name)
+        if want is None and have is None:
+            continue
+        delta = (want if want is not None else torch.zeros_like(have)) - (have if have is not None else 0)
+        if bool(delta.any()):
+            task.fold(name, delta)
+        if want is None:
+            del applied[name]
+        else:
+            applied[name] = want
 
 
 # -- client ------------------------------------------------------------------------------------
@@ -178,7 +241,7 @@ def _task_for(cfg: RunConfig):
                                    "keep", "relative_v", "budget_factor", "latency_budget_s", "cap_factor",
                                    "allow_skip", "deadline_factor", "reject_norm_factor", "bandwidth_hz", "value_bits",
                                    "error_feedback")},
-                     sort_keys=True)
+                     sort_keys=True) + f"/rank {cfg.structural_rank}"
     if key not in _TASKS:
         _TASKS.clear()
         _TASKS[key] = make_task(cfg)
@@ -208,45 +271,51 @@ def client_train(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_dict(json.loads(conf["run-config"]))
     t = int(conf["round-index"])
     k = _partition(context, cfg)
-    global_factors, global_head = _unpack(_from_record(msg.content["arrays"]))
     task = _task_for(cfg)
+    global_factors, global_head = _unpack(_global_from_bytes(conf["global"], task))
+    _sync_folded(task, conf["folded"] if "folded" in conf else b"")
     try:
         local, head, loss = train_client(cfg, task, global_factors, global_head, t, k)
     except RunFailed as exc:  # a non-finite loss stops the run, as in fedloop
         return Message(RecordDict({"fatal": ConfigRecord({"reason": str(exc)}),
                                    "metrics": MetricRecord({"partition-id": k})}), reply_to=msg)
     profile = soft.error_profile(global_factors, local, scope=cfg.scope)
-    context.state[_STATE_ARRAYS] = _to_record(_pack(global_factors, None, "old/") | _pack(local, head, "new/"))
-    context.state[_STATE_META] = ConfigRecord({"round-index": t, "partition-id": k, "run-config": conf["run-config"]})
-    reply = RecordDict({
-        "profile": ArrayRecord(numpy_ndarrays=[np.asarray(profile, dtype=np.float64)]),
-        "metrics": MetricRecord({"partition-id": k, "train-loss": float(loss),
-                                 "num-examples": int(task.client_sizes[k])}),
-    })
+    # kept in the node's Context.state until phase 2 (the SuperNode keeps it per run, across processes)
+    context.state[_STATE] = ConfigRecord({
+        "round-index": t, "partition-id": k, "run-config": conf["run-config"],
+        "tensors": pack_tensors(_pack(global_factors, None, "old/") | _pack(local, head, "new/"))})
+    reply = RecordDict({"metrics": MetricRecord({
+        "partition-id": k, "train-loss": float(loss), "num-examples": int(task.client_sizes[k]),
+        "profile": [float(x) for x in np.asarray(profile, dtype=np.float64)]})})
     return Message(reply, reply_to=msg)
 
 
 @client_app.train("upload")
 def client_upload(msg: Message, context: Context) -> Message:
-    """Phase 2: encode the SOFT payload with the keep count the server allocated to this node."""
+    """Phase 2: encode the strategy's upload with the keep count the server allocated to this node."""
     conf = msg.content["config"]
     t, keep = int(conf["round-index"]), int(conf["keep"])
-    meta = context.state.get(_STATE_META)
-    if meta is None or int(meta["round-index"]) != t:
+    state = context.state.get(_STATE)
+    if state is None or int(state["round-index"]) != t:
         raise RuntimeError(f"no locally trained update for round {t + 1} on this node (restarted?)")
-    cfg = RunConfig.from_dict(json.loads(meta["run-config"]))
-    k = int(meta["partition-id"])
-    tensors = _from_record(context.state[_STATE_ARRAYS])
+    cfg = RunConfig.from_dict(json.loads(state["run-config"]))
+    k = int(state["partition-id"])
+    from fedloop.client import to_host
+
+    task = _task_for(cfg)
+    glob, head = to_host(task.factors()), to_host(task.head())
+    expected = {f"old/{k}": v for k, v in _expected(glob, {}).items()} | \
+        {f"new/{k}": v for k, v in _expected(glob, head).items()}
+    # this node's own state (Context.state), safetensors, read back in the task's module order
+    tensors = unpack_tensors(state["tensors"], expected, "this node's state")
     global_factors, _ = _unpack(tensors, "old/")
     local, head = _unpack(tensors, "new/")
-    data = encode_update(cfg, global_factors, local, keep, t, k)
-    del context.state[_STATE_ARRAYS]
-    del context.state[_STATE_META]
+    parts = encode_upload(cfg, global_factors, local, keep, t, k)  # bytes only (fedloop.flower_codec)
+    del context.state[_STATE]
     reply = RecordDict({
-        "upload": ConfigRecord({"payload": data}),
-        "head": _to_record(_pack(None, head)),
-        "metrics": MetricRecord({"partition-id": k, "uplink-bits": 8 * len(data), "keep": keep,
-                                 "bandwidth-hz": float(conf["bandwidth-hz"])}),
+        "upload": ConfigRecord({**parts, "head": pack_tensors(_pack(None, head))}),
+        "metrics": MetricRecord({"partition-id": k, "uplink-bits": 8 * sum(len(b) for b in parts.values()),
+                                 "keep": keep, "bandwidth-hz": float(conf["bandwidth-hz"])}),
     })
     return Message(reply, reply_to=msg)
 
@@ -265,11 +334,83 @@ def _reason(msg: Message) -> str:
     return f"flower error {msg.error.code}: {lines[-1] if lines else '?'}"[:180]
 
 
+def _short_object_backoff(grid: Grid, backoff: float) -> None:
+    """The deployment Grid pulls a reply's objects with Flower's retry (1 s, 2 s, ... for an
+    object the node has not pushed yet, which happens when a reply is pulled the moment it
+    arrives): retry after ``backoff`` seconds instead (Flower 1.42's ``HttpGrid``; a grid without
+    module-level ``pull_objects``, such as the simulation's, is left as it is)."""
+    import sys
+
+    from fedloop.flower_node import patch_object_pull_backoff
+
+    module = sys.modules.get(type(grid).__module__)
+    if module is not None and getattr(module, "pull_objects", None) is not None:
+        try:
+            patch_object_pull_backoff(module, min(backoff, 1.0))
+        except RuntimeError as exc:  # another Flower release: keep its own retry
+            log(WARNING, "fedloop: %s", exc)
+
+
+class PollingGrid(Grid):
+    """A Grid that waits for replies by pulling every ``poll_interval`` seconds.
+
+    Flower 1.42's deployment Grid (``HttpGrid.send_and_receive``) sleeps a fixed 3 s between
+    pulls, and the simulation's ``InMemoryGrid`` 0.1 s; this one pushes and pulls through the
+    wrapped grid's public ``push_messages`` / ``pull_messages``, so a round waits at most
+    ``poll_interval`` after the last reply arrived. Everything else is the wrapped grid's."""
+
+    def __init__(self, grid: Grid, poll_interval: float = 0.05):
+        self.grid, self.poll_interval = grid, float(poll_interval)
+        self.waits: list[float] = []  # wall time of each send_and_receive (push, the nodes' work, pull)
+        _short_object_backoff(grid, self.poll_interval)
+
+    def set_run(self, run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self):
+        return self.grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self):
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages):
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None):
+        t0 = time.monotonic()
+        messages = list(messages)
+        if not messages:
+            return []
+        pending = set(self.grid.push_messages(messages))
+        end = None if timeout is None else t0 + timeout
+        replies: list[Message] = []
+        while pending:
+            got = list(self.grid.pull_messages(pending))
+            replies += got
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if not pending or (end is not None and time.monotonic() >= end):
+                break
+            time.sleep(self.poll_interval if end is None else max(0.0, min(self.poll_interval,
+                                                                            end - time.monotonic())))
+        self.waits.append(time.monotonic() - t0)
+        return replies
+
+    def __getattr__(self, name):  # anything else a concrete grid offers
+        return getattr(self.grid, name)
+
+
 class TsfaStrategy(FedAvg):
     """FedAvg subclass running TSFA's allocation and SOFT's rank-wise aggregation (module docstring).
 
     Args:
-        config: the run (task, strategy in :data:`~fedloop.strategies.REMOTE_STRATEGIES`, K = ``clients``
+        config: the run (task, any strategy of :data:`~fedloop.strategies.STRATEGIES`, K = ``clients``
             partitions, wireless settings, ``out`` folder for checkpoints and the ledger).
         settings: :class:`FlowerSettings` (round timeout, nodes to wait for, resume).
 
@@ -281,9 +422,8 @@ class TsfaStrategy(FedAvg):
     """
 
     def __init__(self, config: RunConfig, settings: FlowerSettings | None = None, callbacks=()):
-        if config.strategy not in REMOTE_STRATEGIES:
-            raise ValueError(f"strategy {config.strategy!r} is not supported on Flower; use one of "
-                             f"{REMOTE_STRATEGIES}")
+        if config.strategy not in STRATEGIES:  # RunConfig checks this too
+            raise ValueError(f"strategy must be one of {STRATEGIES}; got strategy = {config.strategy!r}")
         if config.error_feedback != "none":
             raise ValueError(f"error_feedback = {config.error_feedback!r} runs in process only (the residuals live "
                              "with the in-process clients); use error_feedback = 'none' on Flower")
@@ -304,6 +444,9 @@ class TsfaStrategy(FedAvg):
         self._node_of: dict[int, int] = {}  # partition -> node id, this round
         self._replies: list[Message] = []  # phase 1's replies, this round
         self._waited = False
+        self._round_start: float | None = None
+        self._last_end: float | None = None
+        self.round_seconds: list[float] = []  # wall time of each Flower round run here (both exchanges, server work)
         self.notes: list[str] = []
 
     @property
@@ -328,6 +471,22 @@ class TsfaStrategy(FedAvg):
     def global_arrays(self) -> ArrayRecord:
         return _to_record(_pack(self.server.global_factors, self.server.global_head))
 
+    def global_bytes(self) -> bytes:
+        """What phase 1 sends every node: the global factors and head as one safetensors blob
+        (one Flower object instead of one per tensor and chunk)."""
+        return pack_tensors(_pack(self.server.global_factors, self.server.global_head))
+
+    def folded_bytes(self) -> bytes:
+        """svd and ideal: every module's delta folded into the frozen weights so far (zeros where
+        none yet), as safetensors ``folded/<module>``; empty bytes before the first fold and for
+        the other strategies."""
+        folded = self.server.folded
+        if self.config.strategy not in FOLDING or all(d is None for d in folded.values()):
+            return b""
+        shapes = _folded_shapes(self.server.global_factors)
+        return pack_tensors({f"folded/{n}": d if d is not None else torch.zeros(shapes[f"folded/{n}"][0])
+                             for n, d in folded.items()})
+
     def _nodes(self, grid: Grid) -> list[int]:
         if not self._waited:  # before the first round: wait for min_available_nodes
             deadline = time.monotonic() + self.settings.wait_timeout
@@ -346,7 +505,15 @@ class TsfaStrategy(FedAvg):
         nodes = self._nodes(grid)
         conf = ConfigRecord({"server-round": server_round, "round-index": self.server.round,
                              "run-config": _config_json(self.config)})
-        record = RecordDict({self.arrayrecord_key: self.global_arrays(), self.configrecord_key: conf})
+        self._round_start = time.perf_counter()
+        blob, folded = self.global_bytes(), self.folded_bytes()
+        conf["global"] = blob
+        if folded:
+            conf["folded"] = folded
+        # downlink: what each node really receives, the bytes of the global factors and head (and, for svd
+        # and ideal, of the deltas folded into the frozen weights so far)
+        self.server.broadcast_bits = 8 * (len(blob) + len(folded))
+        record = RecordDict({self.configrecord_key: conf})
         self._phase1_nodes = nodes
         log(INFO, "configure_train: round %d to %d nodes", self.server.round + 1, len(nodes))
         return [Message(record, dst_node_id=n, message_type=MessageType.TRAIN, ttl=self.settings.round_timeout)
@@ -357,6 +524,17 @@ class TsfaStrategy(FedAvg):
         """Profiles in, policy, phase 2 (uploads), rank-wise aggregation, ledger and checkpoint."""
         self._replies = list(replies)
         row = self.server.step(self)  # the strategy is the round's client pool: train() and upload() below
+        if self._round_start is not None:  # wall time from the end of the previous round (or this one's start)
+            now = time.perf_counter()
+            seconds = now - (self._last_end if self._last_end is not None else self._round_start)
+            self._last_end = now
+            self.round_seconds.append(seconds)
+            row["flower_round_s"] = seconds  # in the ledger (history.json, rounds.csv)
+            waits = self._grid.waits if isinstance(self._grid, PollingGrid) else []
+            log(INFO, "fedloop: round %d took %.3f s (wall time; message exchanges %s s, the rest server work)",
+                self.server.round, seconds, " + ".join(f"{w:.3f}" for w in waits))
+            if isinstance(self._grid, PollingGrid):
+                self._grid.waits.clear()
         for callback in self.callbacks:
             callback(dict(row))
         cfg, out = self.config, Path(self.config.out)
@@ -403,7 +581,12 @@ class TsfaStrategy(FedAvg):
                 self._note(f"node {nid} claims partition {k} of node {self._node_of[k]}: ignored")
                 continue
             self._part[nid], self._node_of[k] = k, nid
-            profiles[k] = content["profile"].to_numpy_ndarrays()[0]
+            profile = np.asarray(content["metrics"]["profile"], dtype=np.float64)
+            if profile.shape != (r + 1,):
+                self._note(f"node {nid}: profile of {profile.size} values, expected {r + 1}: dropped")
+                status[k] = "error: malformed profile"
+                continue
+            profiles[k] = profile
             losses[k] = float(content["metrics"]["train-loss"])
             status[k] = "ok"
         return TrainReport(profiles=profiles, losses=losses, status=status)
@@ -429,9 +612,15 @@ class TsfaStrategy(FedAvg):
                     self._lost.add(nid)
                 out[k] = _reason(msg)
                 continue
-            data = bytes(msg.content["upload"]["payload"])
-            _, head = _unpack(_from_record(msg.content["head"]))
-            out[k] = Upload(payload=data, bits=8 * len(data), head=head)
+            try:
+                upload = msg.content["upload"]
+                parts = {name: upload[name] for name in upload.keys() if name != "head"}
+                payload = decode_upload(self.server, parts, keep[k])  # validated (fedloop.flower_codec)
+                _, head = _unpack(unpack_tensors(upload["head"], _expected({}, self.server.global_head), "the head"))
+            except (KeyError, TypeError, ValueError) as exc:
+                out[k] = f"rejected upload: {exc}"
+                continue
+            out[k] = Upload(payload=payload, bits=8 * sum(len(b) for b in parts.values()), head=head)
         for nid, k in part_of.items():
             if k not in out:
                 self._lost.add(nid)
@@ -443,8 +632,8 @@ class TsfaStrategy(FedAvg):
 
     def execute(self, grid: Grid):
         """Run the remaining rounds on ``grid`` (Flower's ``Strategy.start``); saves the ledger."""
-        result = self.start(grid, self.global_arrays(), num_rounds=self.remaining_rounds,
-                            timeout=self.settings.round_timeout)
+        result = self.start(PollingGrid(grid, self.settings.poll_interval), self.global_arrays(),
+                            num_rounds=self.remaining_rounds, timeout=self.settings.round_timeout)
         out = Path(self.config.out)
         self.server.save_checkpoint(out)
         self.server.history.save(out)
@@ -485,18 +674,182 @@ def make_server_app(config: RunConfig | None = None, settings: FlowerSettings | 
 server_app = make_server_app()
 
 
-def run_flower(config: RunConfig, *, num_supernodes: int | None = None, settings: FlowerSettings | None = None,
-               backend_config: dict | None = None):
-    """Run ``config`` as a Flower simulation (Ray backend) with one virtual SuperNode per client;
-    returns the :class:`~fedloop.History` (also saved to ``config.out``)."""
-    from flwr.simulation import run_simulation
+# -- simulation: Flower's supported path (a SuperLink in simulation mode, `flwr run`) ---------------
+def run_config_of(config: RunConfig, settings: FlowerSettings | None = None) -> dict:
+    """The Flower run config (nested as in ``[tool.flwr.app.config]``; Flower flattens it to
+    ``linear.dim`` etc.) that :func:`config_from_run_config` reads back as ``config`` and ``settings``."""
+    settings = settings or FlowerSettings()
 
-    done = {}
-    app = make_server_app(config, settings, on_done=lambda s: done.setdefault("strategy", s))
-    backend = backend_config or {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                 "init_args": {"include_dashboard": False}}
-    run_simulation(server_app=app, client_app=client_app, num_supernodes=num_supernodes or config.clients,
-                   backend_name="ray", backend_config=backend)
-    if "strategy" not in done:
-        raise RuntimeError("the Flower simulation ended before the strategy finished (see the log)")
-    return done["strategy"].history
+    def value(v):
+        if v is None:
+            return "none"
+        if isinstance(v, (list, tuple)):
+            return ",".join(str(x) for x in v)
+        return v
+
+    out: dict[str, Any] = {}
+    for key, v in config.to_dict().items():
+        if key in ("linear", "distill", "hf"):
+            if v:
+                out[key] = {k.replace("_", "-"): value(x) for k, x in v.items()}
+        else:
+            out[key.replace("_", "-")] = value(v)
+    out.update({"round-timeout": settings.round_timeout, "min-nodes": settings.min_nodes or 0,
+                "wait-timeout": settings.wait_timeout, "resume": settings.resume,
+                "poll-interval": settings.poll_interval})
+    return out
+
+
+def _write_app(folder: Path, config: RunConfig, settings: FlowerSettings) -> Path:
+    """A Flower app (``flwr run`` builds it into a FAB) whose ServerApp and ClientApp are this
+    module's, with the whole run in its ``[tool.flwr.app.config]``."""
+    import tomli_w
+
+    folder.mkdir(parents=True)
+    (folder / "fedloop_sim_app").mkdir()
+    (folder / "fedloop_sim_app" / "__init__.py").write_text(
+        '"""fedloop.flower\'s ServerApp and ClientApp, for fedloop.flower.run_flower."""\n'
+        "from fedloop.flower import client_app, server_app\n\n__all__ = [\"client_app\", \"server_app\"]\n")
+    project = {
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {"name": "fedloop-simulation", "version": "1.0.0", "license": "MIT", "dependencies": []},
+        "tool": {"hatch": {"build": {"targets": {"wheel": {"packages": ["fedloop_sim_app"]}}}},
+                 "flwr": {"app": {"publisher": "fedloop",
+                                  "components": {"serverapp": "fedloop_sim_app:server_app",
+                                                 "clientapp": "fedloop_sim_app:client_app"},
+                                  "config": run_config_of(config, settings)}}},
+    }
+    (folder / "pyproject.toml").write_text(tomli_w.dumps(project))
+    return folder
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for sock in socks:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in socks]
+    for sock in socks:
+        sock.close()
+    return ports
+
+
+#: ``backend_config`` keys :func:`run_flower` passes to the simulation (``options.backend.*``).
+_BACKEND_KEYS = {"client_resources": ("num_cpus", "num_gpus"),
+                 "init_args": ("num_cpus", "num_gpus", "logging_level", "log_to_driver")}
+
+
+def _backend_options(backend_config: Mapping | None) -> dict:
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}} if backend_config is None else backend_config
+    out: dict[str, dict] = {}
+    for section, values in backend.items():
+        if section not in _BACKEND_KEYS or not isinstance(values, Mapping) \
+                or not set(values) <= set(_BACKEND_KEYS[section]):
+            raise ValueError(f"backend_config takes {_BACKEND_KEYS}; got {section!r}: {values!r:.80}")
+        out[section.replace("_", "-")] = {k.replace("_", "-"): v for k, v in values.items()}
+    return out
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+def run_flower(config: RunConfig, *, num_supernodes: int | None = None, settings: FlowerSettings | None = None,
+               backend_config: dict | None = None, log_file=None, timeout: float = 3600.0):
+    """Run ``config`` as a Flower simulation with one virtual SuperNode per client; returns the
+    :class:`~fedloop.History` (also saved to ``config.out``, with the checkpoint).
+
+    Flower 1.42's supported simulation path (``flwr.simulation.run_simulation`` is deprecated):
+    a private ``flower-superlink --simulation`` on free local ports, and ``flwr run`` of an app
+    whose ServerApp and ClientApp are this module's and whose run config is ``config`` and
+    ``settings`` (:func:`run_config_of`). The SuperLink runs the ServerApp and the ClientApps
+    (Ray backend) in its own processes; it is stopped when the run ends. ``backend_config``:
+    ``{"client_resources": {"num_cpus", "num_gpus"}, "init_args": {"num_cpus", "num_gpus",
+    "logging_level", "log_to_driver"}}`` (default one CPU per virtual node). ``log_file``
+    receives the run's log (``flwr run --stream``)."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    import httpx
+    import tomli_w
+
+    from fedloop.history import History
+
+    settings = settings or FlowerSettings()
+    out = Path(config.out).resolve()
+    config = RunConfig.from_dict({**config.to_dict(), "out": str(out)})  # the ServerApp runs elsewhere
+    if settings.resume:  # fail here, before any process starts
+        load_checkpoint(check_run_folder(out))
+    nodes = int(num_supernodes or config.clients)
+    binary = Path(sys.executable).parent
+
+    def tool(name):
+        path = binary / name
+        if path.exists():
+            return str(path)
+        found = shutil.which(name)
+        if found is None:
+            raise FileNotFoundError(f"{name} not found next to {sys.executable} or on PATH (pip install flwr)")
+        return found
+
+    with tempfile.TemporaryDirectory(prefix="fedloop-flower-") as tmp:
+        tmp = Path(tmp)
+        app = _write_app(tmp / "app", config, settings)
+        home = tmp / "flwr-home"
+        home.mkdir()
+        port, control = _free_ports(2)
+        (home / "config.toml").write_text(tomli_w.dumps({"superlink": {
+            "default": "fedloop", "fedloop": {"address": f"127.0.0.1:{port}", "insecure": True, "options": {
+                "num-supernodes": nodes, "backend": _backend_options(backend_config)}}}}))
+        env = dict(os.environ, FLWR_HOME=str(home), PYTHONUNBUFFERED="1",
+                   PATH=f"{binary}{os.pathsep}{os.environ.get('PATH', '')}")
+        link_log = tmp / "superlink.log"
+        run_log = Path(log_file) if log_file is not None else tmp / "flwr-run.log"
+        with open(link_log, "w") as fh:
+            link = subprocess.Popen([tool("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
+                                     "--port", str(port), "--control-api-address", f"127.0.0.1:{control}",
+                                     "--disable-runtime-dependency-installation"],
+                                    stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                if link.poll() is not None:
+                    raise RuntimeError(f"flower-superlink --simulation exited with code {link.returncode}:\n"
+                                       f"{_tail(link_log)}")
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).is_success:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"flower-superlink --simulation did not start within 120 s:\n{_tail(link_log)}")
+                time.sleep(0.2)
+            with open(run_log, "w") as fh:
+                try:
+                    code = subprocess.run([tool("flwr"), "run", str(app), "fedloop", "--stream"], stdout=fh,
+                                          stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+                except subprocess.TimeoutExpired:
+                    raise RuntimeError(f"the Flower simulation did not finish within {timeout:g} s:\n"
+                                       f"{_tail(run_log)}") from None
+        finally:
+            if link.poll() is None:  # its SuperExec and simulation process end with it
+                os.killpg(link.pid, signal.SIGTERM)
+                try:
+                    link.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(link.pid, signal.SIGKILL)
+                    link.wait(timeout=15)
+        history = History.load(out) if (out / "history.json").is_file() else None
+        if code != 0 or history is None or len(history.rounds) < config.rounds:
+            done = 0 if history is None else len(history.rounds)
+            raise RuntimeError(f"the Flower simulation ended (flwr run exit code {code}) after {done} of "
+                               f"{config.rounds} rounds (see the log):\n{_tail(run_log)}\n{_tail(link_log, 2000)}")
+    return history

@@ -4,23 +4,24 @@ A :class:`Strategy` says everything the loop needs to know about one way of fede
 LoRA: which allocation policy the server runs, whether the clients run SOFT's mechanism
 (orthogonality penalty, tensorwise optimiser, server re-orthogonalisation), which factors
 the clients train, what a client sends (``encode``, run on the client), how the server reads
-it (``decode``) and how it aggregates what it read (``aggregate``), and whether the payload is
-SOFT's wire format, so that the clients can run in another process (:mod:`fedloop.flower`).
+it (``decode``) and how it aggregates what it read (``aggregate``). Every strategy also runs with
+its clients in other processes (:mod:`fedloop.flower`; :mod:`fedloop.flower_codec` puts each
+strategy's upload into bytes).
 
-=========  ========  ====  =======  ================================================
-strategy   policy    SOFT  remote   what a client sends / how the server aggregates
-=========  ========  ====  =======  ================================================
-tsfa       online    yes   yes      SOFT's s_k components (s_k from TSFA), rank-wise mean
-fixed      equal     yes   yes      SOFT's s components, equal bandwidth
-random     min-lat   yes   yes      s seeded random components
-svd        min-lat   yes   no       rank-s SVD of the update, folded into frozen weights
-fedit      dense     no    yes      all r components (dense FedIT): separate means of A, B
-ideal      dense     no    no       fedit + Σ p B_k A_k − B̄Ā folded in (FedEx-LoRA, exact)
-lowrank    dense     no    no       fedit at structural rank ``keep``
-topk       min-lat   no    no       the largest entries of ΔA, ΔB within SOFT's bits
-ffa        none      no    no       B only (A frozen: FFA-LoRA)
-head       none      no    no       nothing of the adapter (frozen); the head only
-=========  ========  ====  =======  ================================================
+=========  ========  ====  ================================================
+strategy   policy    SOFT  what a client sends / how the server aggregates
+=========  ========  ====  ================================================
+tsfa       online    yes   SOFT's s_k components (s_k from TSFA), rank-wise mean
+fixed      equal     yes   SOFT's s components, equal bandwidth
+random     min-lat   yes   s seeded random components
+svd        min-lat   yes   rank-s SVD of the update, folded into frozen weights
+fedit      dense     no    all r components (dense FedIT): separate means of A, B
+ideal      dense     no    fedit + Σ p B_k A_k − B̄Ā folded in (FedEx-LoRA, exact)
+lowrank    dense     no    fedit at structural rank ``keep``
+topk       min-lat   no    the largest entries of ΔA, ΔB within SOFT's bits
+ffa        none      no    B only (A frozen: FFA-LoRA)
+head       none      no    nothing of the adapter (frozen); the head only
+=========  ========  ====  ================================================
 
 "online" is :class:`tsfa.OnlineAllocator`; "equal"/"min-lat" a :class:`tsfa.allocator.FixedPolicy`
 with equal or latency-optimal bandwidth; "dense" a :class:`tsfa.allocator.DensePolicy`;
@@ -40,8 +41,8 @@ from tsfa.allocator import DensePolicy, FixedPolicy, OnlineAllocator
 # torch and soft are imported inside the functions: ``fedloop.config`` reads this table, and
 # importing ``fedloop`` does not import torch.
 
-__all__ = ["Strategy", "STRATEGY_TABLE", "STRATEGIES", "SOFT_STRATEGIES", "REMOTE_STRATEGIES", "WIRE_STRATEGIES", "get",
-           "encode_update", "derive_seed", "derive_rng"]
+__all__ = ["Strategy", "STRATEGY_TABLE", "STRATEGIES", "SOFT_STRATEGIES", "WIRE_STRATEGIES", "get", "derive_seed",
+           "derive_rng"]
 
 
 def derive_seed(*parts) -> int:
@@ -65,7 +66,6 @@ class Strategy:
             or None (every client that trained sends its payload, latency-optimal split).
         soft: the clients run SOFT's mechanism (penalty, tensorwise optimiser) and the server
             re-orthogonalises the global factors (each ``RunConfig`` setting can override).
-        remote: the payload is SOFT's wire format, so clients may run elsewhere.
         train_a, train_b: which LoRA factors the clients train.
         norm: the norm of a decoded update for the server's norm rule
             (``RunConfig.reject_norm_factor``), or None where the rule does not apply.
@@ -81,7 +81,6 @@ class Strategy:
     name: str
     policy: Callable[..., Any] | None
     soft: bool
-    remote: bool
     encode: Callable[..., tuple[Any, int]]
     decode: Callable[..., Any]
     aggregate: Callable[..., None]
@@ -131,11 +130,6 @@ def _encode_wire(cfg, glob, local, keep, t, k):
     return data, 8 * len(data)
 
 
-def encode_update(cfg, glob: dict, local: dict, keep: int, t: int, k: int) -> bytes:
-    """Client k's SOFT wire payload in round t (the strategies with ``remote``), as bytes."""
-    return _encode_wire(cfg, glob, local, keep, t, k)[0]
-
-
 def _decode_wire(data, keep, server):
     import soft
 
@@ -155,7 +149,7 @@ def _aggregate_wire(server, updates, weights):
 
 def _encode_ideal(cfg, glob, local, keep, t, k):
     data, bits = _encode_wire(cfg, glob, local, keep, t, k)
-    return (data, local), bits  # the oracle also reads the full local factors (in-process only)
+    return (data, local), bits  # the oracle also reads the full local factors (counted on Flower only)
 
 
 def _decode_ideal(payload, keep, server):
@@ -265,29 +259,27 @@ def _wire_norm(update) -> float:
 
 _WIRE = dict(encode=_encode_wire, decode=_decode_wire, aggregate=_aggregate_wire, norm=_wire_norm)
 STRATEGY_TABLE: dict[str, Strategy] = _table(
-    Strategy("tsfa", policy=_online, soft=True, remote=True, **_WIRE),
-    Strategy("ideal", policy=_dense, soft=False, remote=False, encode=_encode_ideal, decode=_decode_ideal,
+    Strategy("tsfa", policy=_online, soft=True, **_WIRE),
+    Strategy("ideal", policy=_dense, soft=False, encode=_encode_ideal, decode=_decode_ideal,
              aggregate=_aggregate_ideal),
-    Strategy("fedit", policy=_dense, soft=False, remote=True, **_WIRE),
-    Strategy("ffa", policy=None, soft=False, remote=False, encode=_encode_ffa, decode=_as_is, aggregate=_aggregate_ffa,
+    Strategy("fedit", policy=_dense, soft=False, **_WIRE),
+    Strategy("ffa", policy=None, soft=False, encode=_encode_ffa, decode=_as_is, aggregate=_aggregate_ffa,
              train_a=False),
-    Strategy("topk", policy=_fixed_min_latency, soft=False, remote=False, encode=_encode_topk, decode=_decode_topk,
+    Strategy("topk", policy=_fixed_min_latency, soft=False, encode=_encode_topk, decode=_decode_topk,
              aggregate=_aggregate_topk),
-    Strategy("random", policy=_fixed_min_latency, soft=True, remote=True, **_WIRE),
-    Strategy("svd", policy=_fixed_min_latency, soft=True, remote=False, encode=_encode_svd, decode=_as_is,
+    Strategy("random", policy=_fixed_min_latency, soft=True, **_WIRE),
+    Strategy("svd", policy=_fixed_min_latency, soft=True, encode=_encode_svd, decode=_as_is,
              aggregate=_aggregate_svd),
-    Strategy("fixed", policy=_fixed_equal, soft=True, remote=True, **_WIRE),
-    Strategy("head", policy=None, soft=False, remote=False, encode=_encode_nothing, decode=_as_is,
+    Strategy("fixed", policy=_fixed_equal, soft=True, **_WIRE),
+    Strategy("head", policy=None, soft=False, encode=_encode_nothing, decode=_as_is,
              aggregate=_aggregate_nothing, train_a=False, train_b=False),
-    Strategy("lowrank", policy=_dense, soft=False, remote=False, **_WIRE),
+    Strategy("lowrank", policy=_dense, soft=False, **_WIRE),
 )
 
 #: Every strategy's name, in the table's order.
 STRATEGIES = tuple(STRATEGY_TABLE)
 #: Strategies whose clients run SOFT's mechanism (penalty, tensorwise optimiser, re-orthogonalisation).
 SOFT_STRATEGIES = tuple(s.name for s in STRATEGY_TABLE.values() if s.soft)
-#: Strategies whose clients can run elsewhere (:mod:`fedloop.flower`): SOFT wire payloads.
-REMOTE_STRATEGIES = tuple(s.name for s in STRATEGY_TABLE.values() if s.remote)
 #: Strategies whose clients send SOFT's wire payload (value precision, error feedback apply).
 WIRE_STRATEGIES = tuple(s.name for s in STRATEGY_TABLE.values() if s.encode is _encode_wire)
 

@@ -47,12 +47,12 @@ def test_a_bad_or_missing_upload_drops_only_that_client(tmp_path, strategy):
 
 def test_the_strategy_table_is_the_one_source(tmp_path):
     assert set(st.STRATEGIES) == set(st.STRATEGY_TABLE)
-    assert set(st.REMOTE_STRATEGIES) == {"tsfa", "fixed", "random", "fedit"}
+    assert set(st.WIRE_STRATEGIES) == {"tsfa", "fixed", "random", "fedit", "lowrank"}
     assert set(st.SOFT_STRATEGIES) == {"tsfa", "fixed", "random", "svd"}
     with pytest.raises(ValueError, match="strategy must be one of"):
         st.get("magic")
-    # every remote strategy's payload is SOFT wire bytes that its own decode accepts
-    for name in st.REMOTE_STRATEGIES:
+    # a SOFT wire strategy's payload is bytes that its own decode accepts
+    for name in ("tsfa", "fixed", "random", "fedit"):
         server = Server(lin(tmp_path, strategy=name))
         pool = LocalPool(server)
         pool.train(0)
