@@ -26,14 +26,14 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from soft.factors import Factors, check_factors, check_same_layout, shape_of
-from soft.importance import component_importance, select_top
-from tsfa.model import LoraShape
+from soft.factors import Factors, check_factors, check_same_layout
+from soft.importance import _importance, select_top
+from tsfa.model import LoraShape, ModuleShape
 
 __all__ = ["RankSparseUpdate", "WireFormatError", "sparsify", "decode", "aggregate", "update_norm", "WIRE_VERSION"]
 
@@ -76,6 +76,8 @@ def _component_problem(name: str, indices, label: str, values: torch.Tensor, axi
         comp = int(indices[j]) if j < len(indices) else j
         return j, comp
 
+    if (wire_dtype is None or values.dtype == wire_dtype) and bool(torch.isfinite(values.sum())):
+        return None  # one reduction: a finite sum has no NaN or inf among its terms
     bad = ~torch.isfinite(values)
     if bool(bad.any()):
         _, comp = where(bad)
@@ -143,6 +145,9 @@ class RankSparseUpdate:
     delta_b: tuple[torch.Tensor, ...]
     delta_a: tuple[torch.Tensor, ...]
     dtype: torch.dtype = torch.float32
+    #: Set by :func:`sparsify` and :func:`updates_from_indices`, which check structure and values
+    #: while building; ``encode`` checks a hand-built update itself.
+    _checked: bool = field(default=False, repr=False, compare=False)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -169,8 +174,8 @@ class RankSparseUpdate:
         if self.keep == 0:
             return b""
         code = _CODES[_check_dtype(self.dtype)]
-        problem = _structure_problem(self) or _values_problem(self.names, self.indices, self.delta_b, self.delta_a,
-                                                              self.dtype)
+        problem = None if self._checked else (_structure_problem(self) or _values_problem(
+            self.names, self.indices, self.delta_b, self.delta_a, self.dtype))
         if problem:
             raise ValueError(f"cannot encode the update: {problem}")
         _, np_dtype, _ = _DTYPES[code]
@@ -183,9 +188,7 @@ class RankSparseUpdate:
             parts.append(da.detach().to(self.dtype).contiguous().numpy().astype(np_dtype).tobytes())
         body = b"".join(parts)
         crc = zlib.crc32(body, zlib.crc32(head))
-        out = head + struct.pack("<I", crc) + body
-        assert 8 * len(out) == self.payload_bits, (8 * len(out), self.payload_bits)
-        return out
+        return head + struct.pack("<I", crc) + body  # 8 × its length is payload_bits (tests)
 
     def apply_to(self, factors: Factors, scale: float = 1.0) -> dict:
         """New factor set: ``factors`` plus ``scale`` × the sent increments."""
@@ -230,7 +233,15 @@ def updates_from_indices(old: Factors, new: Factors, indices: Sequence[torch.Ten
     Every module sends ``keep`` indices, or (global scope) the counts may differ between
     modules of equal size m + n as long as they total keep · L, so the payload is unchanged.
     """
-    shape = shape_of(old, bits_per_value=_DTYPES[_CODES[_check_dtype(dtype)]][2])
+    r = check_same_layout(old, new)
+    return _build_update(old, new, indices, check_keep(keep, r), dtype)
+
+
+def _build_update(old: Factors, new: Factors, indices, keep: int, dtype) -> RankSparseUpdate:
+    """:func:`updates_from_indices` for factor sets already checked (:func:`check_same_layout`)."""
+    code = _CODES[_check_dtype(dtype)]
+    mods = tuple(ModuleShape(name, int(B.shape[0]), int(A.shape[1])) for name, (A, B) in old.items())
+    shape = LoraShape(mods, int(next(iter(old.values()))[0].shape[0]), _DTYPES[code][2])
     counts = [len(i) for i in indices]
     if any(c != keep for c in counts):
         sizes = {m.out_features + m.in_features for m in shape.modules}
@@ -250,7 +261,7 @@ def updates_from_indices(old: Factors, new: Factors, indices: Sequence[torch.Ten
             raise ValueError(f"cannot send the update: {problem}")
         dbs.append(raw_b.to(dtype))
         das.append(raw_a.to(dtype))
-    return RankSparseUpdate(shape, keep, tuple(idxs), tuple(dbs), tuple(das), dtype)
+    return RankSparseUpdate(shape, keep, tuple(idxs), tuple(dbs), tuple(das), dtype, _checked=True)
 
 
 def sparsify(old: Factors, new: Factors, keep: int, *, dtype=torch.float32, scope: str = "module") -> RankSparseUpdate:
@@ -268,9 +279,9 @@ def sparsify(old: Factors, new: Factors, keep: int, *, dtype=torch.float32, scop
     overflows the factors' dtype or lies outside the wire type's finite range (float16:
     |x| > 65 504 after rounding), before any byte is produced.
     """
-    r = check_same_layout(old, new)
+    r = check_same_layout(old, new)  # validated once here: shapes, dtypes, finite entries
     keep = check_keep(keep, r)
-    imps = [component_importance(*old[n], *new[n]) for n in old]
+    imps = [_importance(*old[n], *new[n]) for n in old]
     if scope == "module":
         indices = [select_top(imp, keep) for imp in imps]
     elif scope == "global":
@@ -282,7 +293,7 @@ def sparsify(old: Factors, new: Factors, keep: int, *, dtype=torch.float32, scop
         indices = [top[(top >= ell * r) & (top < (ell + 1) * r)] - ell * r for ell in range(len(imps))]
     else:
         raise ValueError(f"scope must be 'module' or 'global'; got scope = {scope!r}")
-    return updates_from_indices(old, new, indices, keep, dtype)
+    return _build_update(old, new, indices, keep, dtype)
 
 
 def read_header(data, shape: LoraShape) -> tuple[bytes, int, int, int]:

@@ -171,16 +171,38 @@ class OnlineAllocator(_Policy):
             return True
         return self.certify_every > 0 and self.round % self.certify_every == 0
 
-    def _exact_step(self, snr_hz, compute_s, error_profile, data_weight, iterations: int = 30) -> Allocation:
-        """min V·P + ½·max(Q + τ − τ̄, 0)²: the linear problem at price q answers τ(q), decreasing in
-        q; the exact objective's price is q = max(Q + τ − τ̄, 0), so bisect φ(q) = q − max(Q + τ(q) − τ̄, 0)
-        on [0, Q + τ(0) − τ̄] and keep the best allocation seen under the exact objective."""
-        queue, budget = self.queue, self.latency_budget_s
+    def _exact_step(self, snr_hz, compute_s, error_profile, data_weight, iterations: int = 30,
+                    cap_solves: int = 6) -> Allocation:
+        """min V·P + ½·max(Q + τ − τ̄, 0)² over the linear problems' answers.
+
+        At price q the linear problem min V·P + q·τ answers an allocation a(q) whose latency τ(q)
+        falls as q grows; its value F(q) = min_a V·P_a + q·τ_a is concave and piecewise linear,
+        one piece per allocation. Among these answers the exact objective's best a* answers at
+        q* = max(Q + τ_a* − τ̄, 0) (the exact objective is convex in τ and its slope there is the
+        price), the root of φ(q) = q − max(Q + τ(q) − τ̄, 0) (increasing) on [0, Q + τ(0) − τ̄].
+        The search keeps a bracket [lo, hi] around that root with the
+        allocations A = a(lo), B = a(hi) and asks the linear problem at the price where the two
+        pieces meet, q_x = V (P_B − P_A)/(τ_A − τ_B): if the answer is no better there than A
+        and B, no other allocation is optimal for any price in the bracket (F is concave), so
+        the candidates are complete; otherwise the new piece splits the bracket by the sign of
+        φ. It takes about two solves per piece near the root (a bisection on q took 30).
+
+        Allocations off F's hull (the least energy at a latency between two pieces' latencies) are
+        no price's answer, yet the exact objective, convex in τ, can prefer them; where the final
+        bracket spans a jump, ``cap_solves`` solves at Q = 0 under caps between τ_B and τ_A (a
+        golden-section search on the exact objective of the least-energy allocation under the
+        cap) add those allocations. The best allocation seen under
+        the exact objective is returned; the linear choice at q = Q is always among them, so the
+        exact step is never worse than the linear one. (Not a global optimum over all discrete
+        allocations: that needs every cap.)"""
+        queue, budget, v = self.queue, self.latency_budget_s, self.weight_v
         certify = self.certifies()
         seen = []
+        shared = {}  # least-latency splits by keep vector: they do not depend on the price
 
         def solve(q: float) -> Allocation:
-            prob = self.problem(snr_hz, compute_s, error_profile, data_weight, queue=q, weight_v=self.weight_v)
+            prob = self.problem(snr_hz, compute_s, error_profile, data_weight, queue=q, weight_v=v)
+            object.__setattr__(prob, "_polished", shared)
             alloc = allocate(prob, backend=self.backend, tau_hint=self.last_latency_s, certify=certify)
             if alloc.status is Status.INFEASIBLE:
                 alloc = self._fall_back(prob, alloc)
@@ -188,19 +210,58 @@ class OnlineAllocator(_Policy):
             return alloc
 
         def exact(a: Allocation) -> float:
-            return self.weight_v * a.dropped_energy + 0.5 * max(queue + a.latency_s - budget, 0.0) ** 2
+            return v * a.dropped_energy + 0.5 * max(queue + a.latency_s - budget, 0.0) ** 2
+
+        def line(a: Allocation, q: float) -> float:  # the linear objective of a at price q
+            return v * a.dropped_energy + q * a.latency_s
 
         solve(queue)  # the linear choice: the exact step is never worse than it under the exact objective
-        lo, hi = 0.0, queue + solve(0.0).latency_s - budget
-        if hi > 0:
+        lo, a_lo = 0.0, solve(0.0)
+        hi = queue + a_lo.latency_s - budget
+        if hi > 0 and a_lo.success:
+            a_hi = solve(hi)
             for _ in range(iterations):
-                mid = 0.5 * (lo + hi)
-                if mid >= max(queue + solve(mid).latency_s - budget, 0.0):
-                    hi = mid
+                if not a_hi.success or a_lo.latency_s - a_hi.latency_s <= 1e-12 * a_lo.latency_s:
+                    break  # one latency across the bracket: one piece (or no answer to split by)
+                q = v * (a_hi.dropped_energy - a_lo.dropped_energy) / (a_lo.latency_s - a_hi.latency_s)
+                if not lo < q < hi:
+                    q = 0.5 * (lo + hi)
+                mid = solve(q)
+                if not mid.success or line(mid, q) >= min(line(a_lo, q), line(a_hi, q)) * (1 - 1e-9):
+                    break  # no allocation beats A and B anywhere in the bracket
+                if q >= max(queue + mid.latency_s - budget, 0.0):
+                    hi, a_hi = q, mid
                 else:
-                    lo = mid
-                if hi - lo <= 1e-9 * max(hi, budget):
-                    break
+                    lo, a_lo = q, mid
+            # Between the two pieces' latencies lie allocations on no piece (above F's hull) that the
+            # exact objective, convex in τ, can prefer: the least energy under a cap there, H(cap),
+            # searched by golden section over the cap (H is a staircase plus a convex term).
+            if a_hi.success and a_lo.latency_s > a_hi.latency_s * (1 + 1e-9):
+                prob = self.problem(snr_hz, compute_s, error_profile, data_weight, queue=0.0, weight_v=v)
+
+                def h(cap: float) -> float:
+                    cap = cap if self.max_latency_s is None else min(cap, self.max_latency_s)
+                    capped = dataclasses.replace(prob, max_latency_s=cap)
+                    object.__setattr__(capped, "_polished", shared)
+                    alloc = allocate(capped, backend=self.backend, certify=certify)
+                    if not alloc.success:
+                        return math.inf
+                    seen.append(alloc)
+                    return exact(alloc)
+
+                g = 0.5 * (math.sqrt(5.0) - 1.0)
+                a, b = a_hi.latency_s, a_lo.latency_s
+                c, d = b - g * (b - a), a + g * (b - a)
+                hc, hd = h(c), h(d)
+                for _ in range(cap_solves - 2):
+                    if hc <= hd:
+                        b, d, hd = d, c, hc
+                        c = b - g * (b - a)
+                        hc = h(c)
+                    else:
+                        a, c, hc = c, d, hd
+                        d = a + g * (b - a)
+                        hd = h(d)
         best = min((a for a in seen if a.success), key=exact, default=seen[0])
         return dataclasses.replace(best, objective=exact(best), lower_bound=math.nan, gap=math.nan,
                                    tau_evaluations=sum(a.tau_evaluations for a in seen))

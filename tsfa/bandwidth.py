@@ -35,7 +35,7 @@ import numpy as np
 
 from tsfa._cache import cached_program
 from tsfa._validate import as_array, as_scalar, check_same_length
-from tsfa.rate import LN2, bandwidth_for_deadline, min_bandwidth, rate_bps
+from tsfa.rate import LN2, bandwidth_for_deadline, min_bandwidth_trusted, rate_bps
 from tsfa.status import ResultMixin, SolverError, Status, status_from_cvxpy
 
 __all__ = [
@@ -169,7 +169,7 @@ def _newton_tau(S, c, T, B, *, rtol=1e-13, max_iter=200):
             break
         iterations[act] += 1
         t = tau[act]
-        b, db = min_bandwidth(S[act], c[act], t[:, None] - T[act], slope=True)
+        b, db = min_bandwidth_trusted(S[act], c[act], t[:, None] - T[act])
         total = b.sum(axis=1)
         g = np.log(total / B)
         lo_a = np.where(g > 0, t, lo[act])

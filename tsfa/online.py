@@ -40,7 +40,7 @@ from tsfa.bandwidth import BANDWIDTH_BACKENDS, min_latency_bandwidth
 from tsfa.knapsack import mckp_greedy, mckp_relaxation
 from tsfa.model import LoraShape
 from tsfa.oracles import ALLOCATION_BACKENDS, EXACT_BACKENDS, ORACLES, callable_oracle, relaxation_oracle
-from tsfa.rate import LN2, log1p_ratio_root, min_bandwidth, rate_bps
+from tsfa.rate import LN2, min_bandwidth_trusted, rate_bps
 from tsfa.status import ResultMixin, Status
 
 __all__ = ["RoundProblem", "Allocation", "allocate", "allocate_uncertified", "relaxation_value",
@@ -150,41 +150,11 @@ class RoundProblem:
         return W, D
 
 
-_TINY = float(np.finfo(float).tiny)
-#: Below this quotient ``min_bandwidth`` takes its asymptotic branch; the grid kernel defers to it there.
-_A_MIN = 1e-17
-
-
 def _min_bandwidth_grid(bits: np.ndarray, snr_hz: np.ndarray, slack_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(b^min, ∂b^min/∂τ) on the (client, payload) grid: :func:`tsfa.rate.min_bandwidth` of
-    ``bits[None, :]``, ``snr_hz[:, None]``, ``slack_s[:, None]`` with ``slope=True``.
-
-    The τ search calls this once per τ. Inputs come validated from :class:`RoundProblem`
-    (bits > 0, snr > 0, finite). Where every quotient a = S ln2 / (c · slack) stays in the
-    normal range, the same formulas as ``min_bandwidth`` run here without its per-call checks
-    and log-domain branches (equal results, bit for bit); otherwise ``min_bandwidth`` runs.
-    """
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
-        live = slack_s > 0
-        den = snr_hz * slack_s
-        a = (bits * LN2)[None, :] / den[:, None]
-        odd = live & (~(den >= _TINY) | ~np.isfinite(den))
-        ok = live[:, None] & (a < 1.0)
-        if odd.any() or np.any(ok & ~(a >= _A_MIN)):
-            return min_bandwidth(bits[None, :], snr_hz[:, None], slack_s[:, None], slope=True)
-    b = np.full(a.shape, np.inf)
-    db = np.zeros(a.shape)
-    if ok.all():
-        x, _ = log1p_ratio_root(a)
-        b = snr_hz[:, None] / x
-        db = b * a / ((1.0 / (1.0 + x) - a) * slack_s[:, None])
-    elif ok.any():
-        ao = a[ok]
-        x, _ = log1p_ratio_root(ao)
-        bo = np.broadcast_to(snr_hz[:, None], a.shape)[ok] / x
-        b[ok] = bo
-        db[ok] = bo * ao / ((1.0 / (1.0 + x) - ao) * np.broadcast_to(slack_s[:, None], a.shape)[ok])
-    return b, db
+    ``bits[None, :]``, ``snr_hz[:, None]``, ``slack_s[:, None]`` with ``slope=True``, by its
+    trusted kernel (inputs come validated from :class:`RoundProblem`; equal results, bit for bit)."""
+    return min_bandwidth_trusted(bits[None, :], snr_hz[:, None], slack_s[:, None])
 
 
 @dataclass(frozen=True, eq=False)
@@ -242,11 +212,20 @@ def relaxation_value(problem: RoundProblem, tau: float, *, backend: str = "fast"
 
 def _polish(problem: RoundProblem, keep: np.ndarray, tau_fit: float | None = None):
     """The exact least-latency split (a BandwidthAllocation) of a keep vector; with ``tau_fit``
-    (a τ at which the keep vector fits, Σ_k b^min_k(τ) ≤ B) Newton starts there."""
+    (a τ at which the keep vector fits, Σ_k b^min_k(τ) ≤ B) Newton starts there. The split does
+    not depend on the queue or V: problems of one round at several prices may share a dict of
+    splits as the attribute ``_polished`` (:meth:`tsfa.allocator.OnlineAllocator.step`)."""
+    shared = problem.__dict__.get("_polished")  # set by callers that solve one round at several prices
+    key = (np.asarray(keep, dtype=np.int8).tobytes(), problem.max_latency_s)
+    if shared is not None and key in shared:
+        return shared[key]
     backend = "fast" if tau_fit is None else _warm_newton(tau_fit)
-    return min_latency_bandwidth(problem.shape.payload_bits(keep), problem.snr_hz, problem.compute_s,
-                                 problem.total_bandwidth_hz, downlink_s=problem.downlink_s,
-                                 deadline_s=problem.max_latency_s, backend=backend)
+    bw = min_latency_bandwidth(problem.shape.payload_bits(keep), problem.snr_hz, problem.compute_s,
+                               problem.total_bandwidth_hz, downlink_s=problem.downlink_s,
+                               deadline_s=problem.max_latency_s, backend=backend)
+    if shared is not None:
+        shared[key] = bw
+    return bw
 
 
 def _warm_newton(tau_fit: float, rtol: float = 1e-13, max_iter: int = 100):
@@ -261,7 +240,7 @@ def _warm_newton(tau_fit: float, rtol: float = 1e-13, max_iter: int = 100):
         hi = max(float(tau_fit), lo)
         tau, bw = hi, None
         for it in range(1, max_iter + 1):
-            b, db = min_bandwidth(S, c, tau - T, slope=True)
+            b, db = min_bandwidth_trusted(S, c, tau - T)
             total = float(b.sum())
             if total > 0 and math.isfinite(total):
                 bw = b * (B / total)

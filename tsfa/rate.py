@@ -16,7 +16,7 @@ import numpy as np
 from tsfa._validate import real_array
 
 __all__ = ["LN2", "rate_bps", "rate_cap_bps", "bandwidth_for_rate", "min_bandwidth", "bandwidth_for_deadline",
-           "log1p_ratio_root", "log1p_ratio_root_newton"]
+           "log1p_ratio_root", "log1p_ratio_root_newton", "min_bandwidth_trusted"]
 
 LN2 = math.log(2.0)
 
@@ -137,6 +137,11 @@ def log1p_ratio_root(a: np.ndarray, max_iter: int = 60) -> tuple[np.ndarray, int
     a = np.array(a, dtype=float)
     if np.any(np.isnan(a)) or np.any(a < 0) or np.any(a >= 1):
         raise ValueError(f"a must lie in (0, 1); got a = {a!r}")
+    return _root(a, max_iter)
+
+
+def _root(a: np.ndarray, max_iter: int = 60) -> tuple[np.ndarray, int]:
+    """:func:`log1p_ratio_root` without its checks (a float array in [0, 1), not modified)."""
     tiny = a < _TINY_A
     if tiny.any():
         x = np.empty(a.shape)
@@ -145,7 +150,7 @@ def log1p_ratio_root(a: np.ndarray, max_iter: int = 60) -> tuple[np.ndarray, int
             x[tiny] = np.where(a[tiny] > 0, y / a[tiny], np.inf)
         it = 8
         if (~tiny).any():
-            x[~tiny], it = log1p_ratio_root(a[~tiny], max_iter)
+            x[~tiny], it = _root(a[~tiny], max_iter)
         return x, it
     z = _table()
     with np.errstate(divide="ignore"):
@@ -154,15 +159,47 @@ def log1p_ratio_root(a: np.ndarray, max_iter: int = 60) -> tuple[np.ndarray, int
     if not inside.all():
         x, it = log1p_ratio_root_newton(a, max_iter)
         if inside.any():
-            x[inside], _ = log1p_ratio_root(a[inside])
+            x[inside], _ = _root(a[inside])
         return x, it
     u = (t - _TABLE_T0) / _TABLE_H
     i = np.minimum(u.astype(np.intp), _TABLE_N - 2)
     f = u - i
-    x = np.exp(z[i] + f * (z[i + 1] - z[i]))
+    zi = z.take(i)
+    x = np.exp(zi + f * (z.take(i + 1) - zi))
     for _ in range(2):
         x = x - (np.log1p(x) - a * x) / (1.0 / (1.0 + x) - a)
     return x, 2
+
+
+def min_bandwidth_trusted(payload_bits, snr_hz, slack_s) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`min_bandwidth` with ``slope=True`` for inputs already validated (S ≥ 0, c > 0, no
+    NaN; arrays that broadcast): the inner kernel of the τ searches and the least-latency Newton.
+
+    Where every quotient a = S ln2 / (c · slack) of an entry with S > 0 and slack > 0 stays in
+    the normal range, the same formulas as ``min_bandwidth`` run without its checks and
+    log-domain branches (equal results, bit for bit); otherwise ``min_bandwidth`` runs.
+    """
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
+        num = payload_bits * LN2
+        den = snr_hz * slack_s
+        a = num / den
+        pos = (payload_bits > 0) & (slack_s > 0)
+        ok = pos & (a < 1.0)
+        if np.any(pos & ~((a >= _TINY_A) & (den >= _TINY) & (den < np.inf) & (num >= _TINY) & (num < np.inf))):
+            return min_bandwidth(payload_bits, snr_hz, slack_s, slope=True)
+    b = np.where(payload_bits > 0, np.inf, 0.0) + np.zeros(a.shape)  # inf where slack ≤ 0 or a ≥ 1
+    db = np.zeros(a.shape)
+    if ok.all():
+        x, _ = _root(a)
+        b = snr_hz / x
+        db = b * a / ((1.0 / (1.0 + x) - a) * slack_s)
+    elif ok.any():
+        ao = a[ok]
+        x, _ = _root(ao)
+        bo = np.broadcast_to(snr_hz, a.shape)[ok] / x
+        b[ok] = bo
+        db[ok] = bo * ao / ((1.0 / (1.0 + x) - ao) * np.broadcast_to(slack_s, a.shape)[ok])
+    return b, db
 
 
 def bandwidth_for_rate(rate, snr_hz):

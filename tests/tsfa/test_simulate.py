@@ -6,6 +6,7 @@ import pytest
 
 import tsfa
 from tsfa.allocator import FixedPolicy, OnlineAllocator
+from tsfa.online import allocate
 from tsfa.simulate import ErrorModel, dense_latency_s, simulate_allocation
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -95,6 +96,43 @@ def test_exact_drift_is_never_worse_than_the_linear_choice_and_does_not_alternat
     skipped = {d: int(np.sum(r.mean_keep == 0)) for d, r in res.items()}
     assert skipped["linear"] >= 20 and skipped["exact"] <= 2  # linear alternates: whole rounds skipped
     assert np.max(res["exact"].latency_s) <= 2.0 * budget < np.max(res["linear"].latency_s)
+
+
+def test_exact_step_finds_the_best_price_of_a_fine_grid(monkeypatch):
+    """The exact step's breakpoint search against brute force: no allocation that answers the linear
+    problem at any of 400 prices in [0, Q + τ(0) − τ̄] (best there among all 400 answers) has a
+    lower exact objective, and the search takes about half the 32 solves of a bisection on the price."""
+    cell, clients, shape, compute, budget = setup()
+    kw = dict(latency_budget_s=budget, total_bandwidth_hz=20e6, downlink_s=0.02, max_latency_s=3 * budget,
+              allow_skip=True)
+    rng = np.random.default_rng(11)
+    em = ErrorModel()
+    scales = em.client_scales(len(clients.distance_m), rng)
+    solves = []
+    for v, queue in ((0.05, 0.0), (0.05, 0.3), (1.0, 0.5), (0.01, 2.0), (0.2, 0.1)):
+        pol = OnlineAllocator(shape, drift="exact", weight_v=v * budget**2, queue=queue * budget, **kw)
+        snr = cell.sample_snr_hz(clients, rng=rng)
+        prof = em.sample(8, scales, rng)
+        prof = prof / prof[:, 0].mean()
+        solves.append(0)
+
+        def counted(*args, **kwargs):
+            solves[-1] += 1
+            return allocate(*args, **kwargs)
+
+        monkeypatch.setattr(tsfa.allocator, "allocate", counted)
+        a = pol.step(snr, compute, prof)
+        monkeypatch.undo()
+        assert a.objective == pytest.approx(_exact(pol, a, pol.queue), rel=1e-12)
+        top = pol.queue + allocate(pol.problem(snr, compute, prof, queue=0.0, weight_v=pol.weight_v)).latency_s - budget
+        prices = np.linspace(0.0, max(top, 0.0), 400)
+        answers = [allocate(pol.problem(snr, compute, prof, queue=q, weight_v=pol.weight_v)) for q in prices]
+        for q, b in zip(prices, answers, strict=True):
+            line = [pol.weight_v * c.dropped_energy + q * c.latency_s for c in answers]
+            if line[answers.index(b)] <= min(line) * (1 + 1e-9):  # b answers q (near-optimal answers aside)
+                assert a.objective <= _exact(pol, b, pol.queue) * (1 + 1e-9) + 1e-15, (v, queue, q)
+    print("solves per exact step:", solves)
+    assert max(solves) <= 18, solves  # about 10 on the price pieces + 6 on caps
 
 
 def test_auto_initial_queue_meets_the_budget_in_the_first_round():
