@@ -37,7 +37,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/soft_selection.py --repeats 3 --dense-max 1024
 	$(PY) benchmarks/bandwidth.py
 	$(PY) benchmarks/bound.py
-	@echo "Not in make bench: benchmarks/soft_alignment.py (component alignment on real rt-minilm training) and benchmarks/loop_scaling.py (the federated loop, minutes per size) and Flower deployments (SuperLink + SuperNodes vs Ray vs in-process), timed separately."
+	$(PY) benchmarks/flower.py --rounds 4
+	@echo "Not in make bench: benchmarks/soft_alignment.py (component alignment on real rt-minilm training), benchmarks/loop_scaling.py (the federated loop, minutes per size) and stock flower-supernode nodes (benchmarks/flower.py --stock), timed separately."
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
