@@ -100,7 +100,9 @@ def main_job(out="runs/demo", *, quick: bool = False, seed: int | None = None, p
     inside = pred.coverage(loss_curve(h)[0])
     ax = plot_bound_vs_empirical(h, None, band=pred,
                                  title=f"TSFA on {cfg.task}, r = {plan.rank}: predicted from a {pilot_rounds}-round "
-                                       f"pilot (r = {cfg.rank}); measured inside the band at {inside:.0%} of rounds")
+                                       f"pilot (r = {cfg.rank});\nmeasured inside the band at {inside:.0%} of rounds")
+    ax.title.set_fontsize(10)
+    ax.figure.tight_layout()
     ax.figure.savefig(out / "bound.png", dpi=120)
     plt.close(ax.figure)
     dense = runs["fedit"].total_uplink_bits
