@@ -146,8 +146,8 @@ class RankSparseUpdate:
     delta_a: tuple[torch.Tensor, ...]
     dtype: torch.dtype = torch.float32
     #: Set by :func:`sparsify` and :func:`updates_from_indices`, which check structure and values
-    #: while building; ``encode`` checks a hand-built update itself.
-    _checked: bool = field(default=False, repr=False, compare=False)
+    #: while building; ``encode`` checks a hand-built (or ``dataclasses.replace``-d) update itself.
+    _checked: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -261,7 +261,9 @@ def _build_update(old: Factors, new: Factors, indices, keep: int, dtype) -> Rank
             raise ValueError(f"cannot send the update: {problem}")
         dbs.append(raw_b.to(dtype))
         das.append(raw_a.to(dtype))
-    return RankSparseUpdate(shape, keep, tuple(idxs), tuple(dbs), tuple(das), dtype, _checked=True)
+    update = RankSparseUpdate(shape, keep, tuple(idxs), tuple(dbs), tuple(das), dtype)
+    object.__setattr__(update, "_checked", True)  # checked above, value by value
+    return update
 
 
 def sparsify(old: Factors, new: Factors, keep: int, *, dtype=torch.float32, scope: str = "module") -> RankSparseUpdate:

@@ -477,3 +477,18 @@ def test_encode_checks_the_structure_it_writes():
         with pytest.raises(ValueError, match="cannot encode"):
             RankSparseUpdate(good.shape, 2, indices, b, good.delta_a).encode()
     assert decode(good.encode(), good.shape).keep == 2
+
+
+def test_an_update_changed_after_sparsify_is_checked_again_when_encoded():
+    """sparsify checks values once while building and encode trusts that; an update rebuilt with
+    dataclasses.replace (new tensors) is checked again, so a NaN never reaches the bytes."""
+    import dataclasses
+
+    g = torch.Generator().manual_seed(0)
+    old = {"m": (torch.randn(4, 6, generator=g), torch.randn(5, 4, generator=g))}
+    new = {"m": (old["m"][0] + 0.1, old["m"][1] + 0.1)}
+    upd = sparsify(old, new, 2)
+    assert 8 * len(upd.encode()) == upd.payload_bits
+    bad = dataclasses.replace(upd, delta_b=(torch.full_like(upd.delta_b[0], float("nan")),))
+    with pytest.raises(ValueError, match="Δb has non-finite values"):
+        bad.encode()
