@@ -236,8 +236,8 @@ def _hull_if_chains_are_convex(W: np.ndarray, C: np.ndarray, mask: np.ndarray):
     dW = np.ones((K, J))
     dC = np.zeros((K, J))
     with np.errstate(invalid="ignore"):
-        dW[:, 1:] = np.where(has[:, 1:], W[:, 1:] - W[:, :-1], 1.0)
-        dC[:, 1:] = np.where(has[:, 1:], C[:, 1:] - C[:, :-1], 0.0)
+        np.subtract(W[:, 1:], W[:, :-1], out=dW[:, 1:], where=has[:, 1:])
+        np.subtract(C[:, 1:], C[:, :-1], out=dC[:, 1:], where=has[:, 1:])
     with np.errstate(divide="ignore", invalid="ignore"):
         eff = np.where(has, -dC / dW, np.nan)
     if np.any(has & ~(eff > 0)):
@@ -342,8 +342,9 @@ def mckp_relaxation(W: np.ndarray, C: np.ndarray, budget: float, *, fill: int = 
     base_cost = C[rows, base].sum()
     if left < -1e-12 * budget:
         return none
-    kk, jj = np.nonzero(mask & (prev >= 0))  # row-major: chain order within each client
-    e, w, c = eff[kk, jj], dW[kk, jj], dC[kk, jj]
+    flat = np.flatnonzero(mask & (prev >= 0))  # row-major: chain order within each client
+    kk, jj = np.divmod(flat, W.shape[1])
+    e, w, c = eff.take(flat), dW.take(flat), dC.take(flat)
     # The increments taken whole (``taken``), the split (index into kk, or -1) and the ones after it.
     window = None
     if multiplier_hint is None and len(w) > 8192:  # estimate λ from every m-th increment, sorted
