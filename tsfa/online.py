@@ -37,7 +37,7 @@ import numpy as np
 
 from tsfa._validate import as_array, as_scalar
 from tsfa.bandwidth import BANDWIDTH_BACKENDS, min_latency_bandwidth
-from tsfa.knapsack import mckp_greedy, mckp_relaxation
+from tsfa.knapsack import Relaxation, mckp_greedy, mckp_relaxation
 from tsfa.model import LoraShape
 from tsfa.oracles import ALLOCATION_BACKENDS, EXACT_BACKENDS, ORACLES, callable_oracle, relaxation_oracle
 from tsfa.rate import LN2, min_bandwidth_trusted, rate_bps
@@ -129,6 +129,14 @@ class RoundProblem:
     def item_weights(self, tau: float) -> np.ndarray:
         """W[k, s] = b^min_k(s, τ) in Hz; ``inf`` where not allowed or not feasible at τ."""
         return self._weights_and_slopes(tau)[0]
+
+    def item_availability(self, tau: float) -> np.ndarray:
+        """Boolean (K, r+1): the items that are allowed and fit at τ (``item_weights`` finite), found
+        without computing b^min: an upload of S bits fits iff S ln2 < c_k (τ − T_k)."""
+        bits = self.shape.payload_bits(np.arange(self.shape.rank + 1)).astype(float)
+        slack = tau - (self.compute_s + self.downlink_s)
+        fits = (bits * LN2)[None, :] < (self.snr_hz * slack)[:, None]
+        return (self.allowed_keep & (bits > 0))[None, :] & fits | ((bits == 0) & self.allowed_keep)[None, :]
 
     def _weights_and_slopes(self, tau: float) -> tuple[np.ndarray, np.ndarray]:
         """(W, D): b^min_k(s, τ) and ∂b^min/∂τ (≤ 0; 0 where W is inf or 0), by the one
@@ -545,7 +553,8 @@ def allocate(
 
 
 def allocate_uncertified(problem: RoundProblem, *, tau_hint: float | None = None, xtol: float = 3e-3,
-                         max_evaluations: int = 40, polish: int = 2, min_clients: int = 64) -> Allocation:
+                         max_evaluations: int = 40, polish: int = 2, min_clients: int = 64,
+                         working_set: bool = True) -> Allocation:
     """The fast path of :func:`allocate` (``certify=False``): one round without a certificate.
 
     With G(τ) = Q τ + LP(τ) (LP the knapsack relaxation at τ, :func:`tsfa.knapsack.mckp_relaxation`),
@@ -570,6 +579,10 @@ def allocate_uncertified(problem: RoundProblem, *, tau_hint: float | None = None
     ``Allocation.lower_bound`` and ``gap`` are NaN; ``tau_evaluations`` counts the knapsacks.
     Below ``min_clients`` clients the certified search runs instead: it is cheap there, and the
     jumps of G are large enough that the guard above would often ask for it anyway.
+
+    ``working_set``: after the first knapsack over every item, later ones see only a window of
+    keep counts around each client's last choice (:class:`_WorkingSet`), and fall back to every
+    item at a τ where the window cannot prove that it holds the relaxation's answer.
     """
     t0 = time.perf_counter()
     p = problem
@@ -589,17 +602,27 @@ def allocate_uncertified(problem: RoundProblem, *, tau_hint: float | None = None
     state = {"lam": None, "evals": 0}
     cands: dict[bytes, tuple[float, np.ndarray, float]] = {}
 
+    ws = _WorkingSet.build(p, C) if working_set else None
+
     def slope(tau: float) -> float:
         """G'(τ) (−inf where nothing fits); records the greedy choice as a candidate."""
         state["evals"] += 1
-        W, D = p._weights_and_slopes(tau)
-        rel = mckp_relaxation(W, C, B, multiplier_hint=state["lam"])
-        if rel.choice is None:
-            return -math.inf
+        near = ws is not None and ws.tau is not None and 0.8 <= (tau - lo) / max(ws.tau - lo, 1e-300) <= 1.25
+        band = ws.evaluate(tau, state["lam"]) if near else None  # far from the windows' τ they rarely hold
+        if band is not None:
+            rel, D = band
+            state["last"] = (tau, None, rel.whole)
+        else:
+            W, D = p._weights_and_slopes(tau)
+            rel = mckp_relaxation(W, C, B, multiplier_hint=state["lam"])
+            if rel.choice is None:
+                return -math.inf
+            if ws is not None:
+                ws.center(W, rel.multiplier, tau)
+            state["last"] = (tau, W, rel.whole)
         if rel.multiplier > 0:
             state["lam"] = rel.multiplier
         ub = float(C[rows, rel.choice].sum()) + Q * tau
-        state["last"] = (tau, W, rel.whole)
         key = rel.choice.astype(np.int8).tobytes()
         if key not in cands or ub < cands[key][0]:
             cands[key] = (ub, rel.choice, tau)
@@ -615,6 +638,8 @@ def allocate_uncertified(problem: RoundProblem, *, tau_hint: float | None = None
         return allocate(problem, tau_hint=tau_hint)  # degenerate scales: the certified search handles them
     if cap is not None and cap < hi:
         hi = cap
+        if hi <= lo:  # the cap leaves no time (below the downlink or the slowest compute): certified reports it
+            return allocate(problem, tau_hint=tau_hint)
         g_hi = slope(hi)
         if g_hi == -math.inf:  # nothing fits under the cap: the certified search reports why or falls back
             return allocate(problem, tau_hint=tau_hint)
@@ -658,6 +683,9 @@ def allocate_uncertified(problem: RoundProblem, *, tau_hint: float | None = None
                 break
     # G has downward jumps where items become available (τ > T_k + S ln2 / c_k), which G' does
     # not see: if one client's jump to the right could pay for its own latency, certify instead.
+    if "last" in state and state["last"][1] is None:  # a working-set evaluation: which items fit at τ
+        tau_last = state["last"][0]
+        state["last"] = (tau_last, np.where(p.item_availability(tau_last), 0.0, np.inf), state["last"][2])
     if "last" in state and _jump_could_pay(p, C, *state["last"]):
         return allocate(problem, tau_hint=tau_hint)
     # Polish the cheapest candidates, Newton started where each one fits.
@@ -672,6 +700,86 @@ def allocate_uncertified(problem: RoundProblem, *, tau_hint: float | None = None
     if best is None:
         return allocate(problem, tau_hint=tau_hint)
     return assemble_allocation(p, best[1], best[2], lower=math.nan, name="fast", t0=t0, evals=state["evals"])
+
+
+class _WorkingSet:
+    """A window of ``width`` consecutive usable keep counts per client for the fast path's knapsacks.
+
+    With the error profile convex in the keep count (sorted component energies give that) and
+    the payload affine in it (so b^min is convex in it), each client's Lagrangian C + λ W is
+    convex along its chain: a window whose minimiser at the relaxation's multiplier λ lies
+    strictly inside it (or at a chain end, or under an item that does not fit) holds that
+    client's whole answer, and the skip option (W = 0) is always in the window. If every client
+    passes, the knapsack over the windows has the same value, multiplier, split and whole choice
+    as the one over every item; :meth:`evaluate` returns None otherwise, and the caller evaluates
+    every item and re-centres the windows (:meth:`center`). Built only where the convexity holds.
+    """
+
+    def __init__(self, p: RoundProblem, C: np.ndarray, cols: np.ndarray, bits: np.ndarray, width: int):
+        self.p, self.C, self.cols, self.bits, self.width = p, C, cols, bits, width
+        self.skip = bool(p.allow_skip)
+        self.t_fixed = p.compute_s + p.downlink_s
+        self.rows = np.arange(p.num_clients)
+        self.start: np.ndarray | None = None
+        self.tau: float | None = None  # the τ the windows were last centred at
+
+    @classmethod
+    def build(cls, p: RoundProblem, C: np.ndarray, width: int = 8, min_clients: int = 500) -> _WorkingSet | None:
+        bits = p.shape.payload_bits(np.arange(p.shape.rank + 1)).astype(float)
+        cols = np.flatnonzero(p.allowed_keep & (bits > 0))
+        if p.num_clients < min_clients or len(cols) < width + 2 or np.any(np.diff(cols) != 1):
+            return None  # few clients or small ranks: every item is cheap enough
+        cc = C[:, cols]
+        scale = np.abs(cc).max(axis=1, keepdims=True)
+        if np.any(np.diff(cc, 2, axis=1) < -1e-12 * scale) or np.any(np.diff(bits[cols], 2) < 0):
+            return None
+        return cls(p, C, cols, bits[cols], width)
+
+    def center(self, W: np.ndarray, lam: float, tau: float) -> None:
+        """Windows around each client's minimiser of C + λ W over its usable items at τ."""
+        self.tau = tau
+        with np.errstate(invalid="ignore"):
+            lag = self.C[:, self.cols] + lam * W[:, self.cols]
+        m = np.argmin(np.where(np.isnan(lag), np.inf, lag), axis=1)
+        self.start = np.clip(m - self.width // 2, 0, len(self.cols) - self.width)
+
+    def evaluate(self, tau: float, lam_hint: float | None):
+        """(relaxation in the problem's columns, D over the window's columns), or None."""
+        if self.start is None:
+            return None
+        p, w, n, rows = self.p, self.width, len(self.cols), self.rows
+        pos = self.start[:, None] + np.arange(w)
+        slack = tau - self.t_fixed
+        Wb, Db = min_bandwidth_trusted(self.bits[pos], p.snr_hz[:, None], slack[:, None])
+        cols = self.cols[pos]
+        Cb = self.C[rows[:, None], cols]
+        off = 0
+        if self.skip:
+            off = 1
+            Wb = np.concatenate([np.zeros((len(rows), 1)), Wb], axis=1)
+            Db = np.concatenate([np.zeros((len(rows), 1)), Db], axis=1)
+            Cb = np.concatenate([self.C[:, :1], Cb], axis=1)
+            cols = np.concatenate([np.zeros((len(rows), 1), dtype=cols.dtype), cols], axis=1)
+        rel = mckp_relaxation(Wb, Cb, p.total_bandwidth_hz, multiplier_hint=lam_hint)
+        if rel.choice is None:
+            return None
+        with np.errstate(invalid="ignore"):
+            lag = Cb[:, off:] + rel.multiplier * Wb[:, off:]
+        m = np.argmin(np.where(np.isnan(lag), np.inf, lag), axis=1)
+        top = self.start + w  # the first usable position above the window
+        above_fits = (top < n) & (self.bits[np.minimum(top, n - 1)] * LN2 < p.snr_hz * slack)
+        if np.any((m == 0) & (self.start > 0)) or np.any((m == w - 1) & above_fits):
+            return None
+        if rel.split is not None and rel.split[2] - off == w - 1 and above_fits[rel.split[0]]:
+            return None
+        self.start, self.tau = np.clip(self.start + m - w // 2, 0, n - w), tau
+        D = np.zeros_like(self.C)
+        D[rows[:, None], cols] = Db
+        split = None if rel.split is None else (rel.split[0], int(cols[rel.split[0], rel.split[1]]),
+                                                int(cols[rel.split[0], rel.split[2]]))
+        mapped = Relaxation(rel.value, cols[rows, rel.choice], cols[rows, rel.whole], rel.multiplier, split,
+                            rel.fraction)
+        return mapped, D
 
 
 def _jump_could_pay(p: RoundProblem, C: np.ndarray, tau: float, W: np.ndarray, whole: np.ndarray) -> bool:

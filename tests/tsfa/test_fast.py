@@ -171,3 +171,64 @@ def test_allocate_uncertified_is_allocate_certify_false():
     a, b = allocate(p, certify=False, tau_hint=1.0), allocate_uncertified(p, tau_hint=1.0)
     np.testing.assert_array_equal(a.keep, b.keep)
     assert a.objective == b.objective
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_working_set_gives_the_answer_of_every_item(seed, monkeypatch):
+    """The fast path's windows of keep counts (K ≥ 500, r = 16) against its knapsacks over every
+    item: the same allocation on seeded default-cell draws (queue, V, skipping, min_keep, a cap and
+    the warm start vary), with the windows in use (some evaluations answered by them)."""
+    import dataclasses
+
+    import tsfa.online as online
+
+    rng = np.random.default_rng(seed)
+    p = _default_cell_problem(int(rng.choice([500, 1200])), seed=200 + seed)
+    p = dataclasses.replace(p, queue=float(rng.choice([0.3, 1.0, 3.0])), weight_v=float(rng.choice([1.0, 10.0])),
+                            allow_skip=bool(seed % 2), min_keep=int(rng.choice([1, 2])))
+    if seed >= 4:  # a cap just above the answer (a binding cap ends the search at the cap, one knapsack)
+        p = dataclasses.replace(p, queue=0.3, allow_skip=True)
+        p = dataclasses.replace(p, max_latency_s=1.1 * allocate(p).latency_s)
+    certified = allocate(p)
+    hint = certified.latency_s * float(rng.uniform(0.85, 1.2))
+    answered = []
+    evaluate = online._WorkingSet.evaluate
+
+    def counted(self, tau, lam):
+        out = evaluate(self, tau, lam)
+        answered.append(out is not None)
+        return out
+
+    monkeypatch.setattr(online._WorkingSet, "evaluate", counted)
+    windows = allocate_uncertified(p, tau_hint=hint)
+    every = allocate_uncertified(p, tau_hint=hint, working_set=False)
+    assert any(answered), answered
+    np.testing.assert_array_equal(windows.keep, every.keep)
+    assert windows.latency_s == pytest.approx(every.latency_s, rel=1e-12)
+    check_feasible(p, windows, certified=not math.isnan(windows.lower_bound))
+    assert windows.objective <= certified.objective * (1 + 1e-3)
+
+
+def test_working_set_needs_convex_profiles():
+    """A profile that is not convex in the keep count turns the windows off (every item is used)."""
+    import dataclasses
+
+    from tsfa.online import _WorkingSet
+
+    p = _default_cell_problem(600, seed=3)
+    assert _WorkingSet.build(p, p.item_costs()) is not None
+    prof = p.error_profile.copy()
+    prof[0, 5] = 0.5 * (prof[0, 4] + prof[0, 5])  # a bump: the second difference turns negative at s = 5
+    q = dataclasses.replace(p, error_profile=prof)
+    assert _WorkingSet.build(q, q.item_costs()) is None
+
+
+def test_fast_path_with_a_cap_below_the_downlink_reports_infeasible():
+    """A cap that leaves no time at all: the fast path answers as the certified search does
+    (INFEASIBLE, naming the downlink), not with an error from its search."""
+    import dataclasses
+
+    p = dataclasses.replace(_default_cell_problem(200, seed=4), max_latency_s=0.018)
+    fast, certified = allocate(p, certify=False), allocate(p)
+    assert fast.status is Status.INFEASIBLE and certified.status is Status.INFEASIBLE
+    assert "downlink" in fast.message
