@@ -610,7 +610,7 @@ def allocate_uncertified(problem: RoundProblem, *, tau_hint: float | None = None
         near = ws is not None and ws.tau is not None and 0.8 <= (tau - lo) / max(ws.tau - lo, 1e-300) <= 1.25
         band = ws.evaluate(tau, state["lam"]) if near else None  # far from the windows' τ they rarely hold
         if band is not None:
-            rel, D = band
+            rel, d_whole, d_split = band
             state["last"] = (tau, None, rel.whole)
         else:
             W, D = p._weights_and_slopes(tau)
@@ -620,6 +620,7 @@ def allocate_uncertified(problem: RoundProblem, *, tau_hint: float | None = None
             if ws is not None:
                 ws.center(W, rel.multiplier, tau)
             state["last"] = (tau, W, rel.whole)
+            d_whole, d_split = _slope_terms(D, rel)
         if rel.multiplier > 0:
             state["lam"] = rel.multiplier
         ub = float(C[rows, rel.choice].sum()) + Q * tau
@@ -628,11 +629,7 @@ def allocate_uncertified(problem: RoundProblem, *, tau_hint: float | None = None
             cands[key] = (ub, rel.choice, tau)
         if rel.multiplier == 0.0:
             return Q
-        d = float(D[rows, rel.whole].sum())
-        if rel.split is not None:
-            k, j0, j1 = rel.split
-            d += rel.fraction * (D[k, j1] - D[k, j0])
-        return Q + rel.multiplier * d
+        return Q + rel.multiplier * (d_whole + rel.fraction * d_split)
 
     if not (math.isfinite(hi) and hi > lo):
         return allocate(problem, tau_hint=tau_hint)  # degenerate scales: the certified search handles them
@@ -702,6 +699,16 @@ def allocate_uncertified(problem: RoundProblem, *, tau_hint: float | None = None
     return assemble_allocation(p, best[1], best[2], lower=math.nan, name="fast", t0=t0, evals=state["evals"])
 
 
+def _slope_terms(D: np.ndarray, rel: Relaxation) -> tuple[float, float]:
+    """(Σ_k ∂b^min/∂τ of each client's whole choice, the split increment's ∂b^min/∂τ): with the
+    fraction θ, the relaxation's Σ x ∂b^min/∂τ is the first plus θ times the second."""
+    d_whole = float(D[np.arange(len(D)), rel.whole].sum())
+    if rel.split is None:
+        return d_whole, 0.0
+    k, j0, j1 = rel.split
+    return d_whole, float(D[k, j1] - D[k, j0])
+
+
 class _WorkingSet:
     """A window of ``width`` consecutive usable keep counts per client for the fast path's knapsacks.
 
@@ -744,7 +751,7 @@ class _WorkingSet:
         self.start = np.clip(m - self.width // 2, 0, len(self.cols) - self.width)
 
     def evaluate(self, tau: float, lam_hint: float | None):
-        """(relaxation in the problem's columns, D over the window's columns), or None."""
+        """(relaxation in the problem's columns, its :func:`_slope_terms`), or None."""
         if self.start is None:
             return None
         p, w, n, rows = self.p, self.width, len(self.cols), self.rows
@@ -752,7 +759,7 @@ class _WorkingSet:
         slack = tau - self.t_fixed
         Wb, Db = min_bandwidth_trusted(self.bits[pos], p.snr_hz[:, None], slack[:, None])
         cols = self.cols[pos]
-        Cb = self.C[rows[:, None], cols]
+        Cb = np.take_along_axis(self.C, cols, axis=1)
         off = 0
         if self.skip:
             off = 1
@@ -773,13 +780,12 @@ class _WorkingSet:
         if rel.split is not None and rel.split[2] - off == w - 1 and above_fits[rel.split[0]]:
             return None
         self.start, self.tau = np.clip(self.start + m - w // 2, 0, n - w), tau
-        D = np.zeros_like(self.C)
-        D[rows[:, None], cols] = Db
+        d_whole, d_split = _slope_terms(Db, rel)
         split = None if rel.split is None else (rel.split[0], int(cols[rel.split[0], rel.split[1]]),
                                                 int(cols[rel.split[0], rel.split[2]]))
         mapped = Relaxation(rel.value, cols[rows, rel.choice], cols[rows, rel.whole], rel.multiplier, split,
                             rel.fraction)
-        return mapped, D
+        return mapped, d_whole, d_split
 
 
 def _jump_could_pay(p: RoundProblem, C: np.ndarray, tau: float, W: np.ndarray, whole: np.ndarray) -> bool:
