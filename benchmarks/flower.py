@@ -37,6 +37,28 @@ ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "examples" / "flower_app"
 BIN = Path(sys.executable).parent
 ROUND_LOG = re.compile(r"fedloop: round (\d+) took ([0-9.]+) s")
+EXCHANGES = re.compile(r"fedloop: round (\d+) took ([0-9.]+) s \(wall time; message exchanges ([0-9.]+) \+ ([0-9.]+) s")
+TASK_LOG = re.compile(r"fedloop: task took ([0-9.]+) s \(pull ([0-9.]+), ClientApp ([0-9.]+), push ([0-9.]+), "
+                      r"task output ([0-9.]+)\)")
+
+
+def breakdown(folder) -> str:
+    """Where a deployment round's time goes (rounds 2.., messages after each node's first): the
+    ServerApp's two exchanges and its own work, and per message on the nodes the task's steps."""
+    text = (folder / "flwr-run.log").read_text()
+    rounds = [tuple(map(float, m[1:])) for m in EXCHANGES.findall(text)][1:]
+    tasks = []
+    for log in sorted(folder.glob("node*.log")):
+        tasks += [tuple(map(float, m)) for m in TASK_LOG.findall(log.read_text())][2:]
+    if not rounds or not tasks:
+        return ""
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    wall, ex1, ex2 = (med([r[i] for r in rounds]) for i in range(3))
+    steps = [med([t[i] for t in tasks]) for i in range(5)]
+    return (f"deployment, median per round: exchanges {ex1:.3f} + {ex2:.3f} s, server work {wall - ex1 - ex2:.3f} s; "
+            f"per message on a node: {steps[0]:.3f} s (pull {steps[1]:.3f}, ClientApp {steps[2]:.3f}, "
+            f"push {steps[3]:.3f}, task output {steps[4]:.3f}); the rest of an exchange is SuperLink <-> "
+            f"SuperNode transit and the server's pulls")
 
 
 def config(out, rounds, clients=3):
@@ -149,7 +171,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.rounds < 2:
         ap.error(f"--rounds must be >= 2 (round 1 includes start-up); got --rounds {args.rounds}")
-    rows = []
+    rows, notes = [], ""
     with tempfile.TemporaryDirectory(prefix="bench-flower-") as tmp:
         tmp = Path(args.keep or tmp)
         tmp.mkdir(parents=True, exist_ok=True)
@@ -165,11 +187,15 @@ def main(argv=None):
             seconds, total = fn(d)
             rows.append((name, per_round(seconds), total))
             print(f"  {name}: rounds {[round(s, 3) for s in seconds]}", flush=True)
+            if name == "deployment (fedloop.flower_node)":
+                notes = breakdown(d)
     base = rows[0][1]
     print(f"\nlinear, K = 3, tsfa, {args.rounds} rounds (per round: median of rounds 2..{args.rounds})")
     print(f"{'':40s} {'s/round':>9s} {'× in-process':>13s} {'total s':>9s}")
     for name, sec, total in rows:
         print(f"{name:40s} {sec:9.3f} {sec / base:13.2f} {total:9.1f}")
+    if notes:
+        print(notes)
 
 
 if __name__ == "__main__":
