@@ -731,7 +731,7 @@ class _WorkingSet:
         self.tau: float | None = None  # the τ the windows were last centred at
 
     @classmethod
-    def build(cls, p: RoundProblem, C: np.ndarray, width: int = 8, min_clients: int = 500) -> _WorkingSet | None:
+    def build(cls, p: RoundProblem, C: np.ndarray, width: int = 6, min_clients: int = 500) -> _WorkingSet | None:
         bits = p.shape.payload_bits(np.arange(p.shape.rank + 1)).astype(float)
         cols = np.flatnonzero(p.allowed_keep & (bits > 0))
         if p.num_clients < min_clients or len(cols) < width + 2 or np.any(np.diff(cols) != 1):
