@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -66,16 +65,6 @@ def config(out, rounds, clients=3):
                 checkpoint_every=1, out=str(out), linear={"dim": 16, "samples": 64, "test_samples": 256})
 
 
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def per_round(seconds):
     steady = seconds[1:] or seconds
     return statistics.median(steady) if steady else float("nan")
@@ -95,6 +84,8 @@ def in_process(folder, rounds):
 
 def deployment(folder, rounds, stock=False, clients=3, poll=0.05):
     import httpx
+
+    from fedloop.flower import free_ports
 
     link, *nodes = free_ports(1 + clients)
     home = folder / "flwr-home"

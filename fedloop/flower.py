@@ -91,7 +91,7 @@ from fedloop.strategies import STRATEGIES
 from fedloop.tasks import make_task
 
 __all__ = ["FlowerSettings", "TsfaStrategy", "PollingGrid", "client_app", "client_train", "client_upload",
-           "server_app", "make_server_app", "config_from_run_config", "run_config_of", "run_flower"]
+           "server_app", "make_server_app", "config_from_run_config", "run_config_of", "run_flower", "free_ports"]
 
 UPLOAD = f"{MessageType.TRAIN}.upload"
 _STATE = "fedloop.state"
@@ -723,7 +723,9 @@ def _write_app(folder: Path, config: RunConfig, settings: FlowerSettings) -> Pat
     return folder
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on 127.0.0.1 (bound together, then released) for a local
+    SuperLink, its nodes or a private simulation."""
     import socket
 
     socks = [socket.socket() for _ in range(n)]
@@ -805,7 +807,7 @@ def run_flower(config: RunConfig, *, num_supernodes: int | None = None, settings
         app = _write_app(tmp / "app", config, settings)
         home = tmp / "flwr-home"
         home.mkdir()
-        port, control = _free_ports(2)
+        port, control = free_ports(2)
         (home / "config.toml").write_text(tomli_w.dumps({"superlink": {
             "default": "fedloop", "fedloop": {"address": f"127.0.0.1:{port}", "insecure": True, "options": {
                 "num-supernodes": nodes, "backend": _backend_options(backend_config)}}}}))

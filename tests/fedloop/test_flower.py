@@ -5,7 +5,6 @@ in-process loop and resume; a real SuperLink with long-lived SuperNodes as separ
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -362,18 +361,6 @@ def test_failing_nodes_are_dropped(tmp_path):
 
 
 # -- deployment: a real SuperLink and SuperNodes -----------------------------------------------
-def _free_ports(n):
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 class _Procs:
     """Processes this test starts; teardown kills each one and its descendants, by pid."""
 
@@ -433,7 +420,7 @@ def test_deployment_superlink_and_supernodes_survive_a_killed_node(tmp_path):
     import httpx
 
     K = 3
-    link_port, *node_ports = _free_ports(1 + K)
+    link_port, *node_ports = fl.free_ports(1 + K)
     home = tmp_path / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
