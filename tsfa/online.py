@@ -133,21 +133,27 @@ class RoundProblem:
     def item_availability(self, tau: float) -> np.ndarray:
         """Boolean (K, r+1): the items that are allowed and fit at τ (``item_weights`` finite), found
         without computing b^min: an upload of S bits fits iff S ln2 < c_k (τ − T_k)."""
-        bits = self.shape.payload_bits(np.arange(self.shape.rank + 1)).astype(float)
-        slack = tau - (self.compute_s + self.downlink_s)
-        fits = (bits * LN2)[None, :] < (self.snr_hz * slack)[:, None]
-        return (self.allowed_keep & (bits > 0))[None, :] & fits | ((bits == 0) & self.allowed_keep)[None, :]
+        bits, cols, t_fixed = self._items()
+        available = np.zeros((self.num_clients, self.shape.rank + 1), dtype=bool)
+        available[:, cols] = (bits * LN2)[None, :] < (self.snr_hz * (tau - t_fixed))[:, None]
+        available[:, 0] |= bool(self.allow_skip)
+        return available
 
-    def _weights_and_slopes(self, tau: float) -> tuple[np.ndarray, np.ndarray]:
-        """(W, D): b^min_k(s, τ) and ∂b^min/∂τ (≤ 0; 0 where W is inf or 0), by the one
-        kernel :func:`tsfa.rate.min_bandwidth`."""
+    def _items(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(payload bits of the usable keep counts, those keep counts, T_k + T^dl): usable means
+        allowed with a payload (skipping, 0 bits, is handled apart). Cached on the instance."""
         cache = self.__dict__.get("_cache")
         if cache is None:
             bits = self.shape.payload_bits(np.arange(self.shape.rank + 1)).astype(float)
             usable = self.allowed_keep & (bits > 0)
             cache = (bits[usable], np.flatnonzero(usable), self.compute_s + self.downlink_s)
             object.__setattr__(self, "_cache", cache)
-        bits, cols, t_fixed = cache
+        return cache
+
+    def _weights_and_slopes(self, tau: float) -> tuple[np.ndarray, np.ndarray]:
+        """(W, D): b^min_k(s, τ) and ∂b^min/∂τ (≤ 0; 0 where W is inf or 0), by the one
+        kernel of :func:`tsfa.rate.min_bandwidth` (:func:`tsfa.rate.min_bandwidth_trusted`)."""
+        bits, cols, t_fixed = self._items()
         K, J = self.num_clients, self.shape.rank + 1
         W = np.full((K, J), np.inf)
         D = np.zeros((K, J))
@@ -611,7 +617,7 @@ def allocate_uncertified(problem: RoundProblem, *, tau_hint: float | None = None
         band = ws.evaluate(tau, state["lam"]) if near else None  # far from the windows' τ they rarely hold
         if band is not None:
             rel, d_whole, d_split = band
-            state["last"] = (tau, None, rel.whole)
+            state["last"] = (tau, None, rel.whole)  # which items fit: computed at the end if needed
         else:
             W, D = p._weights_and_slopes(tau)
             rel = mckp_relaxation(W, C, B, multiplier_hint=state["lam"])
@@ -619,7 +625,7 @@ def allocate_uncertified(problem: RoundProblem, *, tau_hint: float | None = None
                 return -math.inf
             if ws is not None:
                 ws.center(W, rel.multiplier, tau)
-            state["last"] = (tau, W, rel.whole)
+            state["last"] = (tau, np.isfinite(W), rel.whole)
             d_whole, d_split = _slope_terms(D, rel)
         if rel.multiplier > 0:
             state["lam"] = rel.multiplier
@@ -680,9 +686,9 @@ def allocate_uncertified(problem: RoundProblem, *, tau_hint: float | None = None
                 break
     # G has downward jumps where items become available (τ > T_k + S ln2 / c_k), which G' does
     # not see: if one client's jump to the right could pay for its own latency, certify instead.
-    if "last" in state and state["last"][1] is None:  # a working-set evaluation: which items fit at τ
-        tau_last = state["last"][0]
-        state["last"] = (tau_last, np.where(p.item_availability(tau_last), 0.0, np.inf), state["last"][2])
+    if "last" in state and state["last"][1] is None:  # a windowed evaluation: which items fit at τ
+        tau_last, _, whole = state["last"]
+        state["last"] = (tau_last, p.item_availability(tau_last), whole)
     if "last" in state and _jump_could_pay(p, C, *state["last"]):
         return allocate(problem, tau_hint=tau_hint)
     # Polish the cheapest candidates, Newton started where each one fits.
@@ -725,22 +731,21 @@ class _WorkingSet:
     def __init__(self, p: RoundProblem, C: np.ndarray, cols: np.ndarray, bits: np.ndarray, width: int):
         self.p, self.C, self.cols, self.bits, self.width = p, C, cols, bits, width
         self.skip = bool(p.allow_skip)
-        self.t_fixed = p.compute_s + p.downlink_s
+        self.t_fixed = p._items()[2]
         self.rows = np.arange(p.num_clients)
         self.start: np.ndarray | None = None
         self.tau: float | None = None  # the τ the windows were last centred at
 
     @classmethod
     def build(cls, p: RoundProblem, C: np.ndarray, width: int = 6, min_clients: int = 500) -> _WorkingSet | None:
-        bits = p.shape.payload_bits(np.arange(p.shape.rank + 1)).astype(float)
-        cols = np.flatnonzero(p.allowed_keep & (bits > 0))
+        bits, cols, _ = p._items()
         if p.num_clients < min_clients or len(cols) < width + 2 or np.any(np.diff(cols) != 1):
             return None  # few clients or small ranks: every item is cheap enough
         cc = C[:, cols]
         scale = np.abs(cc).max(axis=1, keepdims=True)
-        if np.any(np.diff(cc, 2, axis=1) < -1e-12 * scale) or np.any(np.diff(bits[cols], 2) < 0):
+        if np.any(np.diff(cc, 2, axis=1) < -1e-12 * scale) or np.any(np.diff(bits, 2) < 0):
             return None
-        return cls(p, C, cols, bits[cols], width)
+        return cls(p, C, cols, bits, width)
 
     def center(self, W: np.ndarray, lam: float, tau: float) -> None:
         """Windows around each client's minimiser of C + λ W over its usable items at τ."""
@@ -788,14 +793,14 @@ class _WorkingSet:
         return mapped, d_whole, d_split
 
 
-def _jump_could_pay(p: RoundProblem, C: np.ndarray, tau: float, W: np.ndarray, whole: np.ndarray) -> bool:
+def _jump_could_pay(p: RoundProblem, C: np.ndarray, tau: float, available: np.ndarray, whole: np.ndarray) -> bool:
     """Whether items not available at τ (W = inf) could pay for the latency they need: item s of
     client k becomes available at τ_ks = T_k + S_s ln2 / c_k and saves at most
     C[k, whole_k] − C[k, s]; with the savings of all items available by τ' summed (the best per
     client), is there a τ' ≤ cap where they exceed Q (τ' − τ)? (A bound: bandwidth is ignored.)"""
     rows = np.arange(p.num_clients)
     now = C[rows, whole]
-    later = ~np.isfinite(W) & p.allowed_keep[None, :] & (C < now[:, None])
+    later = ~available & p.allowed_keep[None, :] & (C < now[:, None])
     if not later.any():
         return False
     k, s = np.nonzero(later)  # row-major: per client, s and so τ_ks ascending

@@ -232,3 +232,14 @@ def test_fast_path_with_a_cap_below_the_downlink_reports_infeasible():
     fast, certified = allocate(p, certify=False), allocate(p)
     assert fast.status is Status.INFEASIBLE and certified.status is Status.INFEASIBLE
     assert "downlink" in fast.message
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_item_availability_is_where_the_weights_are_finite(skip):
+    """The windows' cheap test of which items fit (S ln2 < c (τ − T)) against b^min itself."""
+    import dataclasses
+
+    p = dataclasses.replace(_default_cell_problem(300, seed=7), allow_skip=skip, min_keep=2)
+    top = allocate(p).latency_s
+    for tau in np.linspace(0.0, 3 * top, 25):
+        np.testing.assert_array_equal(p.item_availability(tau), np.isfinite(p.item_weights(tau)))
