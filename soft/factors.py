@@ -22,6 +22,7 @@ __all__ = [
     "check_pair",
     "check_factors",
     "shape_of",
+    "shape_of_checked",
     "clone_factors",
     "orthogonality_penalty",
     "factors_penalty",
@@ -88,10 +89,15 @@ def check_same_layout(a: Factors, b: Factors, la: str = "old", lb: str = "new") 
 
 def shape_of(factors: Factors, bits_per_value: int = 32, header_bits: int | None = None) -> LoraShape:
     """The :class:`tsfa.LoraShape` of a factor set (module order kept)."""
-    r = check_factors(factors)
+    check_factors(factors)
+    return shape_of_checked(factors, bits_per_value, header_bits)
+
+
+def shape_of_checked(factors: Factors, bits_per_value: int = 32, header_bits: int | None = None) -> LoraShape:
+    """:func:`shape_of` for a factor set already checked (:func:`check_factors`)."""
     mods = tuple(ModuleShape(name, int(B.shape[0]), int(A.shape[1])) for name, (A, B) in factors.items())
     kw = {} if header_bits is None else {"header_bits": header_bits}
-    return LoraShape(mods, r, bits_per_value, **kw)
+    return LoraShape(mods, int(next(iter(factors.values()))[0].shape[0]), bits_per_value, **kw)
 
 
 def clone_factors(factors: Factors) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

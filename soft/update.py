@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from soft.factors import Factors, check_factors, check_same_layout
+from soft.factors import Factors, check_factors, check_same_layout, shape_of_checked
 from soft.importance import _importance, select_top
-from tsfa.model import LoraShape, ModuleShape
+from tsfa.model import LoraShape
 
 __all__ = ["RankSparseUpdate", "WireFormatError", "sparsify", "decode", "aggregate", "update_norm", "WIRE_VERSION"]
 
@@ -239,9 +239,7 @@ def updates_from_indices(old: Factors, new: Factors, indices: Sequence[torch.Ten
 
 def _build_update(old: Factors, new: Factors, indices, keep: int, dtype) -> RankSparseUpdate:
     """:func:`updates_from_indices` for factor sets already checked (:func:`check_same_layout`)."""
-    code = _CODES[_check_dtype(dtype)]
-    mods = tuple(ModuleShape(name, int(B.shape[0]), int(A.shape[1])) for name, (A, B) in old.items())
-    shape = LoraShape(mods, int(next(iter(old.values()))[0].shape[0]), _DTYPES[code][2])
+    shape = shape_of_checked(old, bits_per_value=_DTYPES[_CODES[_check_dtype(dtype)]][2])
     counts = [len(i) for i in indices]
     if any(c != keep for c in counts):
         sizes = {m.out_features + m.in_features for m in shape.modules}

@@ -243,3 +243,22 @@ def test_item_availability_is_where_the_weights_are_finite(skip):
     top = allocate(p).latency_s
     for tau in np.linspace(0.0, 3 * top, 25):
         np.testing.assert_array_equal(p.item_availability(tau), np.isfinite(p.item_weights(tau)))
+
+
+def test_trusted_kernel_equals_min_bandwidth_on_pairs():
+    """The least-latency Newton's shape (one payload per client, zeros for skipped clients) and
+    the odd ranges the trusted kernel hands to min_bandwidth: equal results, bit for bit."""
+    from tsfa.rate import min_bandwidth_trusted
+
+    rng = np.random.default_rng(3)
+    S = rng.choice([0.0, 1e3, 1e6, 3e7], size=(4, 200))
+    c = 10 ** rng.uniform(5, 9, size=(4, 200))
+    w = rng.uniform(-0.1, 2.0, size=(4, 200))
+    w[1, :5] = np.inf  # unlimited time
+    S[2, :5] = 1e-300  # a quotient below the normal range
+    w[3, :5] = 1e-310  # a subnormal slack
+    for row in range(4):
+        b1, d1 = min_bandwidth(S[row], c[row], w[row], slope=True)
+        b2, d2 = min_bandwidth_trusted(S[row], c[row], w[row])
+        np.testing.assert_array_equal(b1, b2)
+        np.testing.assert_array_equal(d1, d2)
