@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 from tests.tsfa.test_online import _default_cell_problem, check_feasible, make, problems
 from tsfa import Status, min_latency_bandwidth, minilm_l6_qv
 from tsfa.allocator import OnlineAllocator
+from tsfa.fast import allocate_uncertified
 from tsfa.knapsack import _hull, mckp_greedy, mckp_relaxation
-from tsfa.online import _min_bandwidth_grid, allocate, allocate_uncertified
+from tsfa.online import _min_bandwidth_grid, allocate
 from tsfa.rate import min_bandwidth
 
 
@@ -180,7 +181,7 @@ def test_working_set_gives_the_answer_of_every_item(seed, monkeypatch):
     the warm start vary), with the windows in use (some evaluations answered by them)."""
     import dataclasses
 
-    import tsfa.online as online
+    import tsfa.fast as fast
 
     rng = np.random.default_rng(seed)
     p = _default_cell_problem(int(rng.choice([500, 1200])), seed=200 + seed)
@@ -192,14 +193,14 @@ def test_working_set_gives_the_answer_of_every_item(seed, monkeypatch):
     certified = allocate(p)
     hint = certified.latency_s * float(rng.uniform(0.85, 1.2))
     answered = []
-    evaluate = online._WorkingSet.evaluate
+    evaluate = fast._WorkingSet.evaluate
 
     def counted(self, tau, lam):
         out = evaluate(self, tau, lam)
         answered.append(out is not None)
         return out
 
-    monkeypatch.setattr(online._WorkingSet, "evaluate", counted)
+    monkeypatch.setattr(fast._WorkingSet, "evaluate", counted)
     windows = allocate_uncertified(p, tau_hint=hint)
     every = allocate_uncertified(p, tau_hint=hint, working_set=False)
     assert any(answered), answered
@@ -213,7 +214,7 @@ def test_working_set_needs_convex_profiles():
     """A profile that is not convex in the keep count turns the windows off (every item is used)."""
     import dataclasses
 
-    from tsfa.online import _WorkingSet
+    from tsfa.fast import _WorkingSet
 
     p = _default_cell_problem(600, seed=3)
     assert _WorkingSet.build(p, p.item_costs()) is not None
