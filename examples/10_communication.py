@@ -36,16 +36,19 @@ EF = {"error_feedback": "rotated"}
 VARIANTS = {
     "fixed+ef": {"strategy": "fixed", **EF},
     "fixed+ef+q8": {"strategy": "fixed", "value_bits": 8, **EF},
+    "fixed+ef+q4": {"strategy": "fixed", "value_bits": 4, **EF},
     "fixed+ef-unrotated": {"strategy": "fixed", "error_feedback": "fixed"},  # residual left in the old basis
     "topk+ef": {"strategy": "topk", **EF},
     "random+ef": {"strategy": "random", **EF},
     "tsfa+ef+q8": {"strategy": "tsfa", "value_bits": 8, **EF},
+    "tsfa+ef+q4": {"strategy": "tsfa", "value_bits": 4, **EF},
 }
 ORDER = ("ideal", "fedit", "head", "lowrank", "topk", "fixed", "fixed+ef", "fixed+ef-unrotated", "fixed+ef+q8",
          "topk+ef", "random+ef", "tsfa+ef+q8")
 #: On rt-distill (1–5 min a run on 2 cores) the set the claims need: the references, the frozen
 #: adapter, SOFT with error feedback, TSFA at 8 bits with it, and the other compressors with it.
-ORDER_DISTILL = ("ideal", "fedit", "head", "lowrank", "fixed+ef", "tsfa+ef+q8", "topk+ef", "random+ef")
+ORDER_DISTILL = ("ideal", "fedit", "head", "lowrank", "fixed+ef", "fixed+ef+q8", "fixed+ef+q4", "tsfa+ef+q8",
+                 "tsfa+ef+q4", "topk+ef", "random+ef")
 QUICK = ("fedit", "fixed", "fixed+ef", "fixed+ef+q8", "topk+ef")
 
 
@@ -108,7 +111,7 @@ def main(argv=None) -> int:
         rel = rows[soft_ef]["final_mean"] / ref["final_mean"] - 1
         summary["soft_ef_vs_fedit_final_relative"] = rel
         print(f"{soft_ef} final vs fedit: {100 * rel:+.1f} %")
-        for s in (soft_ef, "fixed+ef+q8", "tsfa+ef+q8"):
+        for s in (soft_ef, "fixed+ef+q8", "fixed+ef+q4", "tsfa+ef+q8", "tsfa+ef+q4"):
             if rows.get(s, {}).get("reached") and ref["reached"]:
                 ratio = ref["bits_to_target_mean"] / rows[s]["bits_to_target_mean"]
                 summary[f"{s}_bits_to_target_saving_vs_fedit"] = ratio

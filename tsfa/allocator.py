@@ -54,7 +54,10 @@ class _Policy:
         self.allow_skip = bool(allow_skip)
         self.round = 0
 
-    def problem(self, snr_hz, compute_s, error_profile, data_weight=None, *, queue=0.0, weight_v=1.0) -> RoundProblem:
+    value_bits: tuple = ()  # the precisions a client may choose among (OnlineAllocator); () = the shape's
+
+    def problem(self, snr_hz, compute_s, error_profile, data_weight=None, *, queue=0.0, weight_v=1.0,
+                rounding_profile=None) -> RoundProblem:
         k = len(np.atleast_1d(snr_hz))
         if k == 0:
             raise ValueError("snr_hz must hold one entry per client (at least one); got an empty array")
@@ -62,7 +65,8 @@ class _Policy:
         return RoundProblem(shape=self.shape, snr_hz=snr_hz, compute_s=compute_s, data_weight=weight,
                             error_profile=error_profile, queue=queue, weight_v=weight_v,
                             total_bandwidth_hz=self.total_bandwidth_hz, downlink_s=self.downlink_s,
-                            max_latency_s=self.max_latency_s, min_keep=self.min_keep, allow_skip=self.allow_skip)
+                            max_latency_s=self.max_latency_s, min_keep=self.min_keep, allow_skip=self.allow_skip,
+                            value_bits=self.value_bits, rounding_profile=rounding_profile)
 
     def observe(self, latency_s: float) -> None:
         as_scalar("latency_s", latency_s, lower=0)
@@ -98,6 +102,9 @@ class OnlineAllocator(_Policy):
             the queue jumps, the next rounds skip, and small V alternates between the two for
             many rounds. Starting at the price that meets τ̄ avoids that start; Q then moves as
             usual, so the time-average latency still converges to within τ̄.
+        value_bits: the precisions (bits per value) each client may send at, chosen every round
+            with its keep count (items (s, q) of :class:`~tsfa.online.RoundProblem`); ``step`` then
+            needs the round's ``rounding_profile``. Empty (default): ``shape.bits_per_value``.
         certify_every: with ``backend="fast"``, rounds 0, N, 2N, ... (N = ``certify_every``, counted
             by :meth:`observe`) run the certified τ search of :func:`~tsfa.online.allocate`
             (``lower_bound`` and ``gap`` set; about 10–20 knapsack relaxations over the whole τ
@@ -112,9 +119,13 @@ class OnlineAllocator(_Policy):
     def __init__(self, shape: LoraShape, *, latency_budget_s: float, weight_v: float, total_bandwidth_hz: float,
                  downlink_s: float = 0.0, max_latency_s: float | None = None, min_keep: int = 1,
                  allow_skip: bool = False, backend="fast", fallback: str = "relax_cap",
-                 queue: float | str = 0.0, drift: str = "linear", certify_every: int = 10):
+                 queue: float | str = 0.0, drift: str = "linear", certify_every: int = 10, value_bits=()):
         super().__init__(shape, total_bandwidth_hz=total_bandwidth_hz, downlink_s=downlink_s,
                          max_latency_s=max_latency_s, min_keep=min_keep, allow_skip=allow_skip)
+        try:
+            self.value_bits = tuple(as_scalar("value_bits", q, lower=1, integer=True) for q in value_bits)
+        except TypeError:
+            raise ValueError(f"value_bits must be a sequence of integers; got value_bits = {value_bits!r}") from None
         self.latency_budget_s = as_scalar("latency_budget_s", latency_budget_s, lower=0, strict=True)
         self.weight_v = as_scalar("weight_v", weight_v, lower=0, strict=True)
         if fallback not in FALLBACKS:
@@ -151,14 +162,17 @@ class OnlineAllocator(_Policy):
                              f"latency_budget_s = {tau!r}")
         return cls(shape, latency_budget_s=tau, weight_v=weight, **kwargs)
 
-    def step(self, snr_hz, compute_s, error_profile, data_weight=None) -> Allocation:
-        """Allocate this round (does not update the queue: call :meth:`observe`)."""
+    def step(self, snr_hz, compute_s, error_profile, data_weight=None, rounding_profile=None) -> Allocation:
+        """Allocate this round (does not update the queue: call :meth:`observe`). With
+        ``value_bits``, ``rounding_profile`` (K × (r+1) × len(value_bits)) is required."""
+        rp = rounding_profile
         if self.calibrating:
-            self.queue = self.calibrate_queue(snr_hz, compute_s, error_profile, data_weight)
+            self.queue = self.calibrate_queue(snr_hz, compute_s, error_profile, data_weight, rounding_profile=rp)
             self.calibrating = False
         if self.drift == "exact":
-            return self._exact_step(snr_hz, compute_s, error_profile, data_weight)
-        prob = self.problem(snr_hz, compute_s, error_profile, data_weight, queue=self.queue, weight_v=self.weight_v)
+            return self._exact_step(snr_hz, compute_s, error_profile, data_weight, rp)
+        prob = self.problem(snr_hz, compute_s, error_profile, data_weight, queue=self.queue, weight_v=self.weight_v,
+                            rounding_profile=rp)
         alloc = allocate(prob, backend=self.backend, tau_hint=self.last_latency_s, certify=self.certifies())
         if alloc.status is Status.INFEASIBLE:
             alloc = self._fall_back(prob, alloc)
@@ -171,8 +185,8 @@ class OnlineAllocator(_Policy):
             return True
         return self.certify_every > 0 and self.round % self.certify_every == 0
 
-    def _exact_step(self, snr_hz, compute_s, error_profile, data_weight, iterations: int = 30,
-                    cap_solves: int = 6) -> Allocation:
+    def _exact_step(self, snr_hz, compute_s, error_profile, data_weight, rounding_profile=None,
+                    iterations: int = 30, cap_solves: int = 6) -> Allocation:
         """min V·P + ½·max(Q + τ − τ̄, 0)² over the linear problems' answers.
 
         At price q the linear problem min V·P + q·τ answers an allocation a(q) whose latency τ(q)
@@ -201,7 +215,8 @@ class OnlineAllocator(_Policy):
         shared = {}  # least-latency splits by keep vector: they do not depend on the price
 
         def solve(q: float) -> Allocation:
-            prob = self.problem(snr_hz, compute_s, error_profile, data_weight, queue=q, weight_v=v)
+            prob = self.problem(snr_hz, compute_s, error_profile, data_weight, queue=q, weight_v=v,
+                                rounding_profile=rounding_profile)
             object.__setattr__(prob, "_polished", shared)
             alloc = allocate(prob, backend=self.backend, tau_hint=self.last_latency_s, certify=certify)
             if alloc.status is Status.INFEASIBLE:
@@ -237,7 +252,8 @@ class OnlineAllocator(_Policy):
             # exact objective, convex in τ, can prefer: the least energy under a cap there, H(cap),
             # searched by golden section over the cap (H is a staircase plus a convex term).
             if a_hi.success and a_lo.latency_s > a_hi.latency_s * (1 + 1e-9):
-                prob = self.problem(snr_hz, compute_s, error_profile, data_weight, queue=0.0, weight_v=v)
+                prob = self.problem(snr_hz, compute_s, error_profile, data_weight, queue=0.0, weight_v=v,
+                                    rounding_profile=rounding_profile)
 
                 def h(cap: float) -> float:
                     cap = cap if self.max_latency_s is None else min(cap, self.max_latency_s)
@@ -266,14 +282,15 @@ class OnlineAllocator(_Policy):
         return dataclasses.replace(best, objective=exact(best), lower_bound=math.nan, gap=math.nan,
                                    tau_evaluations=sum(a.tau_evaluations for a in seen))
 
-    def calibrate_queue(self, snr_hz, compute_s, error_profile, data_weight=None, *,
-                              iterations: int = 40) -> float:
+    def calibrate_queue(self, snr_hz, compute_s, error_profile, data_weight=None, *, rounding_profile=None,
+                        iterations: int = 40) -> float:
         """The smallest backlog Q (seconds) whose allocation of this round meets τ̄, by bisection;
         0 when Q = 0 already does. When no Q meets τ̄ (the round cannot), the smallest Q that
         reaches the least latency any Q gives."""
 
         def latency(q: float) -> float:
-            prob = self.problem(snr_hz, compute_s, error_profile, data_weight, queue=q, weight_v=self.weight_v)
+            prob = self.problem(snr_hz, compute_s, error_profile, data_weight, queue=q, weight_v=self.weight_v,
+                                rounding_profile=rounding_profile)
             alloc = allocate(prob, backend=self.backend)
             return alloc.latency_s if alloc.success else math.inf
 

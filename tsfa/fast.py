@@ -46,7 +46,8 @@ def allocate_uncertified(problem: RoundProblem, *, tau_hint: float | None = None
     that fits under ``max_latency_s`` it hands over to the certified search, which reports the cause.
     ``Allocation.lower_bound`` and ``gap`` are NaN; ``tau_evaluations`` counts the knapsacks.
     Below ``min_clients`` clients the certified search runs instead: it is cheap there, and the
-    jumps of G are large enough that the guard above would often ask for it anyway.
+    jumps of G are large enough that the guard above would often ask for it anyway. So it does for
+    problems with a choice of precision (``value_bits``): the windows walk keep counts at one precision.
 
     ``working_set``: after the first knapsack over every item, later ones see only a window of
     keep counts around each client's last choice (:class:`_WorkingSet`), and fall back to every
@@ -54,7 +55,7 @@ def allocate_uncertified(problem: RoundProblem, *, tau_hint: float | None = None
     """
     t0 = time.perf_counter()
     p = problem
-    if p.num_clients < min_clients:
+    if p.num_clients < min_clients or p.value_bits:  # the windows walk keep counts at one precision
         return allocate(problem, tau_hint=tau_hint)
     Q, B = p.queue, p.total_bandwidth_hz
     K, r = p.num_clients, p.shape.rank

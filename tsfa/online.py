@@ -21,12 +21,22 @@ by interval branch-and-bound: on [τ_a, τ_b] the round objective is at least
 Q τ_a + KP(τ_b), since weights only shrink as τ grows. Every discrete choice is polished
 by its exact least latency (``min_latency_bandwidth``), which never raises its cost.
 
+**Value precision as a decision.** With ``value_bits`` = (q_1, ..., q_n) each client also
+chooses the precision of its values: items are (s, q) for s ≥ 1 (plus skipping), weighing
+b^min_k(S(s, q), τ) and costing V p_k (e_k(s) + v_k(s, q)), with v_k(s, q) ``rounding_profile``
+the expected product-space error of rounding the s kept components to q bits
+(:func:`soft.rounding_profile`). The knapsack, the τ search and every backend work on this
+item set unchanged: internally an allocation is a vector of item indices (``item_keep`` and
+``item_value_bits`` map them back); without ``value_bits`` the item index is the keep count.
+
 Symbols (spec → code): V ``weight_v``; Q ``queue``; τ̄ ``latency_budget_s``;
-τ_max ``max_latency_s``; s_k ``keep``; e_k(s) ``error_profile[k, s]``; p_k ``data_weight``.
+τ_max ``max_latency_s``; s_k ``keep``; e_k(s) ``error_profile[k, s]``; p_k ``data_weight``;
+q_k ``value_bits``; v_k(s, q) ``rounding_profile[k, s, i]`` for q = ``value_bits[i]``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import time
@@ -63,6 +73,10 @@ class RoundProblem:
         max_latency_s: optional hard cap τ_max, seconds.
         min_keep: least number of components a scheduled client sends (1..r).
         allow_skip: whether s_k = 0 (client not scheduled this round) is allowed.
+        value_bits: the precisions a client may choose among (distinct, ≥ 1 bits; e.g.
+            (32, 16, 8, 4)); empty (default): every value travels at ``shape.bits_per_value``.
+        rounding_profile: with ``value_bits``, v_k(s, q_i) ≥ 0, K × (r+1) × len(value_bits): the
+            error of sending the s kept components at q_i bits, on the scale of ``error_profile``.
     """
 
     shape: LoraShape
@@ -77,6 +91,8 @@ class RoundProblem:
     max_latency_s: float | None = None
     min_keep: int = 1
     allow_skip: bool = False
+    value_bits: tuple = ()
+    rounding_profile: np.ndarray | None = None
 
     def __post_init__(self):
         if not isinstance(self.shape, LoraShape):
@@ -110,6 +126,26 @@ class RoundProblem:
         object.__setattr__(self, "min_keep", mk)
         if not isinstance(self.allow_skip, (bool, np.bool_)):
             raise ValueError(f"allow_skip must be a bool; got {self.allow_skip!r}")
+        try:
+            qs = tuple(as_scalar("value_bits", q, lower=1, integer=True) for q in self.value_bits)
+        except TypeError:
+            raise ValueError(f"value_bits must be a sequence of integers; got value_bits = {self.value_bits!r}") \
+                from None
+        if len(set(qs)) != len(qs):
+            raise ValueError(f"value_bits must be distinct; got value_bits = {self.value_bits!r}")
+        object.__setattr__(self, "value_bits", qs)
+        if qs:
+            if self.rounding_profile is None:
+                raise ValueError("rounding_profile is required with value_bits (K × (r+1) × len(value_bits))")
+            v = as_array("rounding_profile", self.rounding_profile, ndim=3, lower=0)
+            if v.shape != (k, self.shape.rank + 1, len(qs)):
+                raise ValueError(f"rounding_profile must have shape (K, r+1, len(value_bits)) = "
+                                 f"({k}, {self.shape.rank + 1}, {len(qs)}); got {v.shape}")
+            object.__setattr__(self, "rounding_profile", v)
+            for q in qs:  # each precision's dense payload must stay an exact integer (LoraShape checks)
+                dataclasses.replace(self.shape, bits_per_value=q)
+        elif self.rounding_profile is not None:
+            raise ValueError("rounding_profile is given without value_bits; pass value_bits = the precisions it is for")
 
     @property
     def num_clients(self) -> int:
@@ -121,19 +157,80 @@ class RoundProblem:
         s = np.arange(self.shape.rank + 1)
         return (s >= self.min_keep) | ((s == 0) & bool(self.allow_skip))
 
+    def _menu(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(keep count, value bits, payload bits, index into ``value_bits``) of each item j (cached).
+        Without ``value_bits`` item j is keep count j at ``shape.bits_per_value``; with them item 0 is s = 0 and item
+        1 + (s − 1)·n + i is (s, value_bits[i])."""
+        menu = self.__dict__.get("_menu_cache")
+        if menu is None:
+            r, qs = self.shape.rank, self.value_bits or (self.shape.bits_per_value,)
+            if not self.value_bits:
+                keep, qi = np.arange(r + 1), np.zeros(r + 1, dtype=np.int64)
+                bits = self.shape.payload_bits(keep).astype(float)
+            else:
+                n = len(qs)
+                keep = np.concatenate([[0], np.repeat(np.arange(1, r + 1), n)])
+                qi = np.concatenate([[0], np.tile(np.arange(n), r)])
+                per_q = [dataclasses.replace(self.shape, bits_per_value=x).payload_bits(np.arange(r + 1)) for x in qs]
+                bits = np.concatenate([[0.0], np.stack(per_q, axis=1)[1:].reshape(-1).astype(float)])
+            menu = (keep, np.asarray(qs, dtype=np.int64)[qi], bits, qi)
+            for a in menu:
+                a.setflags(write=False)
+            object.__setattr__(self, "_menu_cache", menu)
+        return menu
+
+    @property
+    def item_keep(self) -> np.ndarray:
+        """s of each item (``item_costs`` and ``item_weights`` columns)."""
+        return self._menu()[0]
+
+    @property
+    def item_value_bits(self) -> np.ndarray:
+        """q of each item."""
+        return self._menu()[1]
+
+    @property
+    def item_payload_bits(self) -> np.ndarray:
+        """S(s, q) of each item, bits."""
+        return self._menu()[2]
+
+    @property
+    def allowed_items(self) -> np.ndarray:
+        """Boolean mask over the items (the allowed keep counts at every precision)."""
+        return self.allowed_keep[self.item_keep]
+
+    @property
+    def dense_item(self) -> int:
+        """The allowed item with the largest payload (every component at the finest precision)."""
+        return int(np.argmax(np.where(self.allowed_items, self.item_payload_bits, -1.0)))
+
+    @property
+    def least_item(self) -> int:
+        """The allowed item with the least payload among those that send something."""
+        return int(np.argmin(np.where(self.allowed_items & (self.item_payload_bits > 0), self.item_payload_bits,
+                                      np.inf)))
+
+    def item_errors(self) -> np.ndarray:
+        """E[k, j] = e_k(s_j) + v_k(s_j, q_j): the error of item j (K × items)."""
+        keep, _, _, qi = self._menu()
+        e = self.error_profile[:, keep]
+        if self.value_bits:
+            e = e + np.where(keep > 0, self.rounding_profile[:, keep, qi], 0.0)
+        return e
+
     def item_costs(self) -> np.ndarray:
-        """C[k, s] = V · p_k · e_k(s)."""
-        return self.weight_v * self.data_weight[:, None] * self.error_profile
+        """C[k, j] = V · p_k · (e_k(s_j) + v_k(s_j, q_j)) (without ``value_bits``: V p_k e_k(s))."""
+        return self.weight_v * self.data_weight[:, None] * self.item_errors()
 
     def item_weights(self, tau: float) -> np.ndarray:
-        """W[k, s] = b^min_k(s, τ) in Hz; ``inf`` where not allowed or not feasible at τ."""
+        """W[k, j] = b^min_k(S_j, τ) in Hz; ``inf`` where not allowed or not feasible at τ."""
         return self._weights_and_slopes(tau)[0]
 
     def item_availability(self, tau: float) -> np.ndarray:
-        """Boolean (K, r+1): the items that are allowed and fit at τ (``item_weights`` finite), found
+        """Boolean (K, items): the items that are allowed and fit at τ (``item_weights`` finite), found
         without computing b^min: an upload of S bits fits iff S ln2 < c_k (τ − T_k)."""
         bits, cols, t_fixed = self._items()
-        available = np.zeros((self.num_clients, self.shape.rank + 1), dtype=bool)
+        available = np.zeros((self.num_clients, len(self.item_keep)), dtype=bool)
         available[:, cols] = (bits * LN2)[None, :] < (self.snr_hz * (tau - t_fixed))[:, None]
         available[:, 0] |= bool(self.allow_skip)
         return available
@@ -143,8 +240,8 @@ class RoundProblem:
         allowed with a payload (skipping, 0 bits, is handled apart). Cached on the instance."""
         cache = self.__dict__.get("_cache")
         if cache is None:
-            bits = self.shape.payload_bits(np.arange(self.shape.rank + 1)).astype(float)
-            usable = self.allowed_keep & (bits > 0)
+            bits = self.item_payload_bits
+            usable = self.allowed_items & (bits > 0)
             cache = (bits[usable], np.flatnonzero(usable), self.compute_s + self.downlink_s)
             object.__setattr__(self, "_cache", cache)
         return cache
@@ -153,7 +250,7 @@ class RoundProblem:
         """(W, D): b^min_k(s, τ) and ∂b^min/∂τ (≤ 0; 0 where W is inf or 0), by the one
         kernel of :func:`tsfa.rate.min_bandwidth` (:func:`tsfa.rate.min_bandwidth_trusted`)."""
         bits, cols, t_fixed = self._items()
-        K, J = self.num_clients, self.shape.rank + 1
+        K, J = self.num_clients, len(self.item_keep)
         W = np.full((K, J), np.inf)
         D = np.zeros((K, J))
         W[:, cols], D[:, cols] = _min_bandwidth_grid(bits, self.snr_hz, tau - t_fixed)
@@ -188,6 +285,9 @@ class Allocation(ResultMixin):
         status, message, backend, solve_time_s: as for every result.
         tau_evaluations: knapsacks solved in the τ search.
         fallback: "" or a description of the fallback the OnlineAllocator applied.
+        value_bits: q_k, bits per value each client sends at (``shape.bits_per_value`` unless the
+            problem offered ``value_bits``).
+        rounding_energy: Σ_k p_k v_k(s_k, q_k), the part of ``dropped_energy`` due to rounding.
     """
 
     status: Status
@@ -206,6 +306,8 @@ class Allocation(ResultMixin):
     backend: str
     tau_evaluations: int = 0
     fallback: str = ""
+    value_bits: np.ndarray | None = None
+    rounding_energy: float = 0.0
 
     @property
     def relative_gap(self) -> float:
@@ -229,11 +331,11 @@ def _polish(problem: RoundProblem, keep: np.ndarray, tau_fit: float | None = Non
     not depend on the queue or V: problems of one round at several prices may share a dict of
     splits as the attribute ``_polished`` (:meth:`tsfa.allocator.OnlineAllocator.step`)."""
     shared = problem.__dict__.get("_polished")  # set by callers that solve one round at several prices
-    key = (np.asarray(keep, dtype=np.int8).tobytes(), problem.max_latency_s)
+    key = (np.asarray(keep, dtype=np.int32).tobytes(), problem.max_latency_s)
     if shared is not None and key in shared:
         return shared[key]
     backend = "fast" if tau_fit is None else _warm_newton(tau_fit)
-    bw = min_latency_bandwidth(problem.shape.payload_bits(keep), problem.snr_hz, problem.compute_s,
+    bw = min_latency_bandwidth(problem.item_payload_bits[np.asarray(keep)], problem.snr_hz, problem.compute_s,
                                problem.total_bandwidth_hz, downlink_s=problem.downlink_s,
                                deadline_s=problem.max_latency_s, backend=backend)
     if shared is not None:
@@ -324,7 +426,7 @@ class TauSearch:
         return min(self.best_obj, ub)
 
     def add_candidate(self, keep: np.ndarray, tau_fit: float):
-        key = keep.astype(np.int8).tobytes()
+        key = keep.astype(np.int32).tobytes()
         if key in self.polished:
             return
         cost = float(self.C[np.arange(self.K), keep].sum())
@@ -338,7 +440,7 @@ class TauSearch:
 
     def polish(self, keep: np.ndarray):
         """The exact least-latency split of ``keep`` (cached); updates the incumbent."""
-        key = keep.astype(np.int8).tobytes()
+        key = keep.astype(np.int32).tobytes()
         self.cands.pop(key, None)
         if key in self.polished:
             return self.polished[key]
@@ -532,9 +634,9 @@ def allocate(
         tau_hint = as_scalar("tau_hint", tau_hint, lower=0)
     t0 = time.perf_counter()
     p = problem
-    K, r = p.num_clients, p.shape.rank
+    K = p.num_clients
     C = p.item_costs()
-    dense = _polish(p, np.full(K, r))
+    dense = _polish(p, np.full(K, p.dense_item))
     tau_lo, why = _least_latency(p)
     if why is not None:
         return _infeasible(p, why, name, t0)
@@ -543,7 +645,7 @@ def allocate(
 
     search = TauSearch(p, oracle, exact, lazy=not exact)
     if dense.success:
-        search.polish(np.full(K, r))
+        search.polish(np.full(K, p.dense_item))
     points = {tau_lo, tau_hi}
     if tau_hint is not None and tau_lo < tau_hint < tau_hi:
         points.add(float(tau_hint))
@@ -551,7 +653,7 @@ def allocate(
     lower = search.run(sorted(points), rel_tol, max_evaluations, tol_abs)
     # Beyond tau_hi the cost cannot fall below every client's cheapest item.
     if p.max_latency_s is None or tau_hi < p.max_latency_s:
-        allowed_cost = np.where(p.allowed_keep[None, :], C, np.inf)
+        allowed_cost = np.where(p.allowed_items[None, :], C, np.inf)
         lower = min(lower, p.queue * tau_hi + float(allowed_cost.min(axis=1).sum()))
     if search.best_alloc is None:  # no discrete choice fitted (cannot happen once tau_lo is feasible)
         return _infeasible(p, "no discrete allocation found in the τ search", name, t0)
@@ -575,33 +677,39 @@ def _least_latency(p: RoundProblem) -> tuple[float, str | None]:
             return math.nan, (f"downlink_s = {p.downlink_s:.6g} s exceeds max_latency_s = {p.max_latency_s:.6g} s: "
                               "raise max_latency_s above the downlink time")
         return p.downlink_s, None
-    least = _polish(p, np.full(p.num_clients, p.min_keep))
+    least = _polish(p, np.full(p.num_clients, p.least_item))
     if least.status is Status.INFEASIBLE:
         return math.nan, (f"even with every client at min_keep = {p.min_keep}: {least.message}; "
                           "or allow skipping clients (allow_skip=True)")
     return least.latency_s, None
 
 
-def assemble_allocation(p: RoundProblem, keep, bw, *, lower: float, name: str, t0: float, evals: int) -> Allocation:
-    """The :class:`Allocation` of a keep vector and its least-latency split ``bw`` (a
-    :class:`BandwidthAllocation`): objective, gap to ``lower``, message; ``name`` is the backend,
-    ``t0`` the solve's start (perf_counter), ``evals`` the τ evaluations. Policies that choose
-    the keep vector themselves (:mod:`tsfa.allocator`) build their result with it."""
-    r = p.shape.rank
-    keep = np.asarray(keep, dtype=np.int64)
-    dropped = float(np.sum(p.data_weight * p.error_profile[np.arange(p.num_clients), keep]))
+def assemble_allocation(p: RoundProblem, items, bw, *, lower: float, name: str, t0: float, evals: int) -> Allocation:
+    """The :class:`Allocation` of an item vector (the keep counts when the problem has no
+    ``value_bits``) and its least-latency split ``bw`` (a :class:`BandwidthAllocation`):
+    objective, gap to ``lower``, message; ``name`` is the backend, ``t0`` the solve's start
+    (perf_counter), ``evals`` the τ evaluations. Policies that choose the keep vector
+    themselves (:mod:`tsfa.allocator`) build their result with it."""
+    r, rows = p.shape.rank, np.arange(p.num_clients)
+    items = np.asarray(items, dtype=np.int64)
+    keep, qbits, bits = p.item_keep[items], p.item_value_bits[items], p.item_payload_bits[items].astype(np.int64)
+    errors = p.item_errors()[rows, items]
+    dropped = float(np.sum(p.data_weight * errors))
+    rounding = float(np.sum(p.data_weight * (errors - p.error_profile[rows, keep]))) if p.value_bits else 0.0
     objective = p.weight_v * dropped + p.queue * bw.latency_s
     gap = max(objective - lower, 0.0) if math.isfinite(lower) else math.nan
-    msg = (f"{int(np.sum(keep > 0))}/{p.num_clients} clients scheduled, mean keep {keep.mean():.2f}/{r}, "
-           f"τ = {bw.latency_s:.6g} s, " + (f"gap {gap:.3g}" if math.isfinite(lower) else "not certified"))
-    ratio, bits = keep / r, p.shape.payload_bits(keep)
-    for arr in (keep, ratio, bw.bandwidth_hz, bw.upload_time_s, bits):
+    sent = keep > 0
+    msg = (f"{int(np.sum(sent))}/{p.num_clients} clients scheduled, mean keep {keep.mean():.2f}/{r}, "
+           + (f"mean bits/value {qbits[sent].mean():.3g}, " if p.value_bits and sent.any() else "")
+           + f"τ = {bw.latency_s:.6g} s, " + (f"gap {gap:.3g}" if math.isfinite(lower) else "not certified"))
+    ratio = keep / r
+    for arr in (keep, ratio, bw.bandwidth_hz, bw.upload_time_s, bits, qbits):
         arr.setflags(write=False)
     return Allocation(
         status=Status.OPTIMAL, message=msg, keep=keep, keep_ratio=ratio, bandwidth_hz=bw.bandwidth_hz,
         latency_s=bw.latency_s, upload_time_s=bw.upload_time_s, payload_bits=bits, dropped_energy=dropped,
         objective=objective, lower_bound=lower, gap=gap, solve_time_s=time.perf_counter() - t0, backend=name,
-        tau_evaluations=evals,
+        tau_evaluations=evals, value_bits=qbits, rounding_energy=rounding,
     )
 
 
@@ -613,4 +721,5 @@ def _infeasible(p: RoundProblem, why: str, name: str, t0: float) -> Allocation:
         status=Status.INFEASIBLE, message=why, keep=zeros, keep_ratio=zeros / p.shape.rank, bandwidth_hz=nan,
         latency_s=math.nan, upload_time_s=nan, payload_bits=zeros, dropped_energy=math.nan, objective=math.nan,
         lower_bound=math.nan, gap=math.nan, solve_time_s=time.perf_counter() - t0, backend=name,
+        value_bits=zeros.copy(), rounding_energy=math.nan,
     )

@@ -71,7 +71,7 @@ def _oracle_cvxpy(W, C, budget):
         raise SolverError(f"cvxpy/CLARABEL returned status {prob.status!r}")
     xv = np.where(allowed, x.value, 0.0)
     # Round down: the lightest item in each client's support keeps the budget.
-    choice = np.argmax(xv > 1e-7, axis=1)
+    choice = np.where(xv > 1e-7, W, np.inf).argmin(axis=1)
     return float(prob.value) * scale, choice
 
 
