@@ -44,7 +44,13 @@ from soft.update import (
 )
 from tsfa.model import LoraShape
 
-__all__ = ["QuantisedUpdate", "quantise", "decode_quantised", "QUANTISED_BITS", "levels"]
+__all__ = ["QuantisedUpdate", "quantise", "decode_quantised", "QUANTISED_BITS", "levels", "rounding_profile",
+           "VALUE_BITS"]
+
+#: Every value precision a payload can carry: float32, float16, and the integer codes.
+VALUE_BITS = (32, 16) + (8, 4)
+#: float16 rounds to nearest with a relative error of at most 2^−11 (normal range).
+FP16_UNIT = 2.0**-11
 
 #: The value precisions below 16 bits the codec writes, and their dtype codes.
 QUANTISED_BITS = (8, 4)
@@ -131,6 +137,63 @@ class QuantisedUpdate:
         out = head + struct.pack("<I", zlib.crc32(body, zlib.crc32(head))) + body
         assert 8 * len(out) == self.payload_bits, (8 * len(out), self.payload_bits)
         return out
+
+
+def rounding_profile(old, new, value_bits, scope: str = "module") -> np.ndarray:
+    """v(s, q): the expected product-space error of sending the s components SOFT keeps at q bits,
+    for s = 0..r (rows) and q in ``value_bits`` (columns), from norms and maxima only.
+
+    Component i is sent as Δb_i, Δa_i; the server applies b'_i = b_i + Δb_i + ε, a'_i = a_i + Δa_i + η.
+    With ε, η independent and zero-mean (stochastic rounding),
+
+        E‖(b'_i + ε)(a'_i + η)ᵀ − b'_i a'_iᵀ‖² = E‖ε‖² ‖a'_i‖² + ‖b'_i‖² E‖η‖² + E‖ε‖² E‖η‖²,
+
+    and components round independently, so v(s, q) sums this over the kept components (the s
+    largest importances per module for ``scope="module"``, the s·L largest overall for
+    ``"global"``, as :func:`soft.sparsify` selects). At q = 8, 4 the bound
+    E‖ε‖² ≤ m Δ²/4 with Δ = max|Δb_i| / L_q (:meth:`QuantisedUpdate.rounding_variance`'s) is used;
+    at q = 16, round-to-nearest float16 (biased but tiny): ‖ε‖ ≤ 2^−11 ‖Δb_i‖; q = 32: 0 (the
+    reference precision). v(0, q) = 0. Returns a float64 array of shape (r+1, len(value_bits)).
+    """
+    from soft.factors import check_same_layout
+    from soft.importance import _importance
+
+    r = check_same_layout(old, new)
+    qs = tuple(value_bits)
+    if not qs or any(isinstance(q, bool) or q not in VALUE_BITS for q in qs):
+        raise ValueError(f"value_bits must be a non-empty sequence of {VALUE_BITS}; got value_bits = {value_bits!r}")
+    if scope not in ("module", "global"):
+        raise ValueError(f"scope must be 'module' or 'global'; got scope = {scope!r}")
+    per, imps = [], []
+    for name in old:
+        A0, B0 = old[name]
+        A1, B1 = new[name]
+        db, da = (B1 - B0).detach().double(), (A1 - A0).detach().double()
+        a2, b2 = (A1.detach().double() ** 2).sum(dim=1), (B1.detach().double() ** 2).sum(dim=0)  # ‖a'_i‖², ‖b'_i‖²
+        m, n = db.shape[0], da.shape[1]
+        cols = []
+        for q in qs:
+            if q == 32:
+                eps, eta = torch.zeros(r, dtype=torch.float64), torch.zeros(r, dtype=torch.float64)
+            elif q == 16:
+                eps, eta = FP16_UNIT**2 * (db**2).sum(dim=0), FP16_UNIT**2 * (da**2).sum(dim=1)
+            else:
+                lv = levels(q)
+                eps = m * (db.abs().amax(dim=0) / lv) ** 2 / 4.0
+                eta = n * (da.abs().amax(dim=1) / lv) ** 2 / 4.0
+            cols.append(eps * a2 + b2 * eta + eps * eta)
+        per.append(torch.stack(cols, dim=1).numpy())  # r × len(qs)
+        imps.append(_importance(A0, B0, A1, B1))
+    out = np.zeros((r + 1, len(qs)))
+    if scope == "module":
+        for v, imp in zip(per, imps, strict=True):
+            order = torch.sort(imp, descending=True, stable=True).indices.numpy()
+            out[1:] += np.cumsum(v[order], axis=0)
+        return out
+    v, imp = np.concatenate(per), torch.cat(imps)
+    order = torch.sort(imp, descending=True, stable=True).indices.numpy()
+    csum = np.concatenate([np.zeros((1, len(qs))), np.cumsum(v[order], axis=0)])
+    return csum[np.arange(r + 1) * len(per)]
 
 
 def quantise(update: RankSparseUpdate, bits: int, generator: torch.Generator | None = None) -> QuantisedUpdate:

@@ -125,3 +125,75 @@ def test_rotated_residual_keeps_the_product_through_reorthogonalisation():
         assert torch.allclose(M @ A, A2, atol=1e-9) and torch.allclose(B @ Minv, B2, atol=1e-9)
         assert torch.allclose((B + res[n][1]) @ (A + res[n][0]), (B2 + rot[n][1]) @ (A2 + rot[n][0]), atol=1e-9)
     assert rotate_residuals([None], before, after) == [None]
+
+
+def _pair(seed=0, shapes=((24, 20), (16, 30)), r=6, scale=1.0):
+    old = rand_factors(seed, shapes, r, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed + 1)
+    new = {k: (A + 0.1 * scale * torch.randn(A.shape, generator=gen), B + 0.1 * scale * torch.randn(B.shape,
+                                                                                                    generator=gen))
+           for k, (A, B) in old.items()}
+    return old, new
+
+
+def _product_error(old, exact, noisy) -> float:
+    """Σ_ℓ ‖B̃Ã − B'A'‖² between two applied updates, in float64."""
+    total = 0.0
+    for n in old:
+        (A1, B1), (A2, B2) = exact[n], noisy[n]
+        total += float(((B2.double() @ A2.double() - B1.double() @ A1.double()) ** 2).sum())
+    return total
+
+
+@pytest.mark.parametrize("scope", ["module", "global"])
+def test_rounding_profile_shape_and_order(scope):
+    from soft.quantise import rounding_profile
+
+    old, new = _pair(shapes=((20, 20), (20, 20)))
+    v = rounding_profile(old, new, (32, 16, 8, 4), scope=scope)
+    assert v.shape == (7, 4)
+    assert np.all(v[0] == 0) and np.all(v[:, 0] == 0)  # nothing sent; float32 is the reference
+    assert np.all(np.diff(v, axis=0) >= 0)  # more components, more rounding
+    assert np.all(v[1:, 1] < v[1:, 2]) and np.all(v[1:, 2] < v[1:, 3])  # fewer bits, more rounding
+    # int4 against int8: the 1/L² term dominates, so the ratio is about (127/7)²
+    assert np.allclose(v[1:, 3] / v[1:, 2], (127 / 7) ** 2, rtol=0.05)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("keep", [1, 4])
+def test_rounding_profile_bounds_the_monte_carlo_product_error(bits, keep):
+    """The mean over 300 seeded roundings of the product error lies below v(s, q) (a bound:
+    f(1 − f) ≤ 1/4) and above half of it (f uniform gives 1/6 against 1/4 on average)."""
+    from soft.quantise import rounding_profile
+
+    old, new = _pair(seed=3)
+    upd = sparsify(old, new, keep)
+    exact = upd.apply_to(old)
+    v = rounding_profile(old, new, (bits,))[keep, 0]
+    gen = torch.Generator().manual_seed(11)
+    mc = np.mean([_product_error(old, exact, quantise(upd, bits, gen).dequantised().apply_to(old))
+                  for _ in range(300)])
+    assert 0.5 * v <= mc <= v * 1.05, (mc, v)
+
+
+def test_rounding_profile_bounds_float16():
+    from soft.quantise import rounding_profile
+
+    old, new = _pair(seed=5)
+    for keep in (1, 3, 6):
+        exact = sparsify(old, new, keep).apply_to(old)
+        half = sparsify(old, new, keep, dtype=torch.float16)
+        err = _product_error(old, exact, half.apply_to(old))
+        assert 0 < err <= rounding_profile(old, new, (16,))[keep, 0] * 1.01
+
+
+def test_rounding_profile_refuses_bad_arguments():
+    from soft.quantise import rounding_profile
+
+    old, new = _pair()
+    with pytest.raises(ValueError, match="value_bits"):
+        rounding_profile(old, new, (8, 12))
+    with pytest.raises(ValueError, match="value_bits"):
+        rounding_profile(old, new, ())
+    with pytest.raises(ValueError, match="scope"):
+        rounding_profile(old, new, (8,), scope="layer")
