@@ -38,11 +38,13 @@ class RunFailed(RuntimeError):
 
 
 class TrainReport(NamedTuple):
-    """What the clients report after local training: profiles (K, r+1), losses (K,), status (K)."""
+    """What the clients report after local training: profiles (K, r+1), losses (K,), status (K),
+    and, where the allocator chooses the precision, rounding profiles (K, r+1, len(menu))."""
 
     profiles: np.ndarray
     losses: np.ndarray
     status: list
+    rounding: np.ndarray | None = None
 
 
 class Upload(NamedTuple):
@@ -56,7 +58,8 @@ class Upload(NamedTuple):
 class ClientPool(Protocol):
     def train(self, round: int) -> TrainReport: ...
 
-    def upload(self, round: int, sent: list, keep: dict, bandwidth_hz: dict) -> dict: ...
+    def upload(self, round: int, sent: list, keep: dict, bandwidth_hz: dict, value_bits: dict | None = None) -> dict:
+        ...
 
 
 class LocalPool:
@@ -97,17 +100,23 @@ class LocalPool:
                 raise
             except Exception as exc:  # a failing client is dropped from this round, the run goes on
                 status[k] = f"error: {type(exc).__name__}: {exc}"[:200]
+        menu = s.config.value_bits_menu
         profiles = np.zeros((K, r + 1))
+        rounding = np.zeros((K, r + 1, len(menu))) if menu else None
         for k in range(K):
             if self.local_factors[k] is not None:
                 profiles[k] = soft.error_profile(s.global_factors, self.local_factors[k], scope=s.config.scope)
-        return TrainReport(profiles=profiles, losses=losses, status=status)
+                if menu:
+                    rounding[k] = soft.rounding_profile(s.global_factors, self.local_factors[k], menu)
+        return TrainReport(profiles=profiles, losses=losses, status=status, rounding=rounding)
 
-    def upload(self, t: int, sent: list, keep: dict, bandwidth_hz: dict) -> dict:
+    def upload(self, t: int, sent: list, keep: dict, bandwidth_hz: dict, value_bits: dict | None = None) -> dict:
         s = self.server
         out = {}
         for k in sent:
-            payload, bits = s.strategy.encode(s.config, s.global_factors, self.local_factors[k], keep[k], t, k)
+            chosen = {} if value_bits is None else {"value_bits": value_bits[k]}
+            payload, bits = s.strategy.encode(s.config, s.global_factors, self.local_factors[k], keep[k], t, k,
+                                              **chosen)
             out[k] = Upload(payload=payload, bits=bits, head=self.heads[k])
             if s.config.error_feedback != "none":  # keep what this payload does not carry
                 s.residuals[k] = residual(self.local_factors[k], applied(s, payload, keep[k]))

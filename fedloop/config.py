@@ -144,7 +144,9 @@ class RunConfig:
     ``scope`` ("module" or "global" SOFT selection).
     Communication: ``value_bits`` q, the precision of every uploaded value (32 float32, 16
     float16, 8 or 4: integers with a scale per component and unbiased stochastic rounding,
-    ``soft.quantise``; the SOFT wire strategies, and ``topk`` at 32 or 16);
+    ``soft.quantise``; the SOFT wire strategies, and ``topk`` at 32 or 16), or ``"auto"``
+    (``tsfa``, in process): the allocator chooses q ∈ {32, 16, 8, 4} for each client and round
+    with its keep count, pricing the rounding error the client reports (``soft.rounding_profile``);
     ``error_feedback`` ("none"; "rotated": each client keeps what it did not send, the dropped
     components and the rounding residual, or its whole update when it is not scheduled, and
     adds it to its next update, re-expressed in the basis of the server's
@@ -178,7 +180,7 @@ class RunConfig:
     alpha: float | None = None
     keep: int = 2
     scope: str = "module"
-    value_bits: int = 32
+    value_bits: int | str = 32
     error_feedback: str = "none"
     local_steps: int = 4
     batch_size: int = 16
@@ -223,6 +225,16 @@ class RunConfig:
         return self.strategy in SOFT_STRATEGIES
 
     @property
+    def value_bits_menu(self) -> tuple[int, ...]:
+        """The precisions the allocator chooses among (``value_bits = "auto"``), else ()."""
+        return (32, 16, 8, 4) if self.value_bits == "auto" else ()
+
+    @property
+    def base_value_bits(self) -> int:
+        """q of a payload whose precision is not chosen per round: ``value_bits``, 32 for "auto"."""
+        return 32 if self.value_bits == "auto" else int(self.value_bits)
+
+    @property
     def resolved_optimizer(self) -> str:
         if self.optimizer != "auto":
             return self.optimizer
@@ -260,11 +272,13 @@ class RunConfig:
             bad("keep", f"must be an integer in 1..rank ({self.rank})")
         if self.scope not in ("module", "global"):
             bad("scope", "must be 'module' or 'global'")
-        if isinstance(self.value_bits, bool) or self.value_bits not in (32, 16, 8, 4):
-            bad("value_bits", "must be 32, 16, 8 or 4")
-        if self.value_bits != 32 and self.strategy not in WIRE_STRATEGIES + ("topk",):
+        if isinstance(self.value_bits, bool) or self.value_bits not in (32, 16, 8, 4, "auto"):
+            bad("value_bits", "must be 32, 16, 8, 4 or 'auto'")
+        if self.value_bits == "auto" and (self.strategy != "tsfa" or self.scope != "module"):
+            bad("value_bits", "'auto' (the allocator chooses) applies to strategy = 'tsfa' with scope = 'module'")
+        if self.value_bits not in (32, "auto") and self.strategy not in WIRE_STRATEGIES + ("topk",):
             bad("value_bits", f"below 32 applies to {', '.join(WIRE_STRATEGIES)} and topk")
-        if self.value_bits < 16 and (self.strategy == "topk" or self.scope == "global"):
+        if self.base_value_bits < 16 and (self.strategy == "topk" or self.scope == "global"):
             bad("value_bits", "8 and 4 need per-module SOFT payloads (not topk, not scope = 'global')")
         if self.error_feedback not in ("none", "rotated", "fixed"):
             bad("error_feedback", "must be 'none', 'rotated' or 'fixed'")

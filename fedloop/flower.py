@@ -427,6 +427,9 @@ class TsfaStrategy(FedAvg):
         if config.error_feedback != "none":
             raise ValueError(f"error_feedback = {config.error_feedback!r} runs in process only (the residuals live "
                              "with the in-process clients); use error_feedback = 'none' on Flower")
+        if config.value_bits == "auto":
+            raise ValueError("value_bits = 'auto' runs in process only (the nodes do not report rounding profiles); "
+                             "use value_bits = 32, 16, 8 or 4 on Flower")
         self.settings = settings or FlowerSettings()
         min_nodes = self.settings.min_nodes or config.clients
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1,

@@ -42,6 +42,8 @@ ROUND_COLUMNS: dict[str, str] = {
     "accuracy": "the task's metric after the round (NaN when not evaluated)",
     "solve_time_s": "wall time of the allocation policy [s]",
     "fallback": "the allocator's fallback, if it used one",
+    "mean_value_bits": "mean bits per value of the round's uploads (value_bits, or the allocator's choices for "
+                       "'auto'; NaN when nobody sent an adapter)",
     "factor_norm_max": "largest spectral norm of the global factors at θ_t",
     "product_error": "‖W_{t+1} − Σ p̃_k B_k A_k‖² (in-process runs)",
     "sparsification_error": "‖W_{t+1} − B̄Ā‖² (in-process runs)",
@@ -72,6 +74,7 @@ CLIENT_COLUMNS: dict[str, str] = {
     "finish_s": "downlink + compute + upload [s]",
     "train_loss": "mean local training loss",
     "dropped_energy": "e_k(s_k), the update energy not sent",
+    "value_bits": "q_k, bits per value of the client's payload (its allocation with value_bits = 'auto')",
 }
 
 

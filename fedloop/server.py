@@ -20,6 +20,7 @@ uninterrupted one exactly and every strategy sees the same channels and batches 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -59,6 +60,7 @@ class Decision(NamedTuple):
     latency_s: float
     fallback: str
     solve_time_s: float
+    value_bits: np.ndarray | None = None  # q_k where the allocator chose it (value_bits = "auto")
 
 
 class Server:
@@ -81,7 +83,7 @@ class Server:
         self.head_bits = 32 * sum(p.numel() for p in self.task.head().values())
         base = self.soft_shape = self.task.lora_shape()
         # The allocator's payload includes the dense head: header H + head bits.
-        self.shape = LoraShape(base.modules, base.rank, cfg.value_bits, base.header_bits + self.head_bits)
+        self.shape = LoraShape(base.modules, base.rank, cfg.base_value_bits, base.header_bits + self.head_bits)
         self.cell = Cell(total_bandwidth_hz=cfg.bandwidth_hz)
         self.clients = self.cell.sample_clients(cfg.clients, rng=derive_rng(cfg.seed, 11))
         self.compute_s = self.clients.compute_time_s(cfg.local_steps * cfg.batch_size * self.task.flops_per_sample)
@@ -130,7 +132,7 @@ class Server:
         profiles, status = np.asarray(report.profiles, dtype=float), list(report.status)
         ok = [k for k in range(K) if status[k] == "ok"]
         snr = self.cell.sample_snr_hz(self.clients, rng=derive_rng(self.config.seed, 31, t))
-        decision = self.allocate(snr, profiles, ok)
+        decision = self.allocate(snr, profiles, ok, report.rounding)
         sent, latency = self.apply_deadlines(decision, status)
         folded_before = {n: None if v is None else v.clone() for n, v in self.folded.items()}
         bits, sent = self.receive(pool, t, sent, decision, status)
@@ -150,9 +152,10 @@ class Server:
         self.round += 1
         return row
 
-    def allocate(self, snr_hz: np.ndarray, profiles: np.ndarray, ok: list) -> Decision:
+    def allocate(self, snr_hz: np.ndarray, profiles: np.ndarray, ok: list, rounding=None) -> Decision:
         """The strategy's policy on this round's channel; a client that did not train reports a
-        zero profile (keep 0 allowed)."""
+        zero profile (keep 0 allowed). ``rounding``: the clients' rounding profiles where the
+        allocator chooses the precision (``value_bits = "auto"``)."""
         t0 = time.perf_counter()
         K, r = self.config.clients, self.shape.rank
         if self.policy is None:  # ffa, head: every client that trained sends its whole payload
@@ -166,10 +169,14 @@ class Server:
             return Decision(keep=np.full(K, r if lora_bits else 0), bandwidth_hz=bw.bandwidth_hz, upload_s=upload,
                             latency_s=latency, fallback="", solve_time_s=time.perf_counter() - t0)
         scale = float(np.sum(self.weights[ok] * profiles[ok, 0])) if ok else 0.0
-        alloc = self.policy.step(snr_hz, self.compute_s, profiles / scale if scale > 0 else profiles, self.weights)
+        scale = scale if scale > 0 else 1.0
+        menu = self.config.value_bits_menu
+        extra = {"rounding_profile": rounding / scale} if menu else {}
+        alloc = self.policy.step(snr_hz, self.compute_s, profiles / scale, self.weights, **extra)
         return Decision(keep=np.array(alloc.keep), bandwidth_hz=np.array(alloc.bandwidth_hz),
                         upload_s=np.array(alloc.upload_time_s), latency_s=alloc.latency_s, fallback=alloc.fallback,
-                        solve_time_s=time.perf_counter() - t0)
+                        solve_time_s=time.perf_counter() - t0,
+                        value_bits=np.array(alloc.value_bits) if menu else None)
 
     def apply_deadlines(self, decision: Decision, status: list) -> tuple[list, float]:
         """The clients to upload: trained, allocated (keep > 0 under a policy) and in time for
@@ -200,8 +207,10 @@ class Server:
         if not sent:
             uploads = {}
         else:
+            chosen = {} if decision.value_bits is None else \
+                {"value_bits": {k: int(decision.value_bits[k]) for k in sent}}
             uploads = pool.upload(t, list(sent), {k: int(decision.keep[k]) for k in sent},
-                                  {k: float(decision.bandwidth_hz[k]) for k in sent})
+                                  {k: float(decision.bandwidth_hz[k]) for k in sent}, **chosen)
         got, decoded = [], []
         for k in sent:
             up = uploads.get(k, "no reply") if isinstance(uploads, dict) else "the pool's uploads are not a mapping"
@@ -211,6 +220,12 @@ class Server:
                 status[k] = f"error: {up}"[:200]
                 continue
             try:
+                if decision.value_bits is not None:  # the payload must carry the precision allocated
+                    s, q = int(decision.keep[k]), int(decision.value_bits[k])
+                    need = dataclasses.replace(self.soft_shape, bits_per_value=q).payload_bits(s)
+                    if up.bits != need:
+                        raise ValueError(f"the payload has {up.bits!r:.20} bits; keep {s} at {q} bits per value "
+                                         f"is {need} bits")
                 decoded.append(self.check_upload(up, int(decision.keep[k])))
             except ValueError as exc:  # WireFormatError is a ValueError
                 status[k] = f"rejected: {exc}"[:200]
@@ -232,9 +247,19 @@ class Server:
         """A pool's :class:`~fedloop.client.TrainReport`, checked: profiles (K, r+1) finite and
         ≥ 0, losses (K,) numbers, status K strings; anything else is a ValueError naming it."""
         K, r = self.config.clients, self.shape.rank
-        if not isinstance(report, tuple) or len(report) != 3:
+        if not isinstance(report, tuple) or len(report) not in (3, 4):
             raise ValueError(f"pool.train must return a TrainReport (profiles, losses, status); got {report!r:.60}")
-        profiles, losses, status = report
+        profiles, losses, status = report[:3]
+        menu = self.config.value_bits_menu
+        rounding = None
+        if menu:  # the allocator prices each precision by the rounding error the clients report
+            try:
+                rounding = np.asarray(report[3] if len(report) == 4 else None, dtype=float)
+            except (TypeError, ValueError):
+                raise ValueError("pool.train: rounding profiles must be numbers") from None
+            if rounding.shape != (K, r + 1, len(menu)) or not np.all(np.isfinite(rounding)) or np.any(rounding < 0):
+                raise ValueError(f"pool.train: rounding must be a finite, non-negative ({K}, {r + 1}, {len(menu)}) "
+                                 f"array with value_bits = 'auto'; got shape {rounding.shape}")
         try:
             p = np.asarray(profiles, dtype=float)
             losses_ = np.asarray(losses, dtype=float)
@@ -247,7 +272,7 @@ class Server:
             raise ValueError(f"pool.train: losses must have {K} entries; got shape {losses_.shape}")
         if not isinstance(status, (list, tuple)) or len(status) != K or not all(isinstance(s, str) for s in status):
             raise ValueError(f"pool.train: status must be {K} strings; got {status!r:.60}")
-        return TrainReport(profiles=p, losses=losses_, status=list(status))
+        return TrainReport(profiles=p, losses=losses_, status=list(status), rounding=rounding)
 
     def check_upload(self, up, keep: int):
         """The strategy's reading of one upload, validated at the trust boundary: the payload
@@ -323,6 +348,7 @@ class Server:
                "downlink_bits": int(self.broadcast_bits * K), "scheduled": len(sent),
                "dropped": sum(1 for s in status if s not in ("ok", "skipped")),
                "dropped_energy": float(sum(self.weights[k] * profiles[k, keep[k]] for k in ok)) if ok else math.nan,
+               "mean_value_bits": self.mean_value_bits(decision, sent),
                "train_loss": float(np.nanmean(report.losses)) if ok else math.nan,
                "test_loss": test_loss, "accuracy": acc, "solve_time_s": decision.solve_time_s,
                "fallback": decision.fallback, **start}
@@ -348,8 +374,17 @@ class Server:
                 "snr_hz": float(snr[k]), "compute_s": float(self.compute_s[k]), "upload_s": float(decision.upload_s[k]),
                 "finish_s": float(finish[k]), "train_loss": float(report.losses[k]),
                 "dropped_energy": float(profiles[k, keep[k]]) if k in ok else math.nan,
+                "value_bits": self.config.base_value_bits if decision.value_bits is None or keep[k] == 0
+                else int(decision.value_bits[k]),
             })
         return row
+
+    def mean_value_bits(self, decision: Decision, sent: list) -> float:
+        """The mean precision (bits per value) of the round's uploads (NaN when nobody sent)."""
+        if not sent or self.policy is None and not self.strategy.train_b:
+            return math.nan
+        q = decision.value_bits
+        return float(np.mean([self.config.base_value_bits if q is None else q[k] for k in sent]))
 
     def fold(self, name: str, delta: torch.Tensor) -> None:
         """Add ``delta`` to module ``name``'s frozen weight (and remember it for checkpoints)."""

@@ -94,7 +94,8 @@ def _online(shape, *, latency_budget_s, config, max_latency_s, **kw):
     # The scale-free V: profiles are passed relative to the round's mean dense energy.
     return OnlineAllocator.from_relative_v(shape, latency_budget_s=latency_budget_s, relative_v=config.relative_v,
                                            max_latency_s=max_latency_s, allow_skip=config.allow_skip,
-                                           queue=config.initial_queue, drift=config.drift, **kw)
+                                           queue=config.initial_queue, drift=config.drift,
+                                           value_bits=config.value_bits_menu, **kw)
 
 
 def _fixed_equal(shape, *, config, latency_budget_s, max_latency_s, **kw):
@@ -110,22 +111,24 @@ def _dense(shape, *, config, latency_budget_s, max_latency_s, **kw):
 
 
 # -- SOFT wire payloads ----------------------------------------------------------------------
-def _encode_wire(cfg, glob, local, keep, t, k):
+def _encode_wire(cfg, glob, local, keep, t, k, value_bits=None):
     """The ``keep`` components SOFT selects (``random``: seeded random ones; fedit, ideal,
-    lowrank: keep = r; fedit selects per module), as wire bytes."""
+    lowrank: keep = r; fedit selects per module), as wire bytes, at ``value_bits`` (the
+    allocator's choice) or the configuration's precision."""
     import torch
 
     import soft
 
-    wire = torch.float16 if cfg.value_bits == 16 else torch.float32
+    q = cfg.base_value_bits if value_bits is None else int(value_bits)
+    wire = torch.float16 if q == 16 else torch.float32
     if cfg.strategy == "random":
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 41, t, k))
         upd = soft.random_components(glob, local, int(keep), gen, dtype=wire)
     else:
         upd = soft.sparsify(glob, local, int(keep), scope="module" if cfg.strategy == "fedit" else cfg.scope,
                             dtype=wire)
-    if cfg.value_bits < 16:  # unbiased stochastic rounding, seeded from (seed, round, client)
-        upd = soft.quantise(upd, cfg.value_bits, torch.Generator().manual_seed(derive_seed(cfg.seed, 43, t, k)))
+    if q < 16:  # unbiased stochastic rounding, seeded from (seed, round, client)
+        upd = soft.quantise(upd, q, torch.Generator().manual_seed(derive_seed(cfg.seed, 43, t, k)))
     data = upd.encode()
     return data, 8 * len(data)
 

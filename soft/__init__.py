@@ -36,7 +36,7 @@ from soft.factors import (
 from soft.importance import component_importance, dropped_error, error_profile, select_top, update_energy
 from soft.optim import TensorwiseAdam
 from soft.peft_io import read_lora, write_lora
-from soft.quantise import QuantisedUpdate, decode_quantised, quantise
+from soft.quantise import QuantisedUpdate, decode_quantised, quantise, rounding_profile
 from soft.update import RankSparseUpdate, WireFormatError, aggregate, decode, sparsify, update_norm
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "RankSparseUpdate",
     "decode_quantised",
     "quantise",
+    "rounding_profile",
     "TensorwiseAdam",
     "WireFormatError",
     "aggregate",

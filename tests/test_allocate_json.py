@@ -58,6 +58,11 @@ def test_stdin_and_custom_modules():
     (lambda s: _set(s, "compute_s", [0.1]), "compute_s"),
     (lambda s: _set(s, "shape", {"preset": "gpt5", "rank": 8}), "shape.preset must be one of"),
     (lambda s: _set(s, "queue", -1.0), "queue"),
+    (lambda s: _set(s, "value_bits", [8, 4]), "rounding_profile must be a list"),
+    (lambda s: _set(s, "value_bits", "auto"), "value_bits must be a non-empty list"),
+    (lambda s: _set(s, "rounding_profile", []), "value_bits must be a non-empty list"),
+    (lambda s: _set(_set(s, "value_bits", [8]), "rounding_profile", [[[0.0]], [[0.0], [1.0]]]), "rows differ"),
+    (lambda s: _set(_set(s, "value_bits", [8]), "rounding_profile", [[[0.0]]]), "rounding_profile must have shape"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, mutate, match):
     p = tmp_path / "bad.json"
@@ -87,3 +92,19 @@ def _set(s, key, value):
 def test_library_entry_point():
     out = allocate_json(EXAMPLE.read_text())
     assert out["status"] == "optimal"
+
+
+def test_precision_choice_round_trips():
+    """value_bits and rounding_profile: the output names each client's precision, and equals the
+    library's allocation of the same problem."""
+    d = json.loads(EXAMPLE.read_text())
+    k, r = len(d["snr_hz"]), len(d["error_profile"][0]) - 1
+    d["value_bits"] = [32, 8, 4]
+    d["rounding_profile"] = [[[0.0, 1e-4 * s, 3e-2 * s] for s in range(r + 1)] for _ in range(k)]
+    out = allocate_json(json.dumps(d))
+    prob, backend, _ = parse_round(json.dumps(d))
+    ref = allocate(prob, backend=backend)
+    assert out["status"] == "optimal" and out["keep"] == ref.keep.tolist()
+    assert out["value_bits"] == ref.value_bits.tolist() and set(out["value_bits"]) <= {32, 8, 4}
+    assert out["payload_bits"] == ref.payload_bits.tolist()
+    assert out["rounding_energy"] == pytest.approx(ref.rounding_energy)

@@ -10,11 +10,13 @@ Input (``schema = "tsfa.round/1"``; see docs/allocate_json.md)::
      "data_weight": [...]            (optional, default 1/K each),
      "queue": Q, "weight_v": V, "total_bandwidth_hz": B,
      "downlink_s": 0.0, "max_latency_s": null, "min_keep": 1, "allow_skip": false,
-     "backend": "fast", "latency_budget_s": null}
+     "backend": "fast", "latency_budget_s": null,
+     "value_bits": [32, 16, 8, 4]    (optional: each client also chooses its precision),
+     "rounding_profile": [[[v_k(s, q) for q in value_bits] for s in 0..r], ...]  (with value_bits)}
 
 Output (``schema = "tsfa.allocation/1"``): status, message, keep, keep_ratio,
 bandwidth_hz, latency_s, upload_time_s, payload_bits, dropped_energy, objective,
-lower_bound, gap, solve_time_s, backend, and ``next_queue`` = max(Q + τ − τ̄, 0) when
+lower_bound, gap, solve_time_s, backend, value_bits (q_k), rounding_energy, and ``next_queue`` = max(Q + τ − τ̄, 0) when
 ``latency_budget_s`` is given. Non-finite numbers are written as null.
 
 Every problem with the input raises :class:`JsonInputError` (a ValueError) whose message
@@ -37,7 +39,7 @@ OUTPUT_SCHEMA = "tsfa.allocation/1"
 _PRESETS = ("minilm_l6_qv", "llama_7b_qv")
 _REQUIRED = ("shape", "snr_hz", "compute_s", "error_profile", "queue", "weight_v", "total_bandwidth_hz")
 _OPTIONAL = ("schema", "data_weight", "downlink_s", "max_latency_s", "min_keep", "allow_skip", "backend",
-             "latency_budget_s")
+             "latency_budget_s", "value_bits", "rounding_profile")
 
 
 class JsonInputError(ValueError):
@@ -179,6 +181,20 @@ def parse_round(text: str):
     if not isinstance(allow_skip, bool):
         raise JsonInputError(f"allow_skip must be true or false; got {_short(allow_skip)}")
     budget = _number("latency_budget_s", d.get("latency_budget_s"), allow_null=True)
+    menu = {}
+    if d.get("value_bits") is not None or d.get("rounding_profile") is not None:
+        qs = d.get("value_bits")
+        if not isinstance(qs, list) or not qs:
+            raise JsonInputError(f"value_bits must be a non-empty list of integers; got {_short(qs)}")
+        menu["value_bits"] = tuple(_int(f"value_bits[{i}]", q) for i, q in enumerate(qs))
+        rp = d.get("rounding_profile")
+        if not isinstance(rp, list):
+            raise JsonInputError(f"rounding_profile must be a list (per client) of lists (per s) of lists (per q) "
+                                 f"of numbers, required with value_bits; got {_short(rp)}")
+        rows = [_numbers(f"rounding_profile[{k}]", row, depth=2) for k, row in enumerate(rp)]
+        if len({(len(row), *map(len, row)) for row in rows}) > 1:
+            raise JsonInputError("rounding_profile must be K × (r+1) × len(value_bits); its rows differ in length")
+        menu["rounding_profile"] = rows
     try:
         prob = RoundProblem(
             shape=shape, snr_hz=np.asarray(snr, float), compute_s=np.asarray(comp, float),
@@ -187,7 +203,7 @@ def parse_round(text: str):
             total_bandwidth_hz=_number("total_bandwidth_hz", d["total_bandwidth_hz"]),
             downlink_s=_number("downlink_s", d.get("downlink_s", 0.0)),
             max_latency_s=_number("max_latency_s", d.get("max_latency_s"), allow_null=True),
-            min_keep=_int("min_keep", d.get("min_keep", 1)), allow_skip=allow_skip)
+            min_keep=_int("min_keep", d.get("min_keep", 1)), allow_skip=allow_skip, **menu)
     except JsonInputError:
         raise
     except ValueError as exc:
@@ -212,7 +228,7 @@ def _clean(v: Any):
 def allocation_to_json(alloc, queue: float, budget: float | None) -> dict:
     out = {"schema": OUTPUT_SCHEMA, "status": alloc.status.value, "message": alloc.message}
     for key in ("keep", "keep_ratio", "bandwidth_hz", "latency_s", "upload_time_s", "payload_bits", "dropped_energy",
-                "objective", "lower_bound", "gap", "solve_time_s", "backend"):
+                "objective", "lower_bound", "gap", "solve_time_s", "backend", "value_bits", "rounding_energy"):
         out[key] = _clean(getattr(alloc, key))
     if budget is not None and math.isfinite(alloc.latency_s):
         out["next_queue"] = max(queue + alloc.latency_s - budget, 0.0)

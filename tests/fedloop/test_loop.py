@@ -307,3 +307,56 @@ def test_error_feedback_and_precision_settings_are_validated(tmp_path):
         lin(tmp_path, error_feedback="yes")
     with pytest.raises(ValueError, match="error_feedback"):
         lin(tmp_path, strategy="head", error_feedback="rotated")
+
+
+def test_auto_precision_sends_what_the_allocator_chose_and_resumes_bit_identically(tmp_path):
+    """value_bits = 'auto': each client's payload is its allocated (keep, q), byte for byte; the
+    ledger records q; more than one precision is used; resume with error feedback is bit-identical."""
+    kw = dict(strategy="tsfa", checkpoint_every=3, error_feedback="rotated", value_bits="auto", optimizer="sgd",
+              momentum=0.0, lr=0.05, local_steps=3, clients=6)
+    full = run(lin(tmp_path, rounds=6, out=str(tmp_path / "a"), **kw), progress=False)
+    server = Server(lin(tmp_path, rounds=6, **kw))
+    sent = [row for row in full.clients if row["status"] == "ok"]
+    assert sent and len({row["value_bits"] for row in sent}) > 1
+    for row in sent:
+        assert row["uplink_bits"] == tsfa_shape(server, row["value_bits"]).payload_bits(row["keep"]) + server.head_bits
+    for r in full.rounds:
+        qs = [c["value_bits"] for c in full.clients if c["round"] == r["round"] and c["status"] == "ok"]
+        assert r["mean_value_bits"] == pytest.approx(np.mean(qs))
+    run(lin(tmp_path, rounds=3, out=str(tmp_path / "b"), **kw), progress=False)
+    resumed = run(lin(tmp_path, rounds=6, out=str(tmp_path / "b"), **kw), resume=True, progress=False)
+    strip = lambda h: History.from_dict(h.to_dict()).to_dict()  # noqa: E731
+    a_rows, b_rows = strip(full), strip(resumed)
+    for rows in (a_rows, b_rows):
+        for r in rows["rounds"]:
+            r.pop("solve_time_s")
+    assert b_rows["rounds"] == a_rows["rounds"] and b_rows["clients"] == a_rows["clients"]
+
+
+def test_auto_precision_rejects_a_payload_at_another_precision(tmp_path):
+    """A client that uploads at a precision other than its allocation is rejected, named."""
+    cfg = lin(tmp_path, strategy="tsfa", rounds=1, value_bits="auto", clients=4)
+    server = Server(cfg)
+
+    class Liar(LocalPool):
+        def upload(self, t, sent, keep, bandwidth_hz, value_bits=None):
+            other = {k: 32 if q != 32 else 16 for k, q in value_bits.items()}
+            return super().upload(t, sent, keep, bandwidth_hz, other)
+
+    server.step(Liar(server))
+    status = [c["status"] for c in server.history.clients]
+    assert status and all(s.startswith("rejected: the payload has") or s == "skipped" for s in status)
+    assert any(s.startswith("rejected") for s in status)
+
+
+def test_auto_precision_is_validated(tmp_path):
+    with pytest.raises(ValueError, match="value_bits"):
+        lin(tmp_path, strategy="fixed", value_bits="auto")
+    with pytest.raises(ValueError, match="value_bits"):
+        lin(tmp_path, strategy="tsfa", scope="global", value_bits="auto")
+    server = Server(lin(tmp_path, strategy="tsfa", value_bits="auto"))
+    report = LocalPool(server).train(0)
+    with pytest.raises(ValueError, match="rounding"):
+        server.check_report(report._replace(rounding=None))
+    with pytest.raises(ValueError, match="rounding"):
+        server.check_report(report._replace(rounding=-report.rounding - 1))

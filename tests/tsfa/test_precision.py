@@ -134,7 +134,8 @@ def test_online_allocator_chooses_precision_every_round():
         alloc = OnlineAllocator(p.shape, latency_budget_s=0.6, weight_v=1.0, total_bandwidth_hz=p.total_bandwidth_hz,
                                 downlink_s=p.downlink_s, value_bits=(32, 16, 8, 4), drift=drift, queue="auto")
         for _ in range(4):
-            a = alloc.step(p.snr_hz, p.compute_s, p.error_profile, p.data_weight, rounding_profile=menu.rounding_profile)
+            a = alloc.step(p.snr_hz, p.compute_s, p.error_profile, p.data_weight,
+                           rounding_profile=menu.rounding_profile)
             assert a.success and np.all(np.isin(a.value_bits[a.keep > 0], (32, 16, 8, 4)))
             alloc.observe(a.latency_s)
         with pytest.raises(ValueError, match="rounding_profile is required"):
