@@ -81,7 +81,7 @@ class LocalPool:
         """Client k's local training in round t, measured; returns (factors, head, loss)."""
         s = self.server
         self.probes[k] = probe = ClientProbe(s.task, k, s.config.batch_size)
-        return train_client(s.config, s.task, s.global_factors, s.global_head, t, k, on_step=probe)
+        return train_client(s.config, s.task, s.client_factors, s.global_head, t, k, on_step=probe)
 
     def train(self, t: int) -> TrainReport:
         s = self.server
@@ -95,7 +95,7 @@ class LocalPool:
                 self.local_factors[k], self.heads[k], losses[k] = self.train_one(t, k)
                 if s.config.error_feedback != "none":  # send from local + what was not sent before
                     self.local_factors[k] = with_residual(self.local_factors[k], s.residuals[k])
-                    s.residuals[k] = residual(self.local_factors[k], s.global_factors)  # until it sends
+                    s.residuals[k] = residual(self.local_factors[k], s.client_factors)  # until it sends
             except RunFailed:
                 raise
             except Exception as exc:  # a failing client is dropped from this round, the run goes on
@@ -105,9 +105,9 @@ class LocalPool:
         rounding = np.zeros((K, r + 1, len(menu))) if menu else None
         for k in range(K):
             if self.local_factors[k] is not None:
-                profiles[k] = soft.error_profile(s.global_factors, self.local_factors[k], scope=s.config.scope)
+                profiles[k] = soft.error_profile(s.client_factors, self.local_factors[k], scope=s.config.scope)
                 if menu:
-                    rounding[k] = soft.rounding_profile(s.global_factors, self.local_factors[k], menu)
+                    rounding[k] = soft.rounding_profile(s.client_factors, self.local_factors[k], menu)
         return TrainReport(profiles=profiles, losses=losses, status=status, rounding=rounding)
 
     def upload(self, t: int, sent: list, keep: dict, bandwidth_hz: dict, value_bits: dict | None = None) -> dict:
@@ -115,7 +115,7 @@ class LocalPool:
         out = {}
         for k in sent:
             chosen = {} if value_bits is None else {"value_bits": value_bits[k]}
-            payload, bits = s.strategy.encode(s.config, s.global_factors, self.local_factors[k], keep[k], t, k,
+            payload, bits = s.strategy.encode(s.config, s.client_factors, self.local_factors[k], keep[k], t, k,
                                               **chosen)
             out[k] = Upload(payload=payload, bits=bits, head=self.heads[k])
             if s.config.error_feedback != "none":  # keep what this payload does not carry
@@ -127,9 +127,9 @@ def applied(server, payload, keep: int) -> dict:
     """The global factors plus what ``payload`` carries, as the server will read it."""
     item = server.strategy.decode(payload, keep, server)
     if hasattr(item, "apply_to"):  # SOFT's wire payload
-        return item.apply_to(server.global_factors)
+        return item.apply_to(server.client_factors)
     return {n: (A + da.to(A.dtype), B + db.to(B.dtype))  # topk: dense increments with zeros
-            for (n, (A, B)), da, db in zip(server.global_factors.items(), item.delta_a, item.delta_b, strict=True)}
+            for (n, (A, B)), da, db in zip(server.client_factors.items(), item.delta_a, item.delta_b, strict=True)}
 
 
 def to_host(tensors: dict) -> dict:

@@ -139,8 +139,10 @@ class RunConfig:
     0 otherwise), ``reorthogonalize`` (None = on for SOFT strategies).
     Strategy: ``strategy`` (see STRATEGIES; ``head`` keeps the adapter frozen and sends only
     the other trainable parameters; ``lowrank`` is dense ``fedit`` at structural rank
-    ``keep``: the bits of keeping ``keep`` of r components spent on a smaller adapter),
-    ``keep`` (components per module for fixed, random, svd, lowrank, topk's bit budget),
+    ``keep``: the bits of keeping ``keep`` of r components spent on a smaller adapter;
+    ``flasc`` is ``topk`` in both directions: the server broadcasts the largest entries of the
+    global adapter's change at the same bit budget, FLASC-style),
+    ``keep`` (components per module for fixed, random, svd, lowrank, topk's and flasc's bit budget),
     ``scope`` ("module" or "global" SOFT selection).
     Communication: ``value_bits`` q, the precision of every uploaded value (32 float32, 16
     float16, 8 or 4: integers with a scale per component and unbiased stochastic rounding,
@@ -276,14 +278,14 @@ class RunConfig:
             bad("value_bits", "must be 32, 16, 8, 4 or 'auto'")
         if self.value_bits == "auto" and (self.strategy != "tsfa" or self.scope != "module"):
             bad("value_bits", "'auto' (the allocator chooses) applies to strategy = 'tsfa' with scope = 'module'")
-        if self.value_bits not in (32, "auto") and self.strategy not in WIRE_STRATEGIES + ("topk",):
-            bad("value_bits", f"below 32 applies to {', '.join(WIRE_STRATEGIES)} and topk")
-        if self.base_value_bits < 16 and (self.strategy == "topk" or self.scope == "global"):
+        if self.value_bits not in (32, "auto") and self.strategy not in WIRE_STRATEGIES + ("topk", "flasc"):
+            bad("value_bits", f"below 32 applies to {', '.join(WIRE_STRATEGIES)}, topk and flasc")
+        if self.base_value_bits < 16 and (self.strategy in ("topk", "flasc") or self.scope == "global"):
             bad("value_bits", "8 and 4 need per-module SOFT payloads (not topk, not scope = 'global')")
         if self.error_feedback not in ("none", "rotated", "fixed"):
             bad("error_feedback", "must be 'none', 'rotated' or 'fixed'")
-        if self.error_feedback != "none" and self.strategy not in WIRE_STRATEGIES + ("topk",):
-            bad("error_feedback", f"applies to {', '.join(WIRE_STRATEGIES)} and topk")
+        if self.error_feedback != "none" and self.strategy not in WIRE_STRATEGIES + ("topk", "flasc"):
+            bad("error_feedback", f"applies to {', '.join(WIRE_STRATEGIES)}, topk and flasc")
         if self.optimizer not in ("auto", "adamw", "tadam", "sgd"):
             bad("optimizer", "must be 'auto', 'adamw', 'tadam' or 'sgd'")
         if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:

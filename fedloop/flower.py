@@ -88,6 +88,7 @@ from fedloop.flower_codec import encode as encode_upload
 from fedloop.flower_codec import pack_tensors, unpack_tensors
 from fedloop.server import Server
 from fedloop.strategies import STRATEGIES
+from fedloop.strategies import get as get_strategy
 from fedloop.tasks import make_task
 
 __all__ = ["FlowerSettings", "TsfaStrategy", "PollingGrid", "client_app", "client_train", "client_upload",
@@ -427,6 +428,9 @@ class TsfaStrategy(FedAvg):
         if config.error_feedback != "none":
             raise ValueError(f"error_feedback = {config.error_feedback!r} runs in process only (the residuals live "
                              "with the in-process clients); use error_feedback = 'none' on Flower")
+        if get_strategy(config.strategy).downlink != "dense":
+            raise ValueError(f"strategy = {config.strategy!r} (a sparse downlink) runs in process only; the Flower "
+                             "nodes receive the whole global adapter")
         if config.value_bits == "auto":
             raise ValueError("value_bits = 'auto' runs in process only (the nodes do not report rounding profiles); "
                              "use value_bits = 32, 16, 8 or 4 on Flower")

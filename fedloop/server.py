@@ -108,6 +108,8 @@ class Server:
         self.folded = {n: None for n in self.names}  # Σ of deltas folded into frozen weights (ideal, svd)
         # error feedback: the in-process clients' residuals (what each did not send), checkpointed with the run
         self.residuals: list = [None] * cfg.clients
+        # a sparse downlink (flasc): what the clients hold, which lags the global adapter (``broadcast``)
+        self.view = soft.clone_factors(self.global_factors) if self.strategy.downlink == "topk" else None
         self.history = History(config=cfg.to_dict())
         self.history.meta.update(latency_budget_s=self.tau_bar, dense_median_latency_s=self.dense_median_s,
                                  downlink_s=self.downlink_s, head_bits=self.head_bits,
@@ -144,13 +146,43 @@ class Server:
             self.global_factors = soft.reorthogonalize_factors(before)
             if self.config.error_feedback == "rotated":
                 self.residuals = rotate_residuals(self.residuals, before, self.global_factors)
+        broadcast_now = self.broadcast_bits
         queue_before = self.policy.queue if isinstance(self.policy, OnlineAllocator) else math.nan
         if isinstance(self.policy, OnlineAllocator):
             self.policy.observe(latency)
         self.wallclock += latency
-        row = self.record(t, report, decision, status, sent, bits, snr, latency, queue_before, start)
+        row = self.record(t, report, decision, status, sent, bits, snr, latency, queue_before, start, broadcast_now)
+        if self.view is not None:
+            self.broadcast()
         self.round += 1
         return row
+
+    @property
+    def client_factors(self) -> dict:
+        """The adapter the clients hold and train from: the global one, or their lagging view of
+        it under a sparse downlink (``flasc``)."""
+        return self.global_factors if self.view is None else self.view
+
+    def broadcast(self) -> None:
+        """The sparse downlink (``flasc``): the largest entries of (global − view) at the uplink's
+        bit budget (``soft.baselines.topk_elementwise`` with ``keep``), added to the view; what
+        is not sent stays in the difference for later rounds. Sets the next round's broadcast
+        bits (8 × the payload's bytes, plus the head) and downlink time."""
+        from soft.baselines import decode_topk, topk_elementwise
+
+        data = topk_elementwise(self.view, self.global_factors, self.config.keep,
+                                bits_per_value=self.config.base_value_bits).encode()
+        inc = decode_topk(data, self.soft_shape)
+        self.view = {n: (A + da.to(A.dtype), B + db.to(B.dtype))
+                     for (n, (A, B)), da, db in zip(self.view.items(), inc.delta_a, inc.delta_b, strict=True)}
+        self.set_broadcast(8 * len(data))
+
+    def set_broadcast(self, adapter_bits: int) -> None:
+        """The next round's broadcast: ``adapter_bits`` plus the head, and its downlink time."""
+        self.broadcast_bits = self.head_bits + int(adapter_bits)
+        self.downlink_s = (int(adapter_bits) or self.head_bits) / DOWNLINK_RATE_BPS
+        if self.policy is not None:
+            self.policy.downlink_s = self.downlink_s
 
     def allocate(self, snr_hz: np.ndarray, profiles: np.ndarray, ok: list, rounding=None) -> Decision:
         """The strategy's policy on this round's channel; a client that did not train reports a
@@ -334,8 +366,10 @@ class Server:
                    outside_band=float(not lo <= measured <= hi) if math.isfinite(measured) else math.nan)
         return out
 
-    def record(self, t, report, decision, status, sent, bits, snr, latency, queue_before, start) -> dict:
-        """Evaluate (every ``eval_every`` rounds and at the end) and append the ledger rows."""
+    def record(self, t, report, decision, status, sent, bits, snr, latency, queue_before, start,
+               broadcast_bits: int) -> dict:
+        """Evaluate (every ``eval_every`` rounds and at the end) and append the ledger rows
+        (``broadcast_bits``: what each client received at the round's start)."""
         cfg, K = self.config, self.config.clients
         profiles, keep = np.asarray(report.profiles, dtype=float), decision.keep
         ok = [k for k in range(K) if report.status[k] == "ok"]
@@ -345,7 +379,7 @@ class Server:
             test_loss, acc = self.task.evaluate()
         row = {"round": t + 1, "latency_s": latency, "wallclock_s": self.wallclock, "queue_s": queue_before,
                "latency_budget_s": self.tau_bar, "uplink_bits": int(bits.sum()),
-               "downlink_bits": int(self.broadcast_bits * K), "scheduled": len(sent),
+               "downlink_bits": int(broadcast_bits * K), "scheduled": len(sent),
                "dropped": sum(1 for s in status if s not in ("ok", "skipped")),
                "dropped_energy": float(sum(self.weights[k] * profiles[k, keep[k]] for k in ok)) if ok else math.nan,
                "mean_value_bits": self.mean_value_bits(decision, sent),
@@ -369,7 +403,7 @@ class Server:
         for k in range(K):
             self.history.clients.append({
                 "round": t + 1, "client": k, "status": status[k], "keep": int(keep[k]),
-                "uplink_bits": int(bits[k]), "downlink_bits": int(self.broadcast_bits),
+                "uplink_bits": int(bits[k]), "downlink_bits": int(broadcast_bits),
                 "bandwidth_hz": float(decision.bandwidth_hz[k]),
                 "snr_hz": float(snr[k]), "compute_s": float(self.compute_s[k]), "upload_s": float(decision.upload_s[k]),
                 "finish_s": float(finish[k]), "train_loss": float(report.losses[k]),
@@ -400,6 +434,8 @@ class Server:
         out |= {f"head/{n}": t for n, t in self.global_head.items()}
         out |= {f"residual/{k}/{n}/{f}": t for k, e in enumerate(self.residuals) if e is not None
                 for n, pair in e.items() for f, t in zip("AB", pair, strict=True)}
+        if self.view is not None:
+            out |= {f"view/{n}/{f}": t for n, pair in self.view.items() for f, t in zip("AB", pair, strict=True)}
         return out | {f"folded/{n}": t for n, t in self.folded.items() if t is not None}
 
     def _residuals_from(self, tensors: dict) -> tuple[list, list]:
@@ -437,7 +473,7 @@ class Server:
         tensors = self.named_tensors()
         state = {"round": self.round, "wallclock": self.wallclock, "history": self.history.to_dict(),
                  "policy": self.policy.state_dict() if isinstance(self.policy, OnlineAllocator) else None,
-                 "config": self.config.to_dict()}
+                 "config": self.config.to_dict(), "broadcast_bits": self.broadcast_bits}
         save_checkpoint(folder, tensors, state)
 
     def load_checkpoint(self, folder) -> None:
@@ -482,6 +518,10 @@ class Server:
         if isinstance(round_, bool) or not isinstance(round_, int) or round_ != len(history.rounds) \
                 or isinstance(wallclock, bool) or not isinstance(wallclock, (int, float)) or not 0 <= wallclock < 1e300:
             raise CheckpointError(f"{path}: round {round_!r} / wallclock {wallclock!r} do not fit its ledger")
+        broadcast = st.get("broadcast_bits", self.broadcast_bits)
+        if self.view is not None and (isinstance(broadcast, bool) or not isinstance(broadcast, int)
+                                      or not self.head_bits <= broadcast < 2**53):
+            raise CheckpointError(f"{path}: broadcast_bits {broadcast!r:.40} is not a number of bits")
         policy = st.get("policy")
         if (policy is None) != (not isinstance(self.policy, OnlineAllocator)):
             raise CheckpointError(f"{path}: allocator state {'missing' if policy is None else 'unexpected'}")
@@ -501,6 +541,9 @@ class Server:
         self.global_head = {n: tensors[f"head/{n}"] for n in self.global_head}
         self.folded = folded
         self.residuals = residuals
+        if self.view is not None:
+            self.view = {n: (tensors[f"view/{n}/A"], tensors[f"view/{n}/B"]) for n in self.names}
+            self.set_broadcast(broadcast - self.head_bits)
         for name, delta in folded.items():
             if delta is not None:
                 self.task.fold(name, delta)

@@ -69,6 +69,10 @@ class Strategy:
         train_a, train_b: which LoRA factors the clients train.
         norm: the norm of a decoded update for the server's norm rule
             (``RunConfig.reject_norm_factor``), or None where the rule does not apply.
+        downlink: ``"dense"``: the server broadcasts the global adapter whole; ``"topk"``
+            (FLASC-style): the clients hold their own view of it and the server broadcasts the
+            largest entries of (global − view) at the uplink's bit budget, keeping the rest for
+            later rounds (``fedloop.Server.broadcast``).
         encode: client side, ``encode(config, global_factors, local_factors, keep, round, client)``
             → (payload, uplink bits of the adapter part).
         decode: server side, ``decode(payload, keep, server)`` → what ``aggregate`` takes;
@@ -87,6 +91,7 @@ class Strategy:
     train_a: bool = True
     train_b: bool = True
     norm: Callable[[Any], float] | None = None
+    downlink: str = "dense"
 
 
 # -- policies --------------------------------------------------------------------------------
@@ -270,6 +275,8 @@ STRATEGY_TABLE: dict[str, Strategy] = _table(
              train_a=False),
     Strategy("topk", policy=_fixed_min_latency, soft=False, encode=_encode_topk, decode=_decode_topk,
              aggregate=_aggregate_topk),
+    Strategy("flasc", policy=_fixed_min_latency, soft=False, encode=_encode_topk, decode=_decode_topk,
+             aggregate=_aggregate_topk, downlink="topk"),
     Strategy("random", policy=_fixed_min_latency, soft=True, **_WIRE),
     Strategy("svd", policy=_fixed_min_latency, soft=True, encode=_encode_svd, decode=_as_is,
              aggregate=_aggregate_svd),

@@ -360,3 +360,42 @@ def test_auto_precision_is_validated(tmp_path):
         server.check_report(report._replace(rounding=None))
     with pytest.raises(ValueError, match="rounding"):
         server.check_report(report._replace(rounding=-report.rounding - 1))
+
+
+def test_flasc_broadcasts_the_largest_changes_and_keeps_the_rest(tmp_path):
+    """flasc: round 1 receives the whole adapter, later rounds 8 × the bytes of a top-k payload at the
+    uplink's budget; the clients' view moves by exactly that payload, and what is not sent stays
+    in (global − view)."""
+    from soft.baselines import decode_topk, topk_elementwise
+
+    cfg = lin(tmp_path, strategy="flasc", rounds=2, clients=4, optimizer="sgd", momentum=0.0, lr=0.05)
+    server = Server(cfg)
+    pool = LocalPool(server)
+    dense, view0 = server.broadcast_bits, soft.clone_factors(server.view)
+    server.step(pool)
+    glob1, view1 = soft.clone_factors(server.global_factors), soft.clone_factors(server.view)
+    data = topk_elementwise(view0, glob1, cfg.keep).encode()
+    inc = decode_topk(data, server.soft_shape)
+    for (n, (A, B)), da, db in zip(view0.items(), inc.delta_a, inc.delta_b, strict=True):
+        assert torch.equal(view1[n][0], A + da) and torch.equal(view1[n][1], B + db)
+    pending = sum(int(((glob1[n][f] - view1[n][f]) != 0).sum()) for n in glob1 for f in (0, 1))
+    assert pending > 0  # something is still waiting to be sent
+    server.step(pool)  # trains from view1
+    assert server.history.rounds[0]["downlink_bits"] == cfg.clients * dense
+    assert server.history.rounds[1]["downlink_bits"] == cfg.clients * 8 * len(data)
+    assert 8 * len(data) == server.history.clients[-1]["uplink_bits"] < dense  # the same budget both ways
+
+
+def test_flasc_resume_is_bit_identical(tmp_path):
+    kw = dict(strategy="flasc", checkpoint_every=3, error_feedback="fixed")
+    full = run(lin(tmp_path, rounds=6, out=str(tmp_path / "a"), **kw), progress=False)
+    run(lin(tmp_path, rounds=3, out=str(tmp_path / "b"), **kw), progress=False)
+    resumed = run(lin(tmp_path, rounds=6, out=str(tmp_path / "b"), **kw), resume=True, progress=False)
+    strip = lambda h: History.from_dict(h.to_dict()).to_dict()  # noqa: E731
+    a_rows, b_rows = strip(full), strip(resumed)
+    for rows in (a_rows, b_rows):
+        for r in rows["rounds"]:
+            r.pop("solve_time_s")
+    assert b_rows["rounds"] == a_rows["rounds"] and b_rows["clients"] == a_rows["clients"]
+    ta, _ = load_checkpoint(tmp_path / "a")
+    assert any(k.startswith("view/") for k in ta)
