@@ -42,13 +42,15 @@ VARIANTS = {
     "random+ef": {"strategy": "random", **EF},
     "tsfa+ef+q8": {"strategy": "tsfa", "value_bits": 8, **EF},
     "tsfa+ef+q4": {"strategy": "tsfa", "value_bits": 4, **EF},
+    "tsfa+ef+auto": {"strategy": "tsfa", "value_bits": "auto", **EF},  # the allocator chooses q with s
+    "tsfa+ef+auto-budget0.25": {"strategy": "tsfa", "value_bits": "auto", "budget_factor": 0.25, **EF},  # τ̄ halved
 }
 ORDER = ("ideal", "fedit", "head", "lowrank", "topk", "fixed", "fixed+ef", "fixed+ef-unrotated", "fixed+ef+q8",
          "topk+ef", "random+ef", "tsfa+ef+q8")
 #: On rt-distill (1–5 min a run on 2 cores) the set the claims need: the references, the frozen
 #: adapter, SOFT with error feedback, TSFA at 8 bits with it, and the other compressors with it.
 ORDER_DISTILL = ("ideal", "fedit", "head", "lowrank", "fixed+ef", "fixed+ef+q8", "fixed+ef+q4", "tsfa+ef+q8",
-                 "tsfa+ef+q4", "topk+ef", "random+ef")
+                 "tsfa+ef+q4", "tsfa+ef+auto", "tsfa+ef+auto-budget0.25", "topk+ef", "random+ef", "flasc")
 QUICK = ("fedit", "fixed", "fixed+ef", "fixed+ef+q8", "topk+ef")
 
 
@@ -111,7 +113,8 @@ def main(argv=None) -> int:
         rel = rows[soft_ef]["final_mean"] / ref["final_mean"] - 1
         summary["soft_ef_vs_fedit_final_relative"] = rel
         print(f"{soft_ef} final vs fedit: {100 * rel:+.1f} %")
-        for s in (soft_ef, "fixed+ef+q8", "fixed+ef+q4", "tsfa+ef+q8", "tsfa+ef+q4"):
+        for s in (soft_ef, "fixed+ef+q8", "fixed+ef+q4", "tsfa+ef+q8", "tsfa+ef+q4", "tsfa+ef+auto",
+                  "tsfa+ef+auto-budget0.25"):
             if rows.get(s, {}).get("reached") and ref["reached"]:
                 ratio = ref["bits_to_target_mean"] / rows[s]["bits_to_target_mean"]
                 summary[f"{s}_bits_to_target_saving_vs_fedit"] = ratio
