@@ -549,7 +549,11 @@ class TauSearch:
             self.push(lo.tau, hi.tau, hi, lo)
         phase_exact = False
         while self.heap and self.evals < max_evaluations:
-            target = self.target(rel_tol if (phase_exact or not self.exact) else 1e-4, tol_abs)
+            # exact backends first find a good incumbent to 1e-4, then certify to rel_tol; an
+            # interval is only ever shrunk against the final target, or the coarse phase would
+            # drop regions holding improvements below 1e-4 that the exact phase never revisits
+            strict = self.target(rel_tol, tol_abs)
+            target = strict if (phase_exact or not self.exact) else self.target(1e-4, tol_abs)
             lb, a, b, ref, lt = self.heap[0]
             if lb >= target:
                 if self.exact and not phase_exact:
@@ -564,7 +568,7 @@ class TauSearch:
                 self.evaluate_exact(pt, a)
                 self.push(a, b, pt, left)
                 continue
-            b2 = self.shrink(a, b, pt, target)
+            b2 = self.shrink(a, b, pt, strict)
             if b2 < b - 1e-15 * b:
                 self.push(a, b2, pt, left)
                 continue
