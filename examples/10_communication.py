@@ -46,7 +46,7 @@ VARIANTS = {
     "tsfa+ef+auto-budget0.25": {"strategy": "tsfa", "value_bits": "auto", "budget_factor": 0.25, **EF},  # τ̄ halved
 }
 ORDER = ("ideal", "fedit", "head", "lowrank", "topk", "fixed", "fixed+ef", "fixed+ef-unrotated", "fixed+ef+q8",
-         "topk+ef", "random+ef", "tsfa+ef+q8")
+         "topk+ef", "random+ef", "tsfa+ef+q8", "tsfa+ef+auto", "flasc")
 #: On rt-distill (1–5 min a run on 2 cores) the set the claims need: the references, the frozen
 #: adapter, SOFT with error feedback, TSFA at 8 bits with it, and the other compressors with it.
 ORDER_DISTILL = ("ideal", "fedit", "head", "lowrank", "fixed+ef", "fixed+ef+q8", "fixed+ef+q4", "tsfa+ef+q8",
@@ -90,13 +90,15 @@ def main(argv=None) -> int:
     lower = not metric.higher_is_better
     print(f"{args.task}: {len(bench.seeds)} seeds; reference {bench.reference}, target {bench.target:.4g}; "
           f"equal uplink bits {bench.equal_bits / 1e6:.3g} Mbit")
-    print(f"{'variant':18s} {'final':>18s} {'uplink Mbit':>12s} {'bits to target (Mbit)':>24s} {'at equal bits':>18s}")
+    print(f"{'variant':18s} {'final':>18s} {'uplink Mbit':>12s} {'downlink Mbit':>14s} {'bits to target (Mbit)':>24s} "
+          f"{'at equal bits':>18s} {'lat/τ̄':>6s}")
     for s in order:
         r = rows[s]
         reach = (f"{r['bits_to_target_mean'] / 1e6:.3g} ± {r['bits_to_target_ci'] / 1e6:.2g} ({r['reached']}/"
                  f"{r['seeds']})" if r["reached"] else f"not reached (0/{r['seeds']})")
         print(f"{s:18s} {r['final_mean']:10.4f} ± {r['final_ci']:.4f} {r['uplink_bits_mean'] / 1e6:12.3g} "
-              f"{reach:>24s} {r['at_equal_bits_mean']:10.4f} ± {r['at_equal_bits_ci']:.4f}")
+              f"{r['downlink_bits_mean'] / 1e6:14.3g} {reach:>24s} {r['at_equal_bits_mean']:10.4f} ± "
+              f"{r['at_equal_bits_ci']:.4f} {r['latency_over_budget_mean']:6.2f}")
     summary = {"task": args.task, "seeds": list(bench.seeds), "reference": bench.reference, "target": bench.target,
                "equal_bits": bench.equal_bits, "rows": bench.summary, "paired_at_equal_bits": {}}
     soft_ef = "fixed+ef"
