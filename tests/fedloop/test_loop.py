@@ -17,6 +17,19 @@ def lin(tmp_path, **kw):
     return RunConfig(**base)
 
 
+def assert_resume_matches(tmp_path, full, kw):
+    """A run of 3 rounds in ``tmp_path/b`` resumed to 6 writes the ledger of ``full`` (6 rounds
+    in one go), solve times aside."""
+    run(lin(tmp_path, rounds=3, out=str(tmp_path / "b"), **kw), progress=False)
+    resumed = run(lin(tmp_path, rounds=6, out=str(tmp_path / "b"), **kw), resume=True, progress=False)
+    strip = lambda h: History.from_dict(h.to_dict()).to_dict()  # noqa: E731
+    a_rows, b_rows = strip(full), strip(resumed)
+    for rows in (a_rows, b_rows):
+        for r in rows["rounds"]:
+            r.pop("solve_time_s")
+    assert b_rows["rounds"] == a_rows["rounds"] and b_rows["clients"] == a_rows["clients"]
+
+
 def test_topk_ledger_bits_are_its_encoded_bytes(tmp_path):
     from soft.baselines import topk_budget
 
@@ -258,14 +271,7 @@ def tsfa_shape(server, bits):
 def test_error_feedback_resume_is_bit_identical(tmp_path, mode):
     kw = dict(strategy="tsfa", checkpoint_every=3, error_feedback=mode, value_bits=8)
     full = run(lin(tmp_path, rounds=6, out=str(tmp_path / "a"), **kw), progress=False)
-    run(lin(tmp_path, rounds=3, out=str(tmp_path / "b"), **kw), progress=False)
-    resumed = run(lin(tmp_path, rounds=6, out=str(tmp_path / "b"), **kw), resume=True, progress=False)
-    strip = lambda h: History.from_dict(h.to_dict()).to_dict()  # noqa: E731
-    a_rows, b_rows = strip(full), strip(resumed)
-    for rows in (a_rows, b_rows):
-        for r in rows["rounds"]:
-            r.pop("solve_time_s")
-    assert b_rows["rounds"] == a_rows["rounds"] and b_rows["clients"] == a_rows["clients"]
+    assert_resume_matches(tmp_path, full, kw)
     ta, _ = load_checkpoint(tmp_path / "a")
     tb, _ = load_checkpoint(tmp_path / "b")
     assert set(ta) == set(tb) and any(k.startswith("residual/") for k in ta)
@@ -323,14 +329,7 @@ def test_auto_precision_sends_what_the_allocator_chose_and_resumes_bit_identical
     for r in full.rounds:
         qs = [c["value_bits"] for c in full.clients if c["round"] == r["round"] and c["status"] == "ok"]
         assert r["mean_value_bits"] == pytest.approx(np.mean(qs))
-    run(lin(tmp_path, rounds=3, out=str(tmp_path / "b"), **kw), progress=False)
-    resumed = run(lin(tmp_path, rounds=6, out=str(tmp_path / "b"), **kw), resume=True, progress=False)
-    strip = lambda h: History.from_dict(h.to_dict()).to_dict()  # noqa: E731
-    a_rows, b_rows = strip(full), strip(resumed)
-    for rows in (a_rows, b_rows):
-        for r in rows["rounds"]:
-            r.pop("solve_time_s")
-    assert b_rows["rounds"] == a_rows["rounds"] and b_rows["clients"] == a_rows["clients"]
+    assert_resume_matches(tmp_path, full, kw)
 
 
 def test_auto_precision_rejects_a_payload_at_another_precision(tmp_path):
@@ -389,13 +388,6 @@ def test_flasc_broadcasts_the_largest_changes_and_keeps_the_rest(tmp_path):
 def test_flasc_resume_is_bit_identical(tmp_path):
     kw = dict(strategy="flasc", checkpoint_every=3, error_feedback="fixed")
     full = run(lin(tmp_path, rounds=6, out=str(tmp_path / "a"), **kw), progress=False)
-    run(lin(tmp_path, rounds=3, out=str(tmp_path / "b"), **kw), progress=False)
-    resumed = run(lin(tmp_path, rounds=6, out=str(tmp_path / "b"), **kw), resume=True, progress=False)
-    strip = lambda h: History.from_dict(h.to_dict()).to_dict()  # noqa: E731
-    a_rows, b_rows = strip(full), strip(resumed)
-    for rows in (a_rows, b_rows):
-        for r in rows["rounds"]:
-            r.pop("solve_time_s")
-    assert b_rows["rounds"] == a_rows["rounds"] and b_rows["clients"] == a_rows["clients"]
+    assert_resume_matches(tmp_path, full, kw)
     ta, _ = load_checkpoint(tmp_path / "a")
     assert any(k.startswith("view/") for k in ta)
