@@ -198,7 +198,7 @@ def run_local(cfg, clients=None, app=None):
     return strategy, grid
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "flasc"])  # flasc: in process only (tested)
 def test_every_strategy_runs_on_flower_and_its_bits_are_what_was_sent(tmp_path, strategy):
     cfg = lin(tmp_path / "flower", strategy=strategy, rounds=2, keep=2)
     s, grid = run_local(cfg)
