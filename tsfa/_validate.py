@@ -167,3 +167,14 @@ def as_int_array(name: str, value, lower: int, upper: int, what: str = "") -> np
     if np.any((a < lower) | (a > upper)):
         raise ValueError(f"{name} must lie in {lower}..{upper}{what}; got {name} = {value!r}")
     return a
+
+
+def as_int_tuple(name: str, value, lower: int = 1) -> tuple[int, ...]:
+    """A sequence of distinct integers ≥ ``lower`` as a tuple; anything else is a ValueError naming ``name``."""
+    try:
+        out = tuple(as_scalar(name, v, lower=lower, integer=True) for v in value)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of integers; got {name} = {value!r}") from None
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name} must be distinct; got {name} = {value!r}")
+    return out

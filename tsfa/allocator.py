@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from tsfa._validate import as_scalar
+from tsfa._validate import as_int_tuple, as_scalar
 from tsfa.bandwidth import min_latency_bandwidth
 from tsfa.model import LoraShape
 from tsfa.online import ALLOCATION_BACKENDS, Allocation, RoundProblem, allocate, assemble_allocation
@@ -122,10 +122,7 @@ class OnlineAllocator(_Policy):
                  queue: float | str = 0.0, drift: str = "linear", certify_every: int = 10, value_bits=()):
         super().__init__(shape, total_bandwidth_hz=total_bandwidth_hz, downlink_s=downlink_s,
                          max_latency_s=max_latency_s, min_keep=min_keep, allow_skip=allow_skip)
-        try:
-            self.value_bits = tuple(as_scalar("value_bits", q, lower=1, integer=True) for q in value_bits)
-        except TypeError:
-            raise ValueError(f"value_bits must be a sequence of integers; got value_bits = {value_bits!r}") from None
+        self.value_bits = as_int_tuple("value_bits", value_bits)
         self.latency_budget_s = as_scalar("latency_budget_s", latency_budget_s, lower=0, strict=True)
         self.weight_v = as_scalar("weight_v", weight_v, lower=0, strict=True)
         if fallback not in FALLBACKS:

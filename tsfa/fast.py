@@ -14,8 +14,9 @@ import time
 import numpy as np
 
 from tsfa.knapsack import Relaxation, mckp_relaxation
-from tsfa.online import Allocation, RoundProblem, _polish, allocate, assemble_allocation
+from tsfa.online import Allocation, RoundProblem, allocate, assemble_allocation
 from tsfa.rate import LN2, min_bandwidth_trusted, rate_bps
+from tsfa.tau_search import _polish
 
 __all__ = ["allocate_uncertified"]
 

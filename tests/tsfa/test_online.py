@@ -279,7 +279,7 @@ def test_slopes_match_finite_differences(p, frac):
 @given(problems, st.floats(0.0, 1.0), st.floats(0.05, 3.0))
 def test_interval_bounds_are_valid(p, start, width):
     """The search's interval lower bound never exceeds Qτ + LP(τ) anywhere in the interval."""
-    from tsfa.online import TauSearch
+    from tsfa.tau_search import TauSearch
 
     lo = min_latency_bandwidth(p.shape.payload_bits(np.full(p.num_clients, p.min_keep)), p.snr_hz, p.compute_s,
                                B, downlink_s=p.downlink_s).latency_s
