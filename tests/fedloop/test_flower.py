@@ -397,8 +397,9 @@ class _Procs:
         for name in list(self.procs):
             self.kill(name)
 
-    def logs(self):
-        return "\n".join(f"== {f.name}\n" + f.read_text()[-3000:] for f in sorted(self.folder.glob("*.log")))
+    def logs(self, full=False):
+        return "\n".join(f"== {f.name}\n" + f.read_text()[0 if full else -3000:]
+                         for f in sorted(self.folder.glob("*.log")))
 
 
 def _wait(predicate, timeout, what, procs, runner=None):
@@ -449,7 +450,9 @@ def test_deployment_superlink_and_supernodes_survive_a_killed_node(tmp_path):
                                           "0.05", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
                                           "--port", str(port), "--node-config",
                                           f"partition-id={k} num-partitions={K}"])
-        overrides = {"out": str(out), "rounds": 3, "clients": K, "checkpoint-every": 1, "round-timeout": 20.0,
+        # the round timeout is what the survivors get to answer on a loaded machine (their task takes well under
+        # a second); the killed node costs it once, in round 2, and is not contacted again
+        overrides = {"out": str(out), "rounds": 3, "clients": K, "checkpoint-every": 1, "round-timeout": 60.0,
                      "wait-timeout": 120.0, "strategy": "tsfa", "poll-interval": 0.05}
         t0 = time.perf_counter()
         runner = procs.start("flwr-run", ["flwr", "run", str(APP), "test", "--stream", "-c",
@@ -467,7 +470,9 @@ def test_deployment_superlink_and_supernodes_survive_a_killed_node(tmp_path):
     assert all(status[(1, k)] in ("ok", "skipped") for k in range(K))
     assert status[(2, K - 1)].startswith("error:") and status[(3, K - 1)].startswith("error:")
     for t in (2, 3):  # the survivors carry on
-        assert all(status[(t, k)] in ("ok", "skipped") for k in range(K - 1)), (status, procs.logs())
+        if not all(status[(t, k)] in ("ok", "skipped") for k in range(K - 1)):
+            print(procs.logs(full=True))  # pytest shows captured output in full, unlike a long assertion message
+            pytest.fail(f"a surviving node failed in round {t}: {status}")
         assert h.rounds[t - 1]["dropped"] == 1
     assert sum(c["uplink_bits"] for c in h.clients if c["client"] == K - 1 and c["round"] > 1) == 0
     # round 1 is exactly the in-process loop's round 1
