@@ -35,9 +35,9 @@ __all__ = ["main_job", "DEMO", "QUICK"]
 DEMO = dict(task="rt-minilm", clients=10, rounds=20, local_steps=2, batch_size=8, max_length=32, test_size=300,
             budget_factor=0.5, seed=0)
 PLAN = dict(max_latency_factor=1.5, min_participation=0.7)
-#: ``--quick``: a smaller V grid for the simulated online stage (each V simulates the exact
-#: drift-plus-penalty allocator, about 1 s per simulated round on 2 cores).
-QUICK_PLAN = dict(v_grid=(0.1, 1.0, 10.0), v_refine=0)
+#: ``--quick``: a smaller V grid and two replicate trajectories for the simulated online stage
+#: (each V simulates the exact drift-plus-penalty allocator on every replicate).
+QUICK_PLAN = dict(v_grid=(0.1, 1.0, 10.0), v_refine=0, online_replicates=2)
 #: The runs after the plan: TSFA, the two dense references and the frozen-adapter baseline.
 STRATEGIES = ("tsfa", "fedit", "ideal", "head")
 #: ``--quick``: the linear task, seconds.

@@ -55,8 +55,9 @@ candidates, the grid ranks × keep_ratios (× a rounds grid), and a sixth with
    H = min(v_rounds, the largest rounds) rounds (v_rounds with derived rounds), on the V
    grid and its refinement. Each (rank, V, rounds) point
    (:class:`~tsfa.plan.OnlinePoint`, ``OfflinePlan.online_table``) gets, over the first
-   min(rounds, H) simulated rounds (a prefix: the draws do not depend on the horizon), the
-   time-average latency with a batch-means interval, the mean keep, the participation and
+   min(rounds, H) simulated rounds (a prefix: the draws do not depend on the horizon) of each
+   of ``online_replicates`` independent trajectories, the mean over the replicates of the
+   time-average latency with a Student-t interval over them, the mean keep, the participation and
    the kept energy share κ = 1 − mean_t Σ_k p_k e_k(s_k) / Σ_k p_k e_k(0) (a skipped client
    drops all). Its loss is ``predict(rank, keep_ratio, rounds, kept_share=κ)`` if
    ``predict`` takes ``kept_share`` (:func:`tsfa.online_model.accepts_kept_share`), else
@@ -321,7 +322,7 @@ class OfflineProblem:
         saa: :class:`SaaSettings` (draws, confidence, backend).
         vsweep: :class:`~tsfa.simulate.VSweepSettings` (choose_v, v_grid, v_rounds, v_refine,
             online_cap_factor, online_drift, error_model, data_weight, latency_model,
-            online_min_participation, online_latency_test).
+            online_min_participation, online_latency_test, online_replicates).
 
     Field names are unique across the groups, so :meth:`replace` takes them flat.
     """

@@ -31,10 +31,10 @@ from tsfa.model import participation_divergence
 from tsfa.offline import MAX_ROUNDS, OfflineProblem, _PairLatency, _predicted_loss
 from tsfa.plan import OfflinePlan, OnlinePoint
 from tsfa.saa import summaries
-from tsfa.simulate import SimulationResult, sweep_v_runs, v_point
+from tsfa.simulate import SimulationResult, VPoint, sweep_v_runs
 from tsfa.status import Status
 
-__all__ = ["online_plan", "accepts_kept_share", "latency_tested", "LATENCY_BATCHES"]
+__all__ = ["online_plan", "accepts_kept_share", "latency_tested", "replicate_seeds", "LATENCY_BATCHES"]
 
 
 def accepts_kept_share(predict, name: str = "kept_share") -> bool:
@@ -101,51 +101,88 @@ class _OnlineModel:
     points: tuple[OnlinePoint, ...]
     chosen: int | None
     bad: np.ndarray
-    runs: dict[int, tuple[tuple[float, SimulationResult], ...]]
+    runs: dict[int, tuple[tuple[float, list[SimulationResult]], ...]]  # per rank: (V, one result per replicate)
     ranks: list[int]
     horizon: int
     kept_share_passed: bool
     participation_passed: bool = False
 
 
+def replicate_seeds(seed, replicates: int) -> list[int]:
+    """The seeds of ``replicates`` independent simulated trajectories: ``seed`` itself first
+    (one replicate is the single trajectory of ``seed``), then children of its SeedSequence."""
+    extra = np.random.SeedSequence(int(seed)).spawn(replicates - 1) if replicates > 1 else []
+    return [int(seed)] + [int(child.generate_state(1, np.uint64)[0] >> np.uint64(1)) for child in extra]
+
+
+def _replicated_runs(problem: OfflineProblem, pl: _PairLatency, r: int, horizon: int, seeds: list[int]):
+    """Rank ``r``'s V sweep on every replicate seed: the first replicate runs the V grid (and its
+    refinement); the others run exactly the V values the first one ended with, so every V has
+    every replicate. Returns (V, [SimulationResult per replicate]) sorted by V."""
+    vs, tau = problem.vsweep, problem.budgets.latency_budget_s
+
+    def sweep(settings, seed):
+        return sweep_v_runs(pl.shapes[r], problem.system.cell, problem.system.clients, pl.compute[r],
+                            latency_budget_s=tau, downlink_s=pl.downlink[r], rounds=horizon, settings=settings,
+                            seed=seed)
+
+    first = sweep(vs, seeds[0])
+    fixed = dataclasses.replace(vs, v_grid=tuple(v for v, _ in first), v_refine=0)
+    rest = [dict(sweep(fixed, seed)) for seed in seeds[1:]]
+    return tuple((v, [res] + [other[v] for other in rest]) for v, res in first)
+
+
+def _point_row(problem: OfflineProblem, r: int, v: float, reps, n: int, h: int) -> dict:
+    """One (rank, V, rounds) point over the first ``h`` simulated rounds of every replicate:
+    the replicates' mean statistics, and the interval of the time-average latency (Student-t
+    over the replicates' time-averages; one replicate: batch means over its rounds)."""
+    conf, K = problem.saa.confidence, len(problem.system.clients)
+    averages = np.array([res.latency_s[:h].mean() for res in reps])
+    if len(reps) > 1:
+        _, low, high, _ = summaries(averages[None, :], conf)
+        low, high = float(low[0]), float(high[0])
+    else:
+        low, high = _batch_means_interval(reps[0].latency_s[:h], conf)
+    mean = lambda f: float(np.mean([f(res) for res in reps]))  # noqa: E731
+    mk = mean(lambda res: res.mean_keep[:h].mean())
+    dropped = mean(lambda res: res.dropped_energy[:h].mean())
+    sent = mean(lambda res: res.sent_share(h))
+    shares = np.mean([res.scheduled[:h].mean(axis=0) if res.scheduled is not None else np.ones(K)
+                      for res in reps], axis=0)
+    return dict(rank=r, relative_v=float(v), rounds=n, simulated_rounds=h, replicates=len(reps),
+                time_average_latency_s=float(averages.mean()), latency_low_s=low, latency_high_s=high,
+                average_queue_s=mean(lambda res: res.queue[:h].mean()),
+                participation=mean(lambda res: (res.participation[:h] if res.participation is not None
+                                                else np.ones(h)).mean()),
+                mean_keep=mk, mean_keep_ratio=float(np.clip(mk / r, 1.0 / r, 1.0)),
+                keep=int(np.clip(math.floor(mk + 0.5), 1, r)),
+                kept_share=float(np.clip(1.0 - dropped, 0.0, 1.0)),
+                sent_share=sent if math.isfinite(sent) else float(1.0 - dropped),
+                participation_divergence=float(participation_divergence(shares, problem.vsweep.data_weight)))
+
+
 def _online_model(problem: OfflineProblem, pl: _PairLatency, ranks: list[int], predict, seed) -> _OnlineModel:
-    """Step 6: simulate the online stage for every rank in ``ranks`` over the V grid (the same
-    draws for every rank and V), predict every (rank, V, rounds) point's loss from its kept
-    energy share, and choose the least predicted loss among the feasible points (latency,
-    time and participation; ties: smaller rank, then larger V, then fewer rounds)."""
+    """Step 6: simulate the online stage for every rank in ``ranks`` over the V grid on
+    ``online_replicates`` independent trajectories (the same draws for every rank and V), predict
+    every (rank, V, rounds) point's loss from its kept energy share, and choose the least
+    predicted loss among the feasible points (latency, time and participation; ties: smaller
+    rank, then larger V, then fewer rounds)."""
     vs, b = problem.vsweep, problem.budgets
-    tau, conf = b.latency_budget_s, problem.saa.confidence
+    tau = b.latency_budget_s
     grid_rounds = problem.grid.rounds
     horizon = vs.v_rounds if grid_rounds is None else min(vs.v_rounds, max(grid_rounds))
+    seeds = replicate_seeds(seed, vs.online_replicates)
     runs, rows = {}, []
     for r in ranks:
-        runs[r] = sweep_v_runs(pl.shapes[r], problem.system.cell, problem.system.clients, pl.compute[r],
-                               latency_budget_s=tau, downlink_s=pl.downlink[r], rounds=horizon, settings=vs,
-                               seed=seed)
-        for v, res in runs[r]:
+        runs[r] = _replicated_runs(problem, pl, r, horizon, seeds)
+        for v, reps in runs[r]:
             if grid_rounds is None:
-                lat = float(res.latency_s.mean())
+                lat = float(np.mean([res.latency_s.mean() for res in reps]))
                 fit = b.time_budget_s / max(lat, 1e-300)
                 options = [(max(1, int(math.floor(min(fit, MAX_ROUNDS)))), horizon)]
             else:
                 options = [(int(n), min(int(n), horizon)) for n in grid_rounds]
-            for n, h in options:
-                lat_h = res.latency_s[:h]
-                low, high = _batch_means_interval(lat_h, conf)
-                mk = float(res.mean_keep[:h].mean())
-                part = res.participation[:h] if res.participation is not None else np.ones(h)
-                shares = res.scheduled[:h].mean(axis=0) if res.scheduled is not None \
-                    else np.ones(len(problem.system.clients))
-                sent = res.sent_share(h)
-                rows.append(dict(rank=r, relative_v=float(v), rounds=n, simulated_rounds=h,
-                                 time_average_latency_s=float(lat_h.mean()), latency_low_s=low, latency_high_s=high,
-                                 average_queue_s=float(res.queue[:h].mean()), participation=float(part.mean()),
-                                 mean_keep=mk, mean_keep_ratio=float(np.clip(mk / r, 1.0 / r, 1.0)),
-                                 keep=int(np.clip(math.floor(mk + 0.5), 1, r)),
-                                 kept_share=float(np.clip(1.0 - res.dropped_energy[:h].mean(), 0.0, 1.0)),
-                                 sent_share=sent if math.isfinite(sent) else float(1.0 - res.dropped_energy[:h].mean()),
-                                 participation_divergence=float(participation_divergence(shares,
-                                                                                         vs.data_weight))))
+            rows += [_point_row(problem, r, v, reps, n, h) for n, h in options]
     rk = np.array([x["rank"] for x in rows], dtype=np.int64)
     nr = np.array([x["rounds"] for x in rows], dtype=np.int64)
     ratio = np.array([x["mean_keep_ratio"] for x in rows])
@@ -186,6 +223,13 @@ def _screen_note(table, choice: Choice, p: OnlinePoint | None) -> str:
     return (f"the nominal screen (steps 1–4: every client at one nominal keep, SAA latency) chose rank {c.rank}, "
             f"keep {c.keep}/{c.rank}, {c.rounds} rounds (predicted loss {c.predicted_loss:.6g}, latency "
             f"{c.latency_s:.4g} s)")
+
+
+def _interval_words(p: OnlinePoint) -> str:
+    """How a point's latency interval was formed, in words."""
+    if p.replicates > 1:
+        return f"over {p.replicates} independent trajectories of {p.simulated_rounds} simulated rounds"
+    return f"batch means over {p.simulated_rounds} simulated rounds of one trajectory"
 
 
 _LATENCY_TEST_WORDS = {"mean": "test: the time-average ≤ τ̄",
@@ -246,14 +290,16 @@ def online_plan(problem: OfflineProblem, pl: _PairLatency, table, choice: Choice
         if q.rank == p.rank and q.simulated_rounds == p.simulated_rounds and \
                 (q.rounds == p.rounds or q.relative_v not in same):
             same[q.relative_v] = q
-    sweep = tuple(dataclasses.replace(v_point(v, res, b.latency_budget_s, p.simulated_rounds),
-                                      meets_budget="latency" not in same[float(v)].violated)  # the online test
-                  for v, res in om.runs[p.rank])
+    sweep = tuple(VPoint(relative_v=q.relative_v, time_average_latency_s=q.time_average_latency_s,
+                         average_dropped_energy=1.0 - q.kept_share, average_queue_s=q.average_queue_s,
+                         mean_keep=q.mean_keep, meets_budget="latency" not in q.violated)  # the online test
+                  for _, q in sorted(same.items()))
     msg = (f"rank {p.rank}, keep {p.keep}/{p.rank} (mean keep {p.mean_keep:.3g}), {p.rounds} rounds, "
            f"V = {p.relative_v:.3g}: predicted loss {p.predicted_loss:.6g}; chosen on the simulated online stage "
            f"(skipping, cap, queue): time-average latency {p.time_average_latency_s:.6g} s against τ̄ = "
-           f"{b.latency_budget_s:.6g} s (batch-means {problem.saa.confidence:.0%} CI {p.latency_low_s:.4g}–"
-           f"{p.latency_high_s:.4g} s over {p.simulated_rounds} simulated rounds; "
+           f"{b.latency_budget_s:.6g} s ({problem.saa.confidence:.0%} CI {p.latency_low_s:.4g}–"
+           f"{p.latency_high_s:.4g} s, "
+           f"{_interval_words(p)}; "
            f"{_LATENCY_TEST_WORDS[problem.vsweep.online_latency_test]}), kept energy share "
            f"{p.kept_share:.4g}, participation {p.participation:.3f}; {len(om.points)} (rank, V, rounds) points "
            f"over ranks {', '.join(map(str, om.ranks))} ({how}); binding: {', '.join(bind) or 'none'}; {screen}"

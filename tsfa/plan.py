@@ -86,9 +86,13 @@ class OnlinePoint:
         rank: r.  relative_v: the scale-free V simulated.  rounds: training rounds.
         simulated_rounds: rounds the statistics are over, min(rounds, v_rounds) (a prefix of
             the rank's simulation: the draws do not depend on the horizon).
-        time_average_latency_s: simulated time-average round latency, s.
-        latency_low_s, latency_high_s: a batch-means interval of it (10 contiguous batches,
-            Student-t at the SAA's ``confidence``; NaN with fewer than 4 rounds), s.
+        replicates: independent simulated trajectories the statistics average over
+            (``VSweepSettings.online_replicates``).
+        time_average_latency_s: simulated time-average round latency (mean over the
+            replicates), s.
+        latency_low_s, latency_high_s: its interval at the SAA's ``confidence``: Student-t
+            over the replicates' time-averages, or with one replicate a batch-means interval
+            over its rounds (10 contiguous batches; NaN with fewer than 4 rounds), s.
         average_queue_s: mean virtual queue, s.
         participation: mean share of clients scheduled (keep > 0).
         mean_keep: mean components kept per client and round (skipped clients count 0).
@@ -113,6 +117,7 @@ class OnlinePoint:
     relative_v: float
     rounds: int
     simulated_rounds: int
+    replicates: int
     time_average_latency_s: float
     latency_low_s: float
     latency_high_s: float
@@ -136,7 +141,7 @@ class OnlinePoint:
 
     def as_dict(self) -> dict:
         """A flat dict (loss terms as ``loss_<name>``), e.g. for a CSV row."""
-        row = {k: getattr(self, k) for k in ("index", "rank", "relative_v", "rounds", "simulated_rounds",
+        row = {k: getattr(self, k) for k in ("index", "rank", "relative_v", "rounds", "simulated_rounds", "replicates",
                                              "time_average_latency_s", "latency_low_s", "latency_high_s",
                                              "average_queue_s", "participation", "mean_keep", "mean_keep_ratio",
                                              "keep", "keep_ratio", "kept_share", "sent_share",
@@ -193,7 +198,7 @@ class OfflinePlan(ResultMixin):
 
     With ``latency_model="online"`` the plan's rank, keep, rounds, V, predicted loss and
     latency come from the chosen online point: ``expected_latency_s`` is its simulated
-    time-average latency, ``latency_low_s``/``latency_high_s`` its batch-means interval,
+    time-average latency, ``latency_low_s``/``latency_high_s`` its interval,
     ``participation`` its simulated share of scheduled clients, ``keep`` its rounded mean
     keep; no row of ``table`` is the choice (``chosen`` is None) and ``table`` is the
     nominal screen, whose choice is ``screen_chosen``; ``min_latency_budget_s`` is the

@@ -277,6 +277,12 @@ class VSweepSettings:
             finite-horizon reading of the budget). ``"upper"``: the interval's upper end ≤ τ̄
             (conservative). With fewer than 4 simulated rounds there is no interval and every
             test uses the point estimate.
+        online_replicates: with ``latency_model="online"``, the independent trajectories
+            (channel and error-profile draws; the same for every rank and V) each (rank, V) is
+            simulated on. A point's statistics are the replicates' means and its latency
+            interval is Student-t over the replicates' time-averages, so the interval measures
+            what another draw of the channel would give, not only the scatter of one
+            trajectory's rounds. 1: one trajectory and a batch-means interval over its rounds.
     """
 
     choose_v: bool = True
@@ -290,6 +296,7 @@ class VSweepSettings:
     latency_model: str = "nominal"
     online_min_participation: float = 0.0
     online_latency_test: str = "interval"
+    online_replicates: int = 4
 
     def __post_init__(self):
         if not isinstance(self.choose_v, (bool, np.bool_)):
@@ -304,6 +311,8 @@ class VSweepSettings:
         if part > 1:
             raise ValueError(f"online_min_participation must lie in [0, 1]; got online_min_participation = {part!r}")
         object.__setattr__(self, "online_min_participation", part)
+        object.__setattr__(self, "online_replicates", as_scalar("online_replicates", self.online_replicates, lower=1,
+                                                                integer=True))
         if self.latency_model == "online" and not self.choose_v:
             raise ValueError("latency_model = 'online' simulates the online stage over the V grid and chooses V; "
                              "it needs choose_v = True; got latency_model = 'online' with choose_v = False")

@@ -6,9 +6,10 @@ import math
 
 import numpy as np
 import pytest
+from scipy.stats import t as student_t
 
 import tsfa
-from tsfa.online_model import accepts_kept_share, latency_tested
+from tsfa.online_model import accepts_kept_share, latency_tested, replicate_seeds
 from tsfa.simulate import ErrorModel, VSweepSettings, sweep_v
 
 from .test_offline import predict  # favours larger ranks: the rank term dominates the sparsification term
@@ -85,12 +86,20 @@ def test_every_online_point_agrees_with_resimulating_it(online_plan):
     for p in plan.online_table:
         shape = sys_.modules.with_rank(p.rank)
         settings = dataclasses.replace(prob.vsweep, v_grid=(p.relative_v,), v_refine=0)
-        (again,) = sweep_v(shape, sys_.cell, sys_.clients, sys_.compute_time_s(shape),
-                           latency_budget_s=plan.latency_budget_s, downlink_s=sys_.downlink_s(shape),
-                           rounds=p.simulated_rounds, settings=settings, seed=plan.simulation_seed)
-        assert again.time_average_latency_s == pytest.approx(p.time_average_latency_s, rel=1e-12)
-        assert 1.0 - again.average_dropped_energy == pytest.approx(p.kept_share, rel=1e-12)
-        assert again.mean_keep == pytest.approx(p.mean_keep, rel=1e-12)
+        seeds = replicate_seeds(plan.simulation_seed, p.replicates)
+        assert p.replicates == prob.vsweep.online_replicates and len(set(seeds)) == p.replicates
+        again = [sweep_v(shape, sys_.cell, sys_.clients, sys_.compute_time_s(shape),
+                         latency_budget_s=plan.latency_budget_s, downlink_s=sys_.downlink_s(shape),
+                         rounds=p.simulated_rounds, settings=settings, seed=seed)[0] for seed in seeds]
+        lat = [a.time_average_latency_s for a in again]
+        assert np.mean(lat) == pytest.approx(p.time_average_latency_s, rel=1e-12)
+        # the interval is Student-t over the replicates' time-averages
+        half = student_t.ppf(0.5 + prob.saa.confidence / 2, p.replicates - 1) * np.std(lat, ddof=1) / math.sqrt(
+            p.replicates)
+        assert (p.latency_low_s, p.latency_high_s) == pytest.approx((np.mean(lat) - half, np.mean(lat) + half),
+                                                                    rel=1e-9)
+        assert 1.0 - np.mean([a.average_dropped_energy for a in again]) == pytest.approx(p.kept_share, rel=1e-12)
+        assert np.mean([a.mean_keep for a in again]) == pytest.approx(p.mean_keep, rel=1e-12)
 
 
 def test_kept_share_reaches_predictors_that_accept_it():
@@ -137,15 +146,18 @@ def test_aggregate_kept_share_and_participation_reach_predictors_that_take_both(
     # each point's χ² is that of its clients' shares of scheduled rounds in the simulation
     prob = problem()
     p = max(plan.online_table, key=lambda q: q.participation_divergence)
-    (res,) = [r for v, r in tsfa.simulate.sweep_v_runs(
-        prob.system.modules.with_rank(p.rank), prob.system.cell, prob.system.clients,
-        prob.system.compute_time_s(prob.system.modules.with_rank(p.rank)), latency_budget_s=plan.latency_budget_s,
-        downlink_s=prob.system.downlink_s(prob.system.modules.with_rank(p.rank)), rounds=p.simulated_rounds,
-        settings=dataclasses.replace(prob.vsweep, v_grid=(p.relative_v,), v_refine=0), seed=plan.simulation_seed)]
-    shares = res.scheduled.mean(axis=0)
+    reps = [r for seed in replicate_seeds(plan.simulation_seed, p.replicates)
+            for v, r in tsfa.simulate.sweep_v_runs(
+                prob.system.modules.with_rank(p.rank), prob.system.cell, prob.system.clients,
+                prob.system.compute_time_s(prob.system.modules.with_rank(p.rank)),
+                latency_budget_s=plan.latency_budget_s,
+                downlink_s=prob.system.downlink_s(prob.system.modules.with_rank(p.rank)), rounds=p.simulated_rounds,
+                settings=dataclasses.replace(prob.vsweep, v_grid=(p.relative_v,), v_refine=0), seed=seed)]
+    shares = np.mean([res.scheduled.mean(axis=0) for res in reps], axis=0)  # each client's share over replicates
     assert p.participation_divergence == pytest.approx(float(tsfa.participation_divergence(shares)), rel=1e-12)
+    res = reps[0]
     np.testing.assert_allclose(res.participation, res.scheduled.mean(axis=1))
-    assert p.sent_share == pytest.approx(res.sent_share(p.simulated_rounds), rel=1e-12)
+    assert p.sent_share == pytest.approx(np.mean([q.sent_share(p.simulated_rounds) for q in reps]), rel=1e-12)
     assert res.profile.shape == (p.simulated_rounds, p.rank + 1) and np.allclose(res.profile[:, 0], 1.0)
     top = res.max_keep == p.rank  # a round where some client sent every component applied all of them
     assert res.sent_share() == pytest.approx(1.0) if top.any() else res.sent_share() < 1.0
