@@ -122,13 +122,13 @@ def seed_mean_prediction(cal, r, k, T, known, runs: int = 1) -> Prediction:
 
 
 def study(task: str, seeds: list[int], runs_dir: Path, log, *, pilot_rounds=None, offline=False, pilot_seeds=None,
-          quick=False):
+          quick=False, initial_queue="auto"):
     base = base_config(task)
     spec = TASKS[task]
     grid = cells(spec["ranks"])
     folder = runs_dir / task
-    cfg_of = lambda strategy, r, k, s, **kw: base.replace(  # noqa: E731
-        strategy=strategy, rank=r, keep=k, seed=s, out=str(folder / f"{strategy}_r{r}_k{k}_s{s}"), **kw)
+    cfg_of = lambda strategy, r, k, s, tag="", **kw: base.replace(  # noqa: E731
+        strategy=strategy, rank=r, keep=k, seed=s, out=str(folder / f"{strategy}{tag}_r{r}_k{k}_s{s}"), **kw)
     runs = {(r, k, s): get_run(cfg_of("fixed", r, k, s), log) for s in seeds for r, k in grid}
     n_pilot = pilot_seeds or spec["pilot_seeds"]
     pilots = [runs[(r, k, s)] for r, k in spec["pilots"] for s in seeds[:n_pilot]]
@@ -191,12 +191,16 @@ def study(task: str, seeds: list[int], runs_dir: Path, log, *, pilot_rounds=None
         summary["offline"] = offline_check(task, base, cfg_of, pilots, seeds, log,
                                            dict(spectrum=spectrum, floor=floor, boots=QUICK_BOOTS if quick else 100,
                                                 rng=0, rounds=pilot_rounds), pilot_seeds=n_pilot,
+                                           initial_queue=initial_queue,
                                            **(dict(draws=40, v_rounds=30, v_refine=0) if quick else OFFLINE_PLAN))
     return rows, curves, cal, summary
 
 
-def offline_check(task, base, cfg_of, pilots, seeds, log, fit_kw, pilot_seeds=1, **plan_kw) -> dict:
-    """The offline plan against ``tsfa`` at every rank under the same τ̄ (seconds). The plan's
+def offline_check(task, base, cfg_of, pilots, seeds, log, fit_kw, pilot_seeds=1, initial_queue="auto",
+                  **plan_kw) -> dict:
+    """The offline plan against ``tsfa`` at every rank under the same τ̄ (seconds), every run and
+    the plan's simulated online stage starting from the queue ``initial_queue`` (0: the
+    latency-blind first rounds; "auto": the least Q whose first allocation meets τ̄). The plan's
     calibration adds an online pilot to the template pilots: ``tsfa`` at the largest rank on
     the first ``pilot_seeds`` seeds, averaged (its skipping identifies the participation cost ψ)."""
     from fedloop.design import plan_for
@@ -205,18 +209,25 @@ def offline_check(task, base, cfg_of, pilots, seeds, log, fit_kw, pilot_seeds=1,
     probe = Server(base.replace(out=str(Path(cfg_of("tsfa", base.rank, base.keep, seeds[0]).out).parent / "probe")))
     tau = probe.tau_bar
     ranks = TASKS[task]["ranks"]
-    tsfa_runs = {(r, s): get_run(cfg_of("tsfa", r, max(1, r // 2), s, latency_budget_s=tau), log)
+    tag = "" if initial_queue == 0 else f"-q0{initial_queue}"  # runs of Q(0) = 0 keep their folder names
+    tsfa_runs = {(r, s): get_run(cfg_of("tsfa", r, max(1, r // 2), s, tag=tag, latency_budget_s=tau,
+                                        initial_queue=initial_queue), log)
                  for r in ranks for s in seeds}
     finals = {r: [loss_curve(tsfa_runs[(r, s)])[0][-1] for s in seeds] for r in ranks}
     order = sorted(ranks, key=lambda r: np.mean(finals[r]))
     online = [tsfa_runs[(max(ranks), s)] for s in seeds[:pilot_seeds]]
     cal = fit_curve(pilots, online_pilot=online, data_weight=probe.weights, **fit_kw)
     log(f"{task}: offline calibration: {cal.summary()}")
-    plan, _, _ = plan_for(base.replace(strategy="tsfa", latency_budget_s=tau), pilot=pilots[-1], ranks=ranks,
+    plan, _, _ = plan_for(base.replace(strategy="tsfa", latency_budget_s=tau, initial_queue=initial_queue),
+                          pilot=pilots[-1], ranks=ranks,
                           calibration=cal, latency_model="online", **plan_kw)
     log(f"{task}: offline plan: {plan.message}")
     log(plan.format_online_table())
-    return {"latency_budget_s": tau, "online_pilot": [max(ranks), seeds[:pilot_seeds]], "calibration": cal.summary(),
+    lat = {r: [np.mean([x["latency_s"] for x in tsfa_runs[(r, s)].rounds]) / tau for s in seeds] for r in ranks}
+    return {"latency_budget_s": tau, "initial_queue": initial_queue,
+            "measured_latency_over_budget_by_rank": {str(r): float(np.mean(lat[r])) for r in ranks},
+            "plan_simulated_latency_over_budget": plan.expected_latency_s / tau,
+            "online_pilot": [max(ranks), seeds[:pilot_seeds]], "calibration": cal.summary(),
             "plan_rank": plan.rank, "plan_status": plan.status.value,
             "plan_relative_v": plan.relative_v, "plan_predicted_loss": plan.predicted_loss,
             "plan_message": plan.message, "measured_final_by_rank": {str(r): float(np.mean(finals[r])) for r in ranks},
@@ -289,6 +300,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pilot-rounds", type=int, default=None, help="use the pilots' first rounds only")
     ap.add_argument("--pilot-seeds", type=int, default=None, help="seeds per pilot cell (default: 1; 3 on linear)")
     ap.add_argument("--offline", action="store_true", help="also check the offline plan against tsfa per rank")
+    ap.add_argument("--initial-queue", default="auto", type=lambda v: v if v == "auto" else float(v),
+                    help="Q(0) of the offline check's tsfa runs and of its plan: 'auto' (default) or seconds")
     ap.add_argument("--runs", default="runs/predictions")
     ap.add_argument("--out", default="docs/figures")
     ap.add_argument("--quick", action="store_true", help="a tiny linear study (for the test suite)")
@@ -302,7 +315,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, curves, _, summary = study(args.task, seeds, Path(args.runs), log, pilot_rounds=args.pilot_rounds,
-                                     offline=args.offline, pilot_seeds=args.pilot_seeds, quick=args.quick)
+                                     offline=args.offline, pilot_seeds=args.pilot_seeds, quick=args.quick,
+                                     initial_queue=args.initial_queue)
     suffix = args.task.replace("-", "_") + ("" if args.pilot_rounds is None else f"_pilot{args.pilot_rounds}")
     figure(args.task, rows, curves, summary, out / f"predictions_{suffix}.png")
     write_csv(out / f"predictions_{suffix}.csv", rows)

@@ -111,7 +111,8 @@ def plan_for(cfg: RunConfig, *, pilot=None, ranks: Sequence[int] = DEFAULT_RANKS
         grid=CandidateGrid(ranks=ranks, keep_ratios=keep_ratios, rounds=cfg.rounds if rounds is None else rounds),
         budgets=Budgets(system.tau_bar, max_latency_s=cap),
         saa=SaaSettings(draws=draws),
-        vsweep=VSweepSettings(online_drift=cfg.drift, latency_model=latency_model, error_model=error_model),
+        vsweep=VSweepSettings(online_drift=cfg.drift, latency_model=latency_model, error_model=error_model,
+                              online_initial_queue=cfg.initial_queue),
     )
     if design_kw:
         problem = problem.replace(**design_kw)

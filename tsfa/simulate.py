@@ -283,6 +283,12 @@ class VSweepSettings:
             interval is Student-t over the replicates' time-averages, so the interval measures
             what another draw of the channel would give, not only the scatter of one
             trajectory's rounds. 1: one trajectory and a batch-means interval over its rounds.
+        online_initial_queue: the simulated allocator's Q(0), seconds, or ``"auto"`` (at the
+            first round, the smallest Q whose allocation meets τ̄:
+            :class:`~tsfa.allocator.OnlineAllocator`'s ``queue``); the online stage the plan is
+            for should start the same way (``fedloop``'s ``initial_queue``). From Q = 0 the
+            first rounds ignore latency, and over a short horizon that transient alone can
+            put the time average above τ̄.
     """
 
     choose_v: bool = True
@@ -297,6 +303,7 @@ class VSweepSettings:
     online_min_participation: float = 0.0
     online_latency_test: str = "interval"
     online_replicates: int = 4
+    online_initial_queue: float | str = 0.0
 
     def __post_init__(self):
         if not isinstance(self.choose_v, (bool, np.bool_)):
@@ -311,6 +318,13 @@ class VSweepSettings:
         if part > 1:
             raise ValueError(f"online_min_participation must lie in [0, 1]; got online_min_participation = {part!r}")
         object.__setattr__(self, "online_min_participation", part)
+        q0 = self.online_initial_queue
+        if isinstance(q0, str) and q0 != "auto":
+            raise ValueError(f"online_initial_queue must be 'auto' or a number >= 0; got online_initial_queue = "
+                             f"{q0!r:.40}")
+        if q0 != "auto":
+            q0 = as_scalar("online_initial_queue", q0, lower=0)
+        object.__setattr__(self, "online_initial_queue", q0)
         object.__setattr__(self, "online_replicates", as_scalar("online_replicates", self.online_replicates, lower=1,
                                                                 integer=True))
         if self.latency_model == "online" and not self.choose_v:
@@ -389,7 +403,8 @@ def sweep_v_runs(shape: LoraShape, cell: Cell, clients: Clients, compute_s, *, l
     def run(v: float) -> SimulationResult:
         policy = OnlineAllocator.from_relative_v(
             shape, latency_budget_s=latency_budget_s, relative_v=v, total_bandwidth_hz=cell.total_bandwidth_hz,
-            downlink_s=downlink_s, max_latency_s=cap, allow_skip=True, drift=settings.online_drift)
+            downlink_s=downlink_s, max_latency_s=cap, allow_skip=True, drift=settings.online_drift,
+            queue=settings.online_initial_queue)
         return simulate_allocation(_RelativeProfiles(policy), cell, clients, rounds=rounds, compute_s=compute_s,
                                    error_model=settings.error_model, data_weight=settings.data_weight, rng=seed)
 

@@ -71,7 +71,12 @@ def test_predictions_short(tmp_path):
     summary = json.loads((tmp_path / "predictions_linear.json").read_text())
     assert summary["held_out_cells"] == 3 and summary["exact_bound_holds_every_run_every_round"] is True
     assert 0.0 <= summary["coverage_pooled"] <= 1.0 and -1.0 <= summary["spearman_final"] <= 1.0
-    assert summary["offline"]["plan_rank"] in (1, 2, 4) and len(summary["offline"]["best_two_ranks"]) == 2
+    off = summary["offline"]
+    assert off["plan_rank"] in (1, 2, 4) and len(off["best_two_ranks"]) == 2
+    # the runs and the plan's simulated stage start from the same queue rule; latency reported per rank
+    assert off["initial_queue"] == "auto" and set(off["measured_latency_over_budget_by_rank"]) == {"1", "2", "4"}
+    assert all(0 < x < 10 for x in off["measured_latency_over_budget_by_rank"].values())
+    assert (tmp_path / "runs" / "linear" / "tsfa-q0auto_r4_k2_s10" / "history.json").is_file()
     rows = list(csv.DictReader(open(tmp_path / "predictions_linear.csv")))
     assert len(rows) == 6 and all(float(r["band_low_final"]) <= float(r["predicted_final"])
                                   <= float(r["band_high_final"]) for r in rows)

@@ -294,6 +294,32 @@ def test_bad_latency_model_settings_name_the_argument():
         problem().replace(latency_model=None)
     with pytest.raises(ValueError, match="online_min_participation"):
         VSweepSettings(online_min_participation=1.5)
+    for bad in ("soon", -1.0, math.nan, True):
+        with pytest.raises(ValueError, match="online_initial_queue"):
+            VSweepSettings(online_initial_queue=bad)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="online_replicates"):
+            VSweepSettings(online_replicates=bad)
+
+
+def test_the_simulated_stage_starts_from_the_configured_queue():
+    """From Q = 0 the first round ignores latency and runs above τ̄; with ``"auto"`` it starts
+    at the smallest Q whose allocation meets τ̄, so its first round does."""
+    prob = problem()
+    sys_ = prob.system
+    shape = sys_.modules.with_rank(16)
+    tau = prob.budgets.latency_budget_s
+
+    def first_rounds(q0):
+        settings = dataclasses.replace(prob.vsweep, v_grid=(0.1, 1.0), v_refine=0, online_initial_queue=q0)
+        return [res for _, res in tsfa.simulate.sweep_v_runs(
+            shape, sys_.cell, sys_.clients, sys_.compute_time_s(shape), latency_budget_s=tau,
+            downlink_s=sys_.downlink_s(shape), rounds=5, settings=settings, seed=1)]
+
+    cold, warm = first_rounds(0.0), first_rounds("auto")
+    assert all(res.latency_s[0] > tau and res.queue[0] == 0 for res in cold)
+    assert all(res.latency_s[0] <= tau * (1 + 1e-9) and res.queue[0] > 0 for res in warm)
+    assert problem(online_initial_queue="auto").vsweep.online_initial_queue == "auto"
 
 
 # --------------------------------------------------------------------------------------
