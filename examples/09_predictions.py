@@ -18,6 +18,9 @@ configuration's), and the offline plan (``fedloop.design.plan_for`` with the cal
 curves and the simulated online stage) is compared with the two empirically best ranks; its
 online pilot is ``tsfa`` at the largest rank on the pilot seeds (``--pilot-seeds``), averaged.
 
+``--offline-only`` runs the offline check alone (the pilot cells and ``tsfa`` per rank) and
+writes ``<out>/offline_check_<task>.json``.
+
 Runs are stored under ``<runs>/<task>/`` and reused when their configuration matches, so a
 second call only analyses. Writes ``<out>/predictions_<task>.png``, ``predictions_<task>.csv``
 and ``predictions_<task>.json``.
@@ -68,6 +71,8 @@ RATIOS = (0.25, 0.5, 1.0)
 #: The plan's V grid: three V around the tsfa runs' V = 1 (each simulated V runs the exact
 #: drift-plus-penalty allocator for every simulated rank, about 1–2 s per round on 2 cores).
 OFFLINE_PLAN = dict(v_grid=(0.3, 1.0, 3.0), v_refine=0)
+#: The plan's settings in ``--quick`` (the test suite): fewer draws and rounds, two replicate trajectories.
+QUICK_PLAN = dict(draws=40, v_rounds=30, v_refine=0, online_replicates=2)
 #: Bootstrap replicates in ``--quick`` (the test suite).
 QUICK_BOOTS = 10
 
@@ -121,20 +126,43 @@ def seed_mean_prediction(cal, r, k, T, known, runs: int = 1) -> Prediction:
                       speed=preds[0].speed, level=preds[0].level)
 
 
-def study(task: str, seeds: list[int], runs_dir: Path, log, *, pilot_rounds=None, offline=False, pilot_seeds=None,
-          quick=False, initial_queue="auto"):
-    base = base_config(task)
-    spec = TASKS[task]
-    grid = cells(spec["ranks"])
-    folder = runs_dir / task
+def run_namer(task: str, runs_dir: Path):
+    """The task's base configuration and the configuration of each stored run, by name."""
+    base, folder = base_config(task), runs_dir / task
     cfg_of = lambda strategy, r, k, s, tag="", **kw: base.replace(  # noqa: E731
         strategy=strategy, rank=r, keep=k, seed=s, out=str(folder / f"{strategy}{tag}_r{r}_k{k}_s{s}"), **kw)
-    runs = {(r, k, s): get_run(cfg_of("fixed", r, k, s), log) for s in seeds for r, k in grid}
+    return base, cfg_of
+
+
+def pilot_cells(task: str, seeds, cfg_of, log, pilot_seeds=None):
+    """The pilot runs (reused when stored), the task's spectrum (exact on linear, a pilot
+    gradient otherwise), the loss floor and the number of pilot seeds."""
+    spec = TASKS[task]
     n_pilot = pilot_seeds or spec["pilot_seeds"]
-    pilots = [runs[(r, k, s)] for r, k in spec["pilots"] for s in seeds[:n_pilot]]
+    pilots = [get_run(cfg_of("fixed", r, k, s), log) for r, k in spec["pilots"] for s in seeds[:n_pilot]]
     pilot_task = make_task(cfg_of("fixed", *spec["pilots"][-1], seeds[0]))
-    spectrum = task_spectrum(pilot_task)  # exact on linear, a pilot gradient otherwise
     floor = float(linear_optimum(pilot_task)["floor"]) if task == "linear" else 0.0
+    return pilots, task_spectrum(pilot_task), floor, n_pilot
+
+
+def offline_only(task: str, seeds: list[int], runs_dir: Path, log, *, pilot_seeds=None, initial_queue="auto",
+                 quick=False) -> dict:
+    """The offline check alone: the pilot cells and ``tsfa`` per rank, without the held-out grid."""
+    base, cfg_of = run_namer(task, runs_dir)
+    pilots, spectrum, floor, n_pilot = pilot_cells(task, seeds, cfg_of, log, pilot_seeds)
+    return offline_check(task, base, cfg_of, pilots, seeds, log,
+                         dict(spectrum=spectrum, floor=floor, boots=QUICK_BOOTS if quick else 100, rng=0, rounds=None),
+                         pilot_seeds=n_pilot, initial_queue=initial_queue,
+                         **(QUICK_PLAN if quick else OFFLINE_PLAN))
+
+
+def study(task: str, seeds: list[int], runs_dir: Path, log, *, pilot_rounds=None, offline=False, pilot_seeds=None,
+          quick=False, initial_queue="auto"):
+    spec = TASKS[task]
+    grid = cells(spec["ranks"])
+    base, cfg_of = run_namer(task, runs_dir)
+    runs = {(r, k, s): get_run(cfg_of("fixed", r, k, s), log) for s in seeds for r, k in grid}
+    pilots, spectrum, floor, n_pilot = pilot_cells(task, seeds, cfg_of, log, pilot_seeds)
     cal = fit_curve(pilots, spectrum, floor=floor, boots=QUICK_BOOTS if quick else 100, rng=0, rounds=pilot_rounds)
     log(f"{task}: {cal.summary()}")
     T = base.rounds
@@ -192,7 +220,7 @@ def study(task: str, seeds: list[int], runs_dir: Path, log, *, pilot_rounds=None
                                            dict(spectrum=spectrum, floor=floor, boots=QUICK_BOOTS if quick else 100,
                                                 rng=0, rounds=pilot_rounds), pilot_seeds=n_pilot,
                                            initial_queue=initial_queue,
-                                           **(dict(draws=40, v_rounds=30, v_refine=0) if quick else OFFLINE_PLAN))
+                                           **(QUICK_PLAN if quick else OFFLINE_PLAN))
     return rows, curves, cal, summary
 
 
@@ -300,6 +328,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pilot-rounds", type=int, default=None, help="use the pilots' first rounds only")
     ap.add_argument("--pilot-seeds", type=int, default=None, help="seeds per pilot cell (default: 1; 3 on linear)")
     ap.add_argument("--offline", action="store_true", help="also check the offline plan against tsfa per rank")
+    ap.add_argument("--offline-only", action="store_true",
+                    help="only the offline check (pilots and tsfa per rank; no held-out grid)")
     ap.add_argument("--initial-queue", default="auto", type=lambda v: v if v == "auto" else float(v),
                     help="Q(0) of the offline check's tsfa runs and of its plan: 'auto' (default) or seconds")
     ap.add_argument("--runs", default="runs/predictions")
@@ -314,10 +344,16 @@ def main(argv=None) -> int:
         TASKS["linear"].update(ranks=(1, 2, 4), pilots=((1, 1), (4, 4), (4, 1)), pilot_seeds=2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    suffix = args.task.replace("-", "_") + ("" if args.pilot_rounds is None else f"_pilot{args.pilot_rounds}")
+    if args.offline_only:
+        check = offline_only(args.task, seeds, Path(args.runs), log, pilot_seeds=args.pilot_seeds,
+                             initial_queue=args.initial_queue, quick=args.quick)
+        (out / f"offline_check_{suffix}.json").write_text(json.dumps(check, indent=1))
+        print(json.dumps({k: v for k, v in check.items() if k != "calibration"}, indent=1))
+        return 0
     rows, curves, _, summary = study(args.task, seeds, Path(args.runs), log, pilot_rounds=args.pilot_rounds,
                                      offline=args.offline, pilot_seeds=args.pilot_seeds, quick=args.quick,
                                      initial_queue=args.initial_queue)
-    suffix = args.task.replace("-", "_") + ("" if args.pilot_rounds is None else f"_pilot{args.pilot_rounds}")
     figure(args.task, rows, curves, summary, out / f"predictions_{suffix}.png")
     write_csv(out / f"predictions_{suffix}.csv", rows)
     (out / f"predictions_{suffix}.json").write_text(json.dumps(summary, indent=1))

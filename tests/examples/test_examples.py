@@ -77,6 +77,11 @@ def test_predictions_short(tmp_path):
     assert off["initial_queue"] == "auto" and set(off["measured_latency_over_budget_by_rank"]) == {"1", "2", "4"}
     assert all(0 < x < 10 for x in off["measured_latency_over_budget_by_rank"].values())
     assert (tmp_path / "runs" / "linear" / "tsfa-q0auto_r4_k2_s10" / "history.json").is_file()
+    # the offline check alone, on the stored runs: the same plan
+    assert ex.main(["--quick", "--task", "linear", "--seeds", "2", "--offline-only", "--runs", str(tmp_path / "runs"),
+                    "--out", str(tmp_path)]) == 0
+    again = json.loads((tmp_path / "offline_check_linear.json").read_text())
+    assert (again["plan_rank"], again["plan_relative_v"]) == (off["plan_rank"], off["plan_relative_v"])
     rows = list(csv.DictReader(open(tmp_path / "predictions_linear.csv")))
     assert len(rows) == 6 and all(float(r["band_low_final"]) <= float(r["predicted_final"])
                                   <= float(r["band_high_final"]) for r in rows)
