@@ -91,12 +91,20 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", default="runs/communication")
     ap.add_argument("--out", default="runs/communication")
     ap.add_argument("--quick", action="store_true", help="a short run of five variants (the test suite)")
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated subset of the task's variants to run and report (default: all)")
     args = ap.parse_args(argv)
     cfg = base_config(args.task)
     order = ORDER if args.task == "linear" else ORDER_DISTILL
     if args.quick:
         cfg = cfg.replace(rounds=4, clients=4, linear={"dim": 16, "samples": 64, "test_samples": 256})
         order = QUICK
+    if args.variants:
+        chosen = tuple(v.strip() for v in args.variants.split(","))
+        unknown = [v for v in chosen if v not in order]
+        if unknown:
+            ap.error(f"--variants: {', '.join(unknown)} not among {', '.join(order)}")
+        order = chosen
     bench = benchmark(cfg, order, args.seeds, out=Path(args.runs) / args.task, variants=VARIANTS, progress=False)
     rows = {r["strategy"]: r for r in bench.summary}
     metric = METRICS[cfg.task]
@@ -140,10 +148,11 @@ def main(argv=None) -> int:
                       f"both reach it")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"communication_{args.task.replace('-', '_')}.json").write_text(
+    name = f"communication_{args.task.replace('-', '_')}" + ("_subset" if args.variants else "")
+    (out / f"{name}.json").write_text(
         json.dumps(summary, indent=1, default=lambda x: None if isinstance(x, float) and not np.isfinite(x) else x))
     fig = Path(bench.out) / "benchmark.png"
-    (out / f"communication_{args.task.replace('-', '_')}.png").write_bytes(fig.read_bytes())
+    (out / f"{name}.png").write_bytes(fig.read_bytes())
     return 0
 
 

@@ -358,8 +358,8 @@ def plot_benchmark(b: Benchmark, path) -> Path:
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[2].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # outside the curves
-    fig.suptitle(f"{b.config['task']}: {len(b.seeds)} paired seeds, mean ± 95 % CI; dotted: target "
-                 f"({b.reference} less δ)", fontsize=10)
+    target = f"; dotted: target ({b.reference} less δ)" if b.reference is not None else " (no dense reference run)"
+    fig.suptitle(f"{b.config['task']}: {len(b.seeds)} paired seeds, mean ± 95 % CI{target}", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
