@@ -139,10 +139,11 @@ def main(argv=None) -> int:
             print(f"{soft_ef} − {other} within {budget / 1e6:.3g} Mbit: {mean:+.4f} ± {ci:.4f} "
                   f"({'better' if better else 'not better'} beyond the CI)")
     ref = rows.get("fedit")
-    if ref and soft_ef in rows:
-        rel = rows[soft_ef]["final_mean"] / ref["final_mean"] - 1
-        summary["soft_ef_vs_fedit_final_relative"] = rel
-        print(f"{soft_ef} final vs fedit: {100 * rel:+.1f} %")
+    if ref:
+        if soft_ef in rows:
+            rel = rows[soft_ef]["final_mean"] / ref["final_mean"] - 1
+            summary["soft_ef_vs_fedit_final_relative"] = rel
+            print(f"{soft_ef} final vs fedit: {100 * rel:+.1f} %")
         for s in (soft_ef, "fixed+ef+q8", "fixed+ef+q4", "tsfa+ef+q8", "tsfa+ef+q4", "tsfa+ef+auto",
                   "tsfa+ef+auto-budget0.25"):
             if rows.get(s, {}).get("reached") and ref["reached"]:
