@@ -27,7 +27,7 @@ def problem(latency_budget_s=0.43, **changes):
         grid=tsfa.CandidateGrid(ranks=[1, 2, 4, 8, 16], keep_ratios=[1.0], rounds=[200]),
         budgets=tsfa.Budgets(latency_budget_s, max_latency_s=1.0),
         saa=tsfa.SaaSettings(draws=60),
-        vsweep=tsfa.VSweepSettings(v_grid=V_GRID, v_rounds=30, v_refine=1, latency_model="online"),
+        vsweep=tsfa.VSweepSettings(v_grid=V_GRID, v_rounds=30, v_refine=1, latency_model="online", online_replicates=2),
     )
     return base.replace(**changes) if changes else base
 
