@@ -194,7 +194,8 @@ class OfflinePlan(ResultMixin):
             "nominal" it equals ``chosen``.
         simulation_seed: the seed of the online-stage simulations (the V sweep, and with
             "online" every rank's), None where none ran: :func:`~tsfa.simulate.sweep_v` with
-            it reproduces them.
+            it reproduces them (with "online", on each seed of
+            ``tsfa.online_model.replicate_seeds(simulation_seed, online_replicates)``).
 
     With ``latency_model="online"`` the plan's rank, keep, rounds, V, predicted loss and
     latency come from the chosen online point: ``expected_latency_s`` is its simulated
