@@ -48,13 +48,17 @@ VARIANTS = {
     "tsfa+ef+q4": {"strategy": "tsfa", "value_bits": 4, **EF},
     "tsfa+ef+auto": {"strategy": "tsfa", "value_bits": "auto", **EF},  # the allocator chooses q with s
     "tsfa+ef+auto-budget0.25": {"strategy": "tsfa", "value_bits": "auto", "budget_factor": 0.25, **EF},  # τ̄ halved
+    # the downlink compressed too: the server broadcasts the adapter's change at 8 or 4 bits a value
+    "tsfa+ef+q4+dl8": {"strategy": "tsfa", "value_bits": 4, "downlink_value_bits": 8, **EF},
+    "tsfa+ef+q4+dl4": {"strategy": "tsfa", "value_bits": 4, "downlink_value_bits": 4, **EF},
 }
 ORDER = ("ideal", "fedit", "head", "lowrank", "topk", "fixed", "fixed+ef", "fixed+ef-unrotated", "fixed+ef+q8",
          "topk+ef", "random+ef", "tsfa+ef+q8", "tsfa+ef+auto", "flasc")
 #: On rt-distill (1–5 min a run on 2 cores) the set the claims need: the references, the frozen
 #: adapter, SOFT with error feedback, TSFA at 8 bits with it, and the other compressors with it.
 ORDER_DISTILL = ("ideal", "fedit", "head", "lowrank", "fixed+ef", "fixed+ef+q8", "fixed+ef+q4", "tsfa+ef+q8",
-                 "tsfa+ef+q4", "tsfa+ef+auto", "tsfa+ef+auto-budget0.25", "topk+ef", "random+ef", "flasc")
+                 "tsfa+ef+q4", "tsfa+ef+auto", "tsfa+ef+auto-budget0.25", "tsfa+ef+q4+dl8", "tsfa+ef+q4+dl4",
+                 "topk+ef", "random+ef", "flasc")
 #: On rt-minilm (the user-facing task; accuracy, 1 point = 0.01): the reference, the frozen adapter
 #: and TSFA with error feedback at 4 bits, the headline setting of rt-distill.
 ORDER_MINILM = ("fedit", "head", "tsfa+ef+q4")
@@ -78,13 +82,17 @@ def paired_at_equal_bits(bench, a: str, b: str) -> tuple[float, float, float]:
     return (*mean_ci(d), budget)
 
 
-def paired_saving(bench, ref: str, s: str) -> dict:
-    """fedit's bits to the target over ``s``'s, seed by seed: mean and 95 % CI over the seeds
-    where both reach the target, and how many those are."""
+def paired_saving(bench, ref: str, s: str, columns=("uplink_bits",)) -> dict:
+    """fedit's bits to the target over ``s``'s, seed by seed (the sum of ``columns``: uplink, or
+    uplink and downlink): mean and 95 % CI over the seeds where both reach the target, and how
+    many those are."""
+    def bits(strategy, k):
+        hit = first_reach(bench.runs[(strategy, k)], bench.metric, bench.target)
+        return None if hit["uplink_bits"] is None else sum(hit[c] for c in columns)
+
     ratios = []
     for k in bench.seeds:
-        a = first_reach(bench.runs[(ref, k)], bench.metric, bench.target)["uplink_bits"]
-        b = first_reach(bench.runs[(s, k)], bench.metric, bench.target)["uplink_bits"]
+        a, b = bits(ref, k), bits(s, k)
         if a is not None and b:
             ratios.append(a / b)
     mean, ci = mean_ci(ratios) if ratios else (float("nan"), float("nan"))
@@ -100,6 +108,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a short run of five variants (the test suite)")
     ap.add_argument("--variants", default=None,
                     help="comma-separated subset of the task's variants to run and report (default: all)")
+    ap.add_argument("--tag", default="subset", help="the outputs' name suffix for a --variants subset")
     args = ap.parse_args(argv)
     cfg = base_config(args.task)
     order = {"linear": ORDER, "rt-distill": ORDER_DISTILL, "rt-minilm": ORDER_MINILM}[args.task]
@@ -145,18 +154,24 @@ def main(argv=None) -> int:
             summary["soft_ef_vs_fedit_final_relative"] = rel
             print(f"{soft_ef} final vs fedit: {100 * rel:+.1f} %")
         for s in (soft_ef, "fixed+ef+q8", "fixed+ef+q4", "tsfa+ef+q8", "tsfa+ef+q4", "tsfa+ef+auto",
-                  "tsfa+ef+auto-budget0.25"):
+                  "tsfa+ef+auto-budget0.25", "tsfa+ef+q4+dl8", "tsfa+ef+q4+dl4"):
             if rows.get(s, {}).get("reached") and ref["reached"]:
                 ratio = ref["bits_to_target_mean"] / rows[s]["bits_to_target_mean"]
                 summary[f"{s}_bits_to_target_saving_vs_fedit"] = ratio
                 paired = paired_saving(bench, "fedit", s)
                 summary[f"{s}_paired_saving_vs_fedit"] = paired
+                both = paired_saving(bench, "fedit", s, ("uplink_bits", "downlink_bits"))
+                summary[f"{s}_paired_saving_both_directions_vs_fedit"] = both
                 print(f"{s}: {ratio:.2f}× fewer uplink bits to the target than fedit (ratio of the means); "
                       f"per seed {paired['mean']:.2f} ± {paired['ci95']:.2f} over the {paired['seeds']} seeds where "
-                      f"both reach it")
+                      f"both reach it; uplink + downlink {both['mean']:.2f} ± {both['ci95']:.2f} (downlink to the "
+                      f"target {rows[s]['downlink_to_target_mean'] / 1e6:.3g} Mbit, fedit's "
+                      f"{ref['downlink_to_target_mean'] / 1e6:.3g})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"communication_{args.task.replace('-', '_')}" + ("_subset" if args.variants else "")
+    if not args.tag.replace("-", "").replace("_", "").isalnum():
+        ap.error(f"--tag: letters, digits, - and _ only; got {args.tag!r}")
+    name = f"communication_{args.task.replace('-', '_')}" + (f"_{args.tag}" if args.variants else "")
     (out / f"{name}.json").write_text(
         json.dumps(summary, indent=1, default=lambda x: None if isinstance(x, float) and not np.isfinite(x) else x))
     fig = Path(bench.out) / "benchmark.png"

@@ -11,7 +11,8 @@ interval of:
 * ``bits_to_target``: the cumulative uplink bits at the first round whose metric reaches the
   target, the better dense reference's (``ideal`` or ``fedit``) mean final metric less δ
   (1 point by default); runs that never reach it are counted and reported as not reached;
-* ``time_to_target``: the simulated wall-clock at that round;
+* ``time_to_target``: the simulated wall-clock at that round; ``downlink_to_target``: the
+  cumulative downlink bits at that round;
 * ``uplink_bits``, ``downlink_bits`` (totals), ``latency_over_budget`` (mean round latency / τ̄);
 * ``at_equal_bits`` / ``at_equal_time``: the metric after the last round that fits in a
   common uplink budget and a common simulated time (the smallest totals among strategies
@@ -26,6 +27,7 @@ requested one is reused, an interrupted one resumes from its checkpoint. The sum
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -93,31 +95,35 @@ def mean_ci(values, level: float = 0.95) -> tuple[float, float]:
     return float(x.mean()), float(half)
 
 
-def _series(h: History, metric: Metric) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per evaluated round: the metric, cumulative uplink bits, cumulative simulated time, round."""
+def _series(h: History, metric: Metric) -> tuple[np.ndarray, ...]:
+    """Per evaluated round: the metric, cumulative uplink bits, cumulative simulated time, round,
+    cumulative downlink bits."""
     y = h.column(metric.column)
     bits = np.cumsum(h.column("uplink_bits"))
     time_s = h.column("wallclock_s")
     rounds = h.column("round")
+    down = np.cumsum(h.column("downlink_bits"))
     ok = np.isfinite(y)
-    return y[ok], bits[ok], time_s[ok], rounds[ok]
+    return y[ok], bits[ok], time_s[ok], rounds[ok], down[ok]
 
 
 def first_reach(h: History, metric: Metric, target: float) -> dict:
     """The first evaluated round whose metric reaches ``target``: {round, uplink_bits,
-    wallclock_s}, or None values when the run never reaches it."""
-    y, bits, time_s, rounds = _series(h, metric)
+    wallclock_s, downlink_bits} (cumulative up to that round), or None values when the run
+    never reaches it."""
+    y, bits, time_s, rounds, down = _series(h, metric)
     hit = np.flatnonzero(metric.reaches(y, target))
     if hit.size == 0:
-        return {"round": None, "uplink_bits": None, "wallclock_s": None}
+        return {"round": None, "uplink_bits": None, "wallclock_s": None, "downlink_bits": None}
     i = int(hit[0])
-    return {"round": int(rounds[i]), "uplink_bits": float(bits[i]), "wallclock_s": float(time_s[i])}
+    return {"round": int(rounds[i]), "uplink_bits": float(bits[i]), "wallclock_s": float(time_s[i]),
+            "downlink_bits": float(down[i])}
 
 
 def metric_within(h: History, metric: Metric, column: str, budget: float) -> float:
     """The metric after the last evaluated round whose cumulative ``column`` ("uplink_bits" or
     "wallclock_s") is within ``budget``; the initial metric when no round fits."""
-    y, bits, time_s, _ = _series(h, metric)
+    y, bits, time_s, _, _ = _series(h, metric)
     x = bits if column == "uplink_bits" else time_s
     fits = np.flatnonzero(x <= budget * (1 + 1e-12))
     if fits.size:
@@ -204,9 +210,11 @@ def summarise(runs: dict, metric: Metric, strategies, seeds, *, delta: float | N
         per = []
         for k in seeds:
             h = runs[(s, k)]
-            hit = first_reach(h, metric, target) if reference else {"uplink_bits": None, "wallclock_s": None}
+            hit = first_reach(h, metric, target) if reference else {"uplink_bits": None, "wallclock_s": None,
+                                                                    "downlink_bits": None}
             lat = h.column("latency_s")
             per.append({"final": final[(s, k)], "bits": hit["uplink_bits"], "time": hit["wallclock_s"],
+                        "down_bits": hit["downlink_bits"],
                         "uplink": h.total_uplink_bits, "downlink": float(np.sum(h.column("downlink_bits"))),
                         "lat": float(np.mean(lat) / h.meta["latency_budget_s"]),
                         "eq_bits": metric_within(h, metric, "uplink_bits", equal_bits),
@@ -214,6 +222,7 @@ def summarise(runs: dict, metric: Metric, strategies, seeds, *, delta: float | N
                         "diff": final[(s, k)] - final[(reference, k)] if reference else math.nan})
         row = {"strategy": s, "seeds": len(seeds), "reached": sum(p["bits"] is not None for p in per)}
         for name, key in (("final", "final"), ("bits_to_target", "bits"), ("time_to_target", "time"),
+                          ("downlink_to_target", "down_bits"),
                           ("uplink_bits", "uplink"), ("downlink_bits", "downlink"),
                           ("latency_over_budget", "lat"), ("at_equal_bits", "eq_bits"),
                           ("at_equal_time", "eq_time"), ("paired_difference", "diff")):
@@ -221,6 +230,9 @@ def summarise(runs: dict, metric: Metric, strategies, seeds, *, delta: float | N
         rows.append(row)
     return {"reference": reference, "target": target, "equal_bits": equal_bits, "equal_time_s": equal_time,
             "summary": rows}
+
+
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
 
 
 def _run_or_reuse(cfg: RunConfig, progress: bool) -> History:
@@ -231,8 +243,10 @@ def _run_or_reuse(cfg: RunConfig, progress: bool) -> History:
     folder = Path(cfg.out)
     if (folder / "history.json").is_file():
         h = History.load(folder)
-        same = {k: v for k, v in h.config.items() if k != "out"} == {k: v for k, v in cfg.to_dict().items()
-                                                                      if k != "out"}
+        # a ledger written before a setting existed ran with that setting's default
+        saved = {**_FIELD_DEFAULTS, **h.config}
+        same = {k: v for k, v in saved.items() if k != "out"} == {k: v for k, v in cfg.to_dict().items()
+                                                                  if k != "out"}
         if same and len(h.rounds) == cfg.rounds:
             return h
     if (folder / CHECKPOINT).is_file():
@@ -330,7 +344,7 @@ def plot_benchmark(b: Benchmark, path) -> Path:
     for i, s in enumerate(b.strategies):
         ys, xs_bits, xs_time, xs_round = [], [], [], None
         for k in b.seeds:
-            y, bits, time_s, rounds = _series(b.runs[(s, k)], b.metric)
+            y, bits, time_s, rounds, _ = _series(b.runs[(s, k)], b.metric)
             ys.append(y)
             xs_bits.append(bits / 1e6)
             xs_time.append(time_s)

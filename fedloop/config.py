@@ -11,7 +11,12 @@ from typing import Any
 
 import tomllib
 
-from fedloop.strategies import SOFT_STRATEGIES, STRATEGIES, WIRE_STRATEGIES  # the strategy table (spec §8)
+from fedloop.strategies import (  # the strategy table (spec §8)
+    DELTA_BROADCAST_STRATEGIES,
+    SOFT_STRATEGIES,
+    STRATEGIES,
+    WIRE_STRATEGIES,
+)
 
 __all__ = ["RunConfig", "STRATEGIES", "TASKS", "HF_TASKS", "SOFT_STRATEGIES", "register_task", "task_names"]
 
@@ -152,7 +157,12 @@ class RunConfig:
     ``error_feedback`` ("none"; "rotated": each client keeps what it did not send, the dropped
     components and the rounding residual, or its whole update when it is not scheduled, and
     adds it to its next update, re-expressed in the basis of the server's
-    re-orthogonalisation; "fixed": the same without re-expressing it). In-process only.
+    re-orthogonalisation; "fixed": the same without re-expressing it);
+    ``downlink_value_bits`` (None: the server broadcasts the whole global adapter in float32;
+    32, 16, 8 or 4: the clients hold their view of the adapter and the server broadcasts SOFT's
+    payload of (global − view) at that precision, 8 and 4 with stochastic rounding, keeping what
+    it did not send for later rounds) and ``downlink_keep`` (the components per module that
+    broadcast carries, those whose change is largest; None = all r). In-process only.
     Wireless (spec §2, §9): ``bandwidth_hz``, ``budget_factor`` (τ̄ = factor × median dense
     latency, so dense uploads do not fit when < 1), ``latency_budget_s`` (overrides),
     ``relative_v`` the scale-free V (error profiles are divided by the round's mean dense update
@@ -184,6 +194,8 @@ class RunConfig:
     scope: str = "module"
     value_bits: int | str = 32
     error_feedback: str = "none"
+    downlink_value_bits: int | None = None
+    downlink_keep: int | None = None
     local_steps: int = 4
     batch_size: int = 16
     lr: float = 2e-3
@@ -286,6 +298,16 @@ class RunConfig:
             bad("error_feedback", "must be 'none', 'rotated' or 'fixed'")
         if self.error_feedback != "none" and self.strategy not in WIRE_STRATEGIES + ("topk", "flasc"):
             bad("error_feedback", f"applies to {', '.join(WIRE_STRATEGIES)}, topk and flasc")
+        dq, dk = self.downlink_value_bits, self.downlink_keep
+        if dq is not None and (isinstance(dq, bool) or dq not in (32, 16, 8, 4)):
+            bad("downlink_value_bits", "must be None (the whole adapter) or 32, 16, 8, 4")
+        if dq is not None and self.strategy not in DELTA_BROADCAST_STRATEGIES:
+            bad("downlink_value_bits", f"applies to {', '.join(DELTA_BROADCAST_STRATEGIES)} (flasc has its own "
+                "sparse broadcast; ideal and svd also change the frozen weights; head sends no adapter)")
+        if dk is not None and (isinstance(dk, bool) or not isinstance(dk, int)
+                               or not 1 <= dk <= self.structural_rank or dq is None):
+            bad("downlink_keep", f"must be None or an integer in 1..{self.structural_rank} (the adapter's rank), "
+                "with downlink_value_bits set")
         if self.optimizer not in ("auto", "adamw", "tadam", "sgd"):
             bad("optimizer", "must be 'auto', 'adamw', 'tadam' or 'sgd'")
         if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:

@@ -241,7 +241,7 @@ def _task_for(cfg: RunConfig):
                       if k not in ("rounds", "out", "checkpoint_every", "eval_every", "predict_every", "strategy",
                                    "keep", "relative_v", "budget_factor", "latency_budget_s", "cap_factor",
                                    "allow_skip", "deadline_factor", "reject_norm_factor", "bandwidth_hz", "value_bits",
-                                   "error_feedback")},
+                                   "error_feedback", "downlink_value_bits", "downlink_keep")},
                      sort_keys=True) + f"/rank {cfg.structural_rank}"
     if key not in _TASKS:
         _TASKS.clear()
@@ -431,6 +431,10 @@ class TsfaStrategy(FedAvg):
         if get_strategy(config.strategy).downlink != "dense":
             raise ValueError(f"strategy = {config.strategy!r} (a sparse downlink) runs in process only; the Flower "
                              "nodes receive the whole global adapter")
+        if config.downlink_value_bits is not None:
+            raise ValueError(f"downlink_value_bits = {config.downlink_value_bits!r} (a compressed downlink) runs in "
+                             "process only; the Flower nodes receive the whole global adapter (downlink_value_bits = "
+                             "None)")
         if config.value_bits == "auto":
             raise ValueError("value_bits = 'auto' runs in process only (the nodes do not report rounding profiles); "
                              "use value_bits = 32, 16, 8 or 4 on Flower")

@@ -36,7 +36,7 @@ from fedloop.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, sav
 from fedloop.client import RunFailed, TrainReport, Upload, to_host
 from fedloop.config import RunConfig
 from fedloop.history import History
-from fedloop.strategies import derive_rng
+from fedloop.strategies import derive_rng, derive_seed, read_wire, wire_bytes
 from fedloop.strategies import get as get_strategy
 from fedloop.tasks import make_task
 from soft.baselines import ffa_bits
@@ -108,8 +108,10 @@ class Server:
         self.folded = {n: None for n in self.names}  # Σ of deltas folded into frozen weights (ideal, svd)
         # error feedback: the in-process clients' residuals (what each did not send), checkpointed with the run
         self.residuals: list = [None] * cfg.clients
-        # a sparse downlink (flasc): what the clients hold, which lags the global adapter (``broadcast``)
-        self.view = soft.clone_factors(self.global_factors) if self.strategy.downlink == "topk" else None
+        # a compressed downlink (flasc, or downlink_value_bits): what the clients hold, which lags the
+        # global adapter (``broadcast``)
+        lagging = self.strategy.downlink == "topk" or cfg.downlink_value_bits is not None
+        self.view = soft.clone_factors(self.global_factors) if lagging else None
         self.history = History(config=cfg.to_dict())
         self.history.meta.update(latency_budget_s=self.tau_bar, dense_median_latency_s=self.dense_median_s,
                                  downlink_s=self.downlink_s, head_bits=self.head_bits,
@@ -160,21 +162,31 @@ class Server:
     @property
     def client_factors(self) -> dict:
         """The adapter the clients hold and train from: the global one, or their lagging view of
-        it under a sparse downlink (``flasc``)."""
+        it under a compressed downlink (``flasc``, ``downlink_value_bits``)."""
         return self.global_factors if self.view is None else self.view
 
     def broadcast(self) -> None:
-        """The sparse downlink (``flasc``): the largest entries of (global − view) at the uplink's
-        bit budget (``soft.baselines.topk_elementwise`` with ``keep``), added to the view; what
-        is not sent stays in the difference for later rounds. Sets the next round's broadcast
-        bits (8 × the payload's bytes, plus the head) and downlink time."""
+        """The compressed downlink, after round ``self.round``: a payload of (global − view), which
+        the clients (and the server's copy of their view) add; what it does not carry stays in
+        the difference for later rounds. ``flasc``: the largest entries at the uplink's bit budget
+        (``soft.baselines.topk_elementwise`` with ``keep``); ``downlink_value_bits`` q: SOFT's payload
+        of the ``downlink_keep`` components (all r by default) whose change is largest, at q bits a
+        value, rounded with a generator seeded from (seed, 44, round). Sets the next round's
+        broadcast bits (8 × the payload's bytes, plus the head) and downlink time."""
         from soft.baselines import decode_topk, topk_elementwise
 
-        data = topk_elementwise(self.view, self.global_factors, self.config.keep,
-                                bits_per_value=self.config.base_value_bits).encode()
-        inc = decode_topk(data, self.soft_shape)
-        self.view = {n: (A + da.to(A.dtype), B + db.to(B.dtype))
-                     for (n, (A, B)), da, db in zip(self.view.items(), inc.delta_a, inc.delta_b, strict=True)}
+        cfg = self.config
+        if self.strategy.downlink == "topk":
+            data = topk_elementwise(self.view, self.global_factors, cfg.keep,
+                                    bits_per_value=cfg.base_value_bits).encode()
+            inc = decode_topk(data, self.soft_shape)
+            self.view = {n: (A + da.to(A.dtype), B + db.to(B.dtype))
+                         for (n, (A, B)), da, db in zip(self.view.items(), inc.delta_a, inc.delta_b, strict=True)}
+        else:
+            keep = cfg.downlink_keep or self.soft_shape.rank
+            data = wire_bytes(self.view, self.global_factors, keep, cfg.downlink_value_bits,
+                              rounding_seed=derive_seed(cfg.seed, 44, self.round))
+            self.view = read_wire(data, self.soft_shape).apply_to(self.view)
         self.set_broadcast(8 * len(data))
 
     def set_broadcast(self, adapter_bits: int) -> None:

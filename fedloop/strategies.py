@@ -41,7 +41,8 @@ from tsfa.allocator import DensePolicy, FixedPolicy, OnlineAllocator
 # torch and soft are imported inside the functions: ``fedloop.config`` reads this table, and
 # importing ``fedloop`` does not import torch.
 
-__all__ = ["Strategy", "STRATEGY_TABLE", "STRATEGIES", "SOFT_STRATEGIES", "WIRE_STRATEGIES", "get", "derive_seed",
+__all__ = ["Strategy", "STRATEGY_TABLE", "STRATEGIES", "SOFT_STRATEGIES", "WIRE_STRATEGIES",
+           "DELTA_BROADCAST_STRATEGIES", "wire_bytes", "read_wire", "get", "derive_seed",
            "derive_rng"]
 
 
@@ -120,30 +121,46 @@ def _encode_wire(cfg, glob, local, keep, t, k, value_bits=None):
     """The ``keep`` components SOFT selects (``random``: seeded random ones; fedit, ideal,
     lowrank: keep = r; fedit selects per module), as wire bytes, at ``value_bits`` (the
     allocator's choice) or the configuration's precision."""
+    q = cfg.base_value_bits if value_bits is None else int(value_bits)
+    data = wire_bytes(glob, local, keep, q, rounding_seed=derive_seed(cfg.seed, 43, t, k),
+                      scope="module" if cfg.strategy == "fedit" else cfg.scope,
+                      random_seed=derive_seed(cfg.seed, 41, t, k) if cfg.strategy == "random" else None)
+    return data, 8 * len(data)
+
+
+def wire_bytes(old, new, keep: int, value_bits: int, *, rounding_seed: int, scope: str = "module",
+               random_seed: int | None = None) -> bytes:
+    """SOFT's wire payload of (new − old): the ``keep`` components SOFT selects (or seeded random
+    ones, ``random_seed``), float32 or float16 values, or 8/4-bit integers with unbiased
+    stochastic rounding seeded by ``rounding_seed``. Clients' uploads and the server's delta
+    broadcast (``RunConfig.downlink_value_bits``) are both this."""
     import torch
 
     import soft
 
-    q = cfg.base_value_bits if value_bits is None else int(value_bits)
-    wire = torch.float16 if q == 16 else torch.float32
-    if cfg.strategy == "random":
-        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 41, t, k))
-        upd = soft.random_components(glob, local, int(keep), gen, dtype=wire)
+    wire = torch.float16 if value_bits == 16 else torch.float32
+    if random_seed is not None:
+        upd = soft.random_components(old, new, int(keep), torch.Generator().manual_seed(random_seed), dtype=wire)
     else:
-        upd = soft.sparsify(glob, local, int(keep), scope="module" if cfg.strategy == "fedit" else cfg.scope,
-                            dtype=wire)
-    if q < 16:  # unbiased stochastic rounding, seeded from (seed, round, client)
-        upd = soft.quantise(upd, q, torch.Generator().manual_seed(derive_seed(cfg.seed, 43, t, k)))
-    data = upd.encode()
-    return data, 8 * len(data)
+        upd = soft.sparsify(old, new, int(keep), scope=scope, dtype=wire)
+    if value_bits < 16:
+        upd = soft.quantise(upd, value_bits, torch.Generator().manual_seed(rounding_seed))
+    return upd.encode()
+
+
+def read_wire(data, shape):
+    """SOFT's wire payload read back (``soft.decode``, or ``soft.decode_quantised`` for 8/4-bit
+    values, dequantised): a :class:`soft.RankSparseUpdate`; raises ``soft.WireFormatError``."""
+    import soft
+
+    quantised = isinstance(data, (bytes, bytearray)) and len(data) > 3 and data[3] >= 2  # the dtype code byte
+    return soft.decode_quantised(data, shape).dequantised() if quantised else soft.decode(data, shape)
 
 
 def _decode_wire(data, keep, server):
     import soft
 
-    quantised = isinstance(data, (bytes, bytearray)) and len(data) > 3 and data[3] >= 2  # the dtype code byte
-    upd = soft.decode_quantised(data, server.soft_shape).dequantised() if quantised \
-        else soft.decode(data, server.soft_shape)
+    upd = read_wire(data, server.soft_shape)
     if upd.keep != int(keep):
         raise soft.WireFormatError(f"payload keeps {upd.keep} components, {int(keep)} were allocated")
     return upd
@@ -292,6 +309,11 @@ STRATEGIES = tuple(STRATEGY_TABLE)
 SOFT_STRATEGIES = tuple(s.name for s in STRATEGY_TABLE.values() if s.soft)
 #: Strategies whose clients send SOFT's wire payload (value precision, error feedback apply).
 WIRE_STRATEGIES = tuple(s.name for s in STRATEGY_TABLE.values() if s.encode is _encode_wire)
+#: Strategies whose round changes only the global factors, so the server can broadcast that change as
+#: SOFT's payload at a chosen precision (``RunConfig.downlink_value_bits``; ``fedloop.Server.broadcast``):
+#: not ideal or svd (they also change the frozen weights), head (no adapter) or flasc (its own downlink).
+DELTA_BROADCAST_STRATEGIES = tuple(s.name for s in STRATEGY_TABLE.values()
+                                   if s.downlink == "dense" and s.name not in ("ideal", "svd", "head"))
 
 
 def get(name: str) -> Strategy:

@@ -29,9 +29,10 @@ def test_bits_to_target_on_a_hand_made_history():
     acc = Metric("accuracy", True, 0.01)
     h = hand_history([0.60, 0.70, 0.69, 0.74, 0.80], [100, 100, 50, 50, 50], [1.0, 2.0, 1.0, 1.0, 1.0])
     hit = first_reach(h, acc, acc.target(0.75))  # target 0.74: first reached at round 4 (0.74 >= 0.74)
-    assert hit == {"round": 4, "uplink_bits": 300.0, "wallclock_s": 5.0}
+    assert hit == {"round": 4, "uplink_bits": 300.0, "wallclock_s": 5.0, "downlink_bits": 40.0}
     assert first_reach(h, acc, 0.71)["round"] == 4  # round 3 (0.69) does not count, round 2 (0.70) does not reach
-    assert first_reach(h, acc, 0.90) == {"round": None, "uplink_bits": None, "wallclock_s": None}
+    assert first_reach(h, acc, 0.90) == {"round": None, "uplink_bits": None, "wallclock_s": None,
+                                         "downlink_bits": None}
     # metric after the last round within a budget; the initial metric when none fits
     assert metric_within(h, acc, "uplink_bits", 250) == 0.69
     assert metric_within(h, acc, "uplink_bits", 99) == 0.5
@@ -94,6 +95,13 @@ def test_paired_seeds_share_splits_and_channels(tmp_path):
     # finished runs are reused: a second call loads the same histories without training
     again = benchmark(lin(tmp_path), strategies, seeds=2, out=tmp_path / "bench", progress=False)
     assert again.summary == b.summary
+    # a ledger written before a setting existed ran with its default: still reused (not re-run)
+    path = tmp_path / "bench" / "fedit" / "seed0" / "history.json"
+    old = json.loads(path.read_text())
+    del old["config"]["downlink_value_bits"], old["config"]["downlink_keep"]
+    path.write_text(json.dumps(old))
+    benchmark(lin(tmp_path), ("fedit",), seeds=1, out=tmp_path / "bench", progress=False)
+    assert "downlink_keep" not in json.loads(path.read_text())["config"]
 
 
 def test_benchmark_rejects_bad_arguments(tmp_path):

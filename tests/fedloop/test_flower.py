@@ -96,6 +96,8 @@ def test_strategy_rejects_what_flower_cannot_run(tmp_path):
         fl.TsfaStrategy(lin(tmp_path, strategy="tsfa", value_bits="auto"))
     with pytest.raises(ValueError, match="in process only"):
         fl.TsfaStrategy(lin(tmp_path, strategy="flasc"))
+    with pytest.raises(ValueError, match="in process only"):
+        fl.TsfaStrategy(lin(tmp_path, downlink_value_bits=8))
     with pytest.raises(FileNotFoundError, match="cannot resume"):
         fl.TsfaStrategy(lin(tmp_path / "none"), fl.FlowerSettings(resume=True))
     s = fl.TsfaStrategy(lin(tmp_path))

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import numpy as np
@@ -391,3 +392,68 @@ def test_flasc_resume_is_bit_identical(tmp_path):
     assert_resume_matches(tmp_path, full, kw)
     ta, _ = load_checkpoint(tmp_path / "a")
     assert any(k.startswith("view/") for k in ta)
+
+
+@pytest.mark.parametrize("q", [32, 16, 8, 4])
+def test_delta_broadcast_sends_the_change_at_its_precision(tmp_path, q):
+    """downlink_value_bits q: round 1 receives the whole adapter; afterwards the clients' view moves
+    by exactly SOFT's payload of (global − view) at q bits, whose 8 × bytes are payload_bits(r) at
+    q and are what the ledger counts; at 32 bits the view catches up with the global adapter, at
+    lower precision the rounding waits in (global − view) and is sent later."""
+    from fedloop.strategies import derive_seed, read_wire, wire_bytes
+
+    cfg = lin(tmp_path, strategy="tsfa", rounds=3, downlink_value_bits=q)
+    server = Server(cfg)
+    pool = LocalPool(server)
+    r, dense, view0 = server.soft_shape.rank, server.broadcast_bits, soft.clone_factors(server.view)
+    server.step(pool)
+    glob1, view1 = soft.clone_factors(server.global_factors), soft.clone_factors(server.view)
+    data = wire_bytes(view0, glob1, r, q, rounding_seed=derive_seed(cfg.seed, 44, 0))
+    assert 8 * len(data) == dataclasses.replace(server.soft_shape, bits_per_value=q).payload_bits(r)
+    expect = read_wire(data, server.soft_shape).apply_to(view0)
+    change = math.sqrt(sum(float(((glob1[n][f] - view0[n][f]) ** 2).sum()) for n in glob1 for f in (0, 1)))
+    pending = math.sqrt(sum(float(((glob1[n][f] - view1[n][f]) ** 2).sum()) for n in glob1 for f in (0, 1)))
+    for n in glob1:
+        assert torch.equal(view1[n][0], expect[n][0]) and torch.equal(view1[n][1], expect[n][1])
+    if q == 32:
+        assert pending <= 1e-6 * change
+    else:
+        assert 0 < pending < (0.02 if q == 16 else 0.5) * change
+    server.step(pool)  # trains from view1
+    assert server.history.rounds[0]["downlink_bits"] == cfg.clients * dense
+    assert server.history.rounds[1]["downlink_bits"] == cfg.clients * (8 * len(data) + server.head_bits)
+    assert all(c["downlink_bits"] == 8 * len(data) + server.head_bits for c in server.history.clients
+               if c["round"] == 2)
+
+
+def test_delta_broadcast_keeps_the_components_that_changed_most(tmp_path):
+    cfg = lin(tmp_path, strategy="fixed", rounds=1, rank=4, keep=2, downlink_value_bits=32, downlink_keep=1)
+    server = Server(cfg)
+    view0 = soft.clone_factors(server.view)
+    server.step(LocalPool(server))
+    for n, (A, B) in server.global_factors.items():
+        dA, dB = A - view0[n][0], B - view0[n][1]
+        moved = [i for i in range(4) if not torch.equal(server.view[n][0][i], view0[n][0][i])]
+        energy = (dA ** 2).sum(1) * (dB ** 2).sum(0)  # SOFT's importance of component i: ‖ΔB_i‖²‖ΔA_i‖²
+        assert len(moved) == 1 and moved[0] == int(torch.argmax(energy)), (n, moved, energy)
+
+
+def test_delta_broadcast_resume_is_bit_identical(tmp_path):
+    kw = dict(strategy="tsfa", checkpoint_every=3, downlink_value_bits=4, error_feedback="rotated")
+    full = run(lin(tmp_path, rounds=6, out=str(tmp_path / "a"), **kw), progress=False)
+    assert_resume_matches(tmp_path, full, kw)
+    assert len({r["downlink_bits"] for r in full.rounds}) == 2  # the whole adapter, then 4-bit deltas
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(downlink_value_bits=7), "downlink_value_bits must be None"),
+    (dict(downlink_value_bits=True), "downlink_value_bits must be None"),
+    (dict(strategy="ideal", downlink_value_bits=8), "downlink_value_bits applies to"),
+    (dict(strategy="flasc", downlink_value_bits=8), "downlink_value_bits applies to"),
+    (dict(downlink_keep=2), "downlink_keep must be"),
+    (dict(downlink_value_bits=8, downlink_keep=5), "downlink_keep must be"),
+    (dict(downlink_value_bits=8, downlink_keep=0), "downlink_keep must be"),
+])
+def test_delta_broadcast_settings_are_checked(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        lin(tmp_path, **kw)
