@@ -157,12 +157,13 @@ class RunConfig:
     ``error_feedback`` ("none"; "rotated": each client keeps what it did not send, the dropped
     components and the rounding residual, or its whole update when it is not scheduled, and
     adds it to its next update, re-expressed in the basis of the server's
-    re-orthogonalisation; "fixed": the same without re-expressing it);
+    re-orthogonalisation; "fixed": the same without re-expressing it; on Flower the residual
+    lives in each node's state);
     ``downlink_value_bits`` (None: the server broadcasts the whole global adapter in float32;
     32, 16, 8 or 4: the clients hold their view of the adapter and the server broadcasts SOFT's
     payload of (global − view) at that precision, 8 and 4 with stochastic rounding, keeping what
     it did not send for later rounds) and ``downlink_keep`` (the components per module that
-    broadcast carries, those whose change is largest; None = all r). In-process only.
+    broadcast carries, those whose change is largest; None = all r; in process only).
     Wireless (spec §2, §9): ``bandwidth_hz``, ``budget_factor`` (τ̄ = factor × median dense
     latency, so dense uploads do not fit when < 1), ``latency_budget_s`` (overrides),
     ``relative_v`` the scale-free V (error profiles are divided by the round's mean dense update

@@ -11,7 +11,9 @@ Protocol (two Flower message exchanges per FL round, both inside one Flower roun
    :class:`~fedloop.RunConfig` as JSON and the round index. The node (partition ``k`` = its ``partition-id`` node
    config) trains exactly as ``fedloop`` does (:func:`fedloop.client.train_client`, seeded from
    (seed, round, k)), keeps the received and trained factors in its ``Context.state``, and
-   replies with its error profile e_k(s), s = 0..r, and its partition id.
+   replies with its error profile e_k(s), s = 0..r, and its partition id. With error feedback
+   the node also keeps its residual there (``_residual_now``); for rotated feedback the message
+   carries the server's changes of basis since the node last answered (``basis``).
 2. ``aggregate_train`` draws the round's channel for partitions 0..K−1 **on the server**
    (``fedloop``'s cell: fixed positions from the seed, Rayleigh fading per round; the nodes
    report no channel state), runs the strategy's policy (``tsfa``: the ``OnlineAllocator``),
@@ -64,6 +66,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -81,7 +84,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 import soft
 from fedloop.checkpoint import RunFolder, check_run_folder, load_checkpoint
-from fedloop.client import RunFailed, TrainReport, Upload, train_client
+from fedloop.client import RunFailed, TrainReport, Upload, applied, train_client
 from fedloop.config import RunConfig
 from fedloop.flower_codec import decode as decode_upload
 from fedloop.flower_codec import encode as encode_upload
@@ -90,12 +93,14 @@ from fedloop.server import Server
 from fedloop.strategies import STRATEGIES
 from fedloop.strategies import get as get_strategy
 from fedloop.tasks import make_task
+from soft.feedback import residual, rotate, with_inverse, with_residual
 
 __all__ = ["FlowerSettings", "TsfaStrategy", "PollingGrid", "client_app", "client_train", "client_upload",
            "server_app", "make_server_app", "config_from_run_config", "run_config_of", "run_flower", "free_ports"]
 
 UPLOAD = f"{MessageType.TRAIN}.upload"
 _STATE = "fedloop.state"
+_RESIDUAL = "fedloop.residual"
 
 
 @dataclass
@@ -275,11 +280,16 @@ def client_train(msg: Message, context: Context) -> Message:
     task = _task_for(cfg)
     global_factors, global_head = _unpack(_global_from_bytes(conf["global"], task))
     _sync_folded(task, conf["folded"] if "folded" in conf else b"")
+    feedback = cfg.error_feedback != "none"
+    res, lost = _residual_now(context, cfg, conf, t, global_factors) if feedback else (None, "")
     try:
         local, head, loss = train_client(cfg, task, global_factors, global_head, t, k)
     except RunFailed as exc:  # a non-finite loss stops the run, as in fedloop
         return Message(RecordDict({"fatal": ConfigRecord({"reason": str(exc)}),
                                    "metrics": MetricRecord({"partition-id": k})}), reply_to=msg)
+    if feedback:  # send from local + what was not sent before; until it sends, all of it is pending
+        local = with_residual(local, res)
+        _keep_residual(context, t, residual(local, global_factors))
     profile = soft.error_profile(global_factors, local, scope=cfg.scope)
     # kept in the node's Context.state until phase 2 (the SuperNode keeps it per run, across processes)
     context.state[_STATE] = ConfigRecord({
@@ -288,7 +298,43 @@ def client_train(msg: Message, context: Context) -> Message:
     reply = RecordDict({"metrics": MetricRecord({
         "partition-id": k, "train-loss": float(loss), "num-examples": int(task.client_sizes[k]),
         "profile": [float(x) for x in np.asarray(profile, dtype=np.float64)]})})
+    if lost:
+        reply["residual"] = ConfigRecord({"lost": lost})
     return Message(reply, reply_to=msg)
+
+
+def _residual_now(context: Context, cfg: RunConfig, conf, t: int, glob: dict) -> tuple[dict | None, str]:
+    """This node's error-feedback residual in the coordinates of round t's global factors, and
+    why it was dropped ("" if it was not). The residual lives in ``Context.state`` with the
+    round whose factors it is expressed in; rotated feedback applies the server's changes of
+    basis for the rounds since (``basis-rounds``, ``basis``: M per module, float64; the node
+    computes M⁻¹ as the server does). Both are validated (shapes, dtypes, finite) before use.
+    The rotated residual is stored at once, so a failure later in the round keeps it."""
+    state = context.state.get(_RESIDUAL)
+    if state is None:
+        return None, ""
+    a = int(state["round-index"])
+    del context.state[_RESIDUAL]
+    shapes = {f"{n}/{w}": (tuple(x.shape), (torch.float32,)) for n, pair in glob.items()
+              for w, x in zip("AB", pair, strict=True)}
+    stored = unpack_tensors(state["tensors"], shapes, "this node's residual")
+    res = {n: (stored[f"{n}/A"], stored[f"{n}/B"]) for n in glob}
+    if cfg.error_feedback == "rotated" and cfg.resolved_reorthogonalize and a != t:
+        rounds = [int(b) for b in conf["basis-rounds"]] if "basis-rounds" in conf else []
+        if a > t or not set(range(a, t)) <= set(rounds):
+            return None, f"the residual of round {a + 1} cannot be re-expressed in round {t + 1}'s basis"
+        mats = unpack_tensors(conf["basis"], {f"{b}/{n}": ((A.shape[0],) * 2, (torch.float64,)) for b in rounds
+                                              for n, (A, _) in glob.items()}, "the server's changes of basis")
+        for b in range(a, t):
+            res = rotate(res, with_inverse({n: mats[f"{b}/{n}"] for n in glob}))
+    _keep_residual(context, t, res)
+    return res, ""
+
+
+def _keep_residual(context: Context, t: int, res: dict) -> None:
+    """Store this node's residual, expressed in round t's global factors, in its Context.state."""
+    context.state[_RESIDUAL] = ConfigRecord({"round-index": t, "tensors": pack_tensors(
+        {f"{n}/{w}": x for n, pair in res.items() for w, x in zip("AB", pair, strict=True)})})
 
 
 @client_app.train("upload")
@@ -313,6 +359,10 @@ def client_upload(msg: Message, context: Context) -> Message:
     local, head = _unpack(tensors, "new/")
     parts = encode_upload(cfg, global_factors, local, keep, t, k)  # bytes only (fedloop.flower_codec)
     del context.state[_STATE]
+    if cfg.error_feedback != "none":  # keep what this payload does not carry, as the server will read it
+        reader = SimpleNamespace(strategy=get_strategy(cfg.strategy), client_factors=global_factors,
+                                 soft_shape=task.lora_shape())
+        _keep_residual(context, t, residual(local, applied(reader, parts["payload"], keep)))
     reply = RecordDict({
         "upload": ConfigRecord({**parts, "head": pack_tensors(_pack(None, head))}),
         "metrics": MetricRecord({"partition-id": k, "uplink-bits": 8 * sum(len(b) for b in parts.values()),
@@ -425,9 +475,6 @@ class TsfaStrategy(FedAvg):
     def __init__(self, config: RunConfig, settings: FlowerSettings | None = None, callbacks=()):
         if config.strategy not in STRATEGIES:  # RunConfig checks this too
             raise ValueError(f"strategy must be one of {STRATEGIES}; got strategy = {config.strategy!r}")
-        if config.error_feedback != "none":
-            raise ValueError(f"error_feedback = {config.error_feedback!r} runs in process only (the residuals live "
-                             "with the in-process clients); use error_feedback = 'none' on Flower")
         if get_strategy(config.strategy).downlink != "dense":
             raise ValueError(f"strategy = {config.strategy!r} (a sparse downlink) runs in process only; the Flower "
                              "nodes receive the whole global adapter")
@@ -454,6 +501,9 @@ class TsfaStrategy(FedAvg):
         self._part: dict[int, int] = {}  # node id -> partition, from the nodes' replies
         self._node_of: dict[int, int] = {}  # partition -> node id, this round
         self._replies: list[Message] = []  # phase 1's replies, this round
+        self.broadcast_bits = 0  # what each node received this round (bits)
+        self._basis: dict[int, dict] = {}  # round -> its change of basis (rotated error feedback)
+        self._synced: dict[int, int] = {}  # node id -> the round in whose basis it holds its residual
         self._waited = False
         self._round_start: float | None = None
         self._last_end: float | None = None
@@ -498,6 +548,19 @@ class TsfaStrategy(FedAvg):
         return pack_tensors({f"folded/{n}": d if d is not None else torch.zeros(shapes[f"folded/{n}"][0])
                              for n, d in folded.items()})
 
+    def basis_bytes(self, nodes: list[int]) -> tuple[list[int], bytes] | None:
+        """Rotated error feedback: the re-orthogonalisations' changes of basis M (per module, r × r
+        float64, safetensors ``<round>/<module>``) of the rounds since the oldest round in whose
+        basis a node is known to hold its residual (its last answered phase 1), and those rounds;
+        None when there are none. Older ones are forgotten."""
+        t = self.server.round
+        first = min((self._synced.get(n, t) for n in nodes), default=t)
+        self._basis = {b: m for b, m in self._basis.items() if b >= first}
+        rounds = sorted(self._basis)
+        if not rounds:
+            return None
+        return rounds, pack_tensors({f"{b}/{n}": M for b in rounds for n, (M, _) in self._basis[b].items()})
+
     def _nodes(self, grid: Grid) -> list[int]:
         if not self._waited:  # before the first round: wait for min_available_nodes
             deadline = time.monotonic() + self.settings.wait_timeout
@@ -521,9 +584,13 @@ class TsfaStrategy(FedAvg):
         conf["global"] = blob
         if folded:
             conf["folded"] = folded
+        basis = self.basis_bytes(nodes)
+        if basis:
+            conf["basis-rounds"], conf["basis"] = basis
         # downlink: what each node really receives, the bytes of the global factors and head (and, for svd
-        # and ideal, of the deltas folded into the frozen weights so far)
-        self.server.broadcast_bits = 8 * (len(blob) + len(folded))
+        # and ideal, of the deltas folded into the frozen weights so far; for rotated error feedback, of the
+        # changes of basis)
+        self.broadcast_bits = 8 * (len(blob) + len(folded) + (len(basis[1]) if basis else 0))
         record = RecordDict({self.configrecord_key: conf})
         self._phase1_nodes = nodes
         log(INFO, "configure_train: round %d to %d nodes", self.server.round + 1, len(nodes))
@@ -535,6 +602,8 @@ class TsfaStrategy(FedAvg):
         """Profiles in, policy, phase 2 (uploads), rank-wise aggregation, ledger and checkpoint."""
         self._replies = list(replies)
         row = self.server.step(self)  # the strategy is the round's client pool: train() and upload() below
+        if self.server.rotates:  # this round's change of basis goes out with the next broadcast
+            self._basis[self.server.round - 1] = self.server.basis
         if self._round_start is not None:  # wall time from the end of the previous round (or this one's start)
             now = time.perf_counter()
             seconds = now - (self._last_end if self._last_end is not None else self._round_start)
@@ -592,6 +661,9 @@ class TsfaStrategy(FedAvg):
                 self._note(f"node {nid} claims partition {k} of node {self._node_of[k]}: ignored")
                 continue
             self._part[nid], self._node_of[k] = k, nid
+            self._synced[nid] = t
+            if "residual" in content:
+                self._note(f"node {nid}: {content['residual']['lost']}: its residual is dropped")
             profile = np.asarray(content["metrics"]["profile"], dtype=np.float64)
             if profile.shape != (r + 1,):
                 self._note(f"node {nid}: profile of {profile.size} values, expected {r + 1}: dropped")

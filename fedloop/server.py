@@ -40,7 +40,7 @@ from fedloop.strategies import derive_rng, derive_seed, read_wire, wire_bytes
 from fedloop.strategies import get as get_strategy
 from fedloop.tasks import make_task
 from soft.baselines import ffa_bits
-from soft.feedback import rotate_residuals
+from soft.feedback import basis_change, rotate_residuals
 from tsfa import Cell, OnlineAllocator, min_latency_bandwidth
 from tsfa.model import LoraShape
 from tsfa.simulate import dense_latency_s
@@ -108,6 +108,7 @@ class Server:
         self.folded = {n: None for n in self.names}  # Σ of deltas folded into frozen weights (ideal, svd)
         # error feedback: the in-process clients' residuals (what each did not send), checkpointed with the run
         self.residuals: list = [None] * cfg.clients
+        self.basis: dict | None = None  # the last round's change of basis {module: (M, M⁻¹)} (rotated feedback)
         # a compressed downlink (flasc, or downlink_value_bits): what the clients hold, which lags the
         # global adapter (``broadcast``)
         lagging = self.strategy.downlink == "topk" or cfg.downlink_value_bits is not None
@@ -143,12 +144,14 @@ class Server:
         local = getattr(pool, "local_factors", None)
         if local is not None:  # the clients' full factors are here: what aggregation lost
             start.update(measure.aggregation_losses(self, ok, local, folded_before, pool.probes))
+        # what each client received at the round's start: a Flower pool counts the bytes it sent
+        broadcast_now = getattr(pool, "broadcast_bits", None) or self.broadcast_bits + self.basis_bits
         if self.config.resolved_reorthogonalize:  # SOFT: near-orthogonal factors again, B·A unchanged
             before = self.global_factors
             self.global_factors = soft.reorthogonalize_factors(before)
-            if self.config.error_feedback == "rotated":
-                self.residuals = rotate_residuals(self.residuals, before, self.global_factors)
-        broadcast_now = self.broadcast_bits
+            if self.rotates:  # the clients' residuals follow the change of basis, broadcast next round
+                self.basis = basis_change(before, self.global_factors)
+                self.residuals = rotate_residuals(self.residuals, before, self.global_factors, self.basis)
         queue_before = self.policy.queue if isinstance(self.policy, OnlineAllocator) else math.nan
         if isinstance(self.policy, OnlineAllocator):
             self.policy.observe(latency)
@@ -158,6 +161,20 @@ class Server:
             self.broadcast()
         self.round += 1
         return row
+
+    @property
+    def rotates(self) -> bool:
+        """The clients' error-feedback residuals follow the re-orthogonalisation's change of basis."""
+        return self.config.error_feedback == "rotated" and self.config.resolved_reorthogonalize
+
+    @property
+    def basis_bits(self) -> int:
+        """Downlink bits of the last change of basis, which rotated error feedback broadcasts with
+        the adapter after the first round: M per module, r × r float64 values (M⁻¹ the clients
+        compute)."""
+        if not self.rotates or self.round == 0:
+            return 0
+        return 64 * sum(A.shape[0] ** 2 for A, _ in self.global_factors.values())
 
     @property
     def client_factors(self) -> dict:

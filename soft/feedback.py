@@ -19,7 +19,7 @@ import torch
 
 from soft.factors import Factors
 
-__all__ = ["with_residual", "residual", "basis_change", "rotate_residuals"]
+__all__ = ["with_residual", "residual", "basis_change", "with_inverse", "rotate", "rotate_residuals"]
 
 
 def with_residual(local: Factors, res: dict | None) -> dict:
@@ -43,22 +43,27 @@ def basis_change(before: Factors, after: Factors) -> dict:
     for n, (A0, _) in before.items():
         A1 = after[n][0]
         a0, a1 = A0.detach().double(), A1.detach().double()
-        M = torch.linalg.lstsq(a0.transpose(0, 1), a1.transpose(0, 1)).solution.transpose(0, 1)
-        out[n] = (M, torch.linalg.inv(M))
-    return out
+        out[n] = torch.linalg.lstsq(a0.transpose(0, 1), a1.transpose(0, 1)).solution.transpose(0, 1)
+    return with_inverse(out)
 
 
-def rotate_residuals(residuals: list, before: Factors, after: Factors) -> list:
-    """Every client's residual re-expressed in the basis of ``after`` (module docstring);
-    None entries stay None."""
+def with_inverse(matrices: dict) -> dict:
+    """``{module: M}`` → ``{module: (M, M⁻¹)}`` (float64): what :func:`rotate` takes. A client
+    that receives only M (L·r² values) computes M⁻¹ the same way the server does."""
+    return {n: (M, torch.linalg.inv(M)) for n, M in matrices.items()}
+
+
+def rotate(res: dict, change: dict) -> dict:
+    """One residual re-expressed by the basis change ``change`` (``{module: (M, M⁻¹)}``):
+    (e_A, e_B) → (M e_A, e_B M⁻¹)."""
+    return {n: ((change[n][0] @ eA.double()).to(eA.dtype), (eB.double() @ change[n][1]).to(eB.dtype))
+            for n, (eA, eB) in res.items()}
+
+
+def rotate_residuals(residuals: list, before: Factors, after: Factors, change: dict | None = None) -> list:
+    """Every client's residual re-expressed in the basis of ``after`` (module docstring; or by
+    ``change``, :func:`basis_change` of the two, when already computed); None entries stay None."""
     if all(e is None for e in residuals):
         return list(residuals)
-    change = basis_change(before, after)
-    out = []
-    for e in residuals:
-        if e is None:
-            out.append(None)
-            continue
-        out.append({n: ((change[n][0] @ eA.double()).to(eA.dtype), (eB.double() @ change[n][1]).to(eB.dtype))
-                    for n, (eA, eB) in e.items()})
-    return out
+    change = change if change is not None else basis_change(before, after)
+    return [None if e is None else rotate(e, change) for e in residuals]

@@ -18,7 +18,7 @@ pytest.importorskip("flwr", reason="needs the [flower] extra")
 
 import uuid  # noqa: E402
 
-from flwr.app import Context, Message, RecordDict  # noqa: E402
+from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
 from flwr.app.error import Error  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.common.constant import ErrorCode  # noqa: E402
@@ -90,8 +90,6 @@ def test_run_config_of_is_read_back_as_the_run():
 
 
 def test_strategy_rejects_what_flower_cannot_run(tmp_path):
-    with pytest.raises(ValueError, match="in process only"):
-        fl.TsfaStrategy(lin(tmp_path, error_feedback="rotated"))
     with pytest.raises(ValueError, match="in process only"):
         fl.TsfaStrategy(lin(tmp_path, strategy="tsfa", value_bits="auto"))
     with pytest.raises(ValueError, match="in process only"):
@@ -364,6 +362,63 @@ def test_failing_nodes_are_dropped(tmp_path):
     assert h.rounds[2]["uplink_bits"] == sum(c["uplink_bits"] for c in h.clients if c["round"] == 3)
     final = checkpoint_of(tmp_path / "flower")["global_factors"]
     assert all(torch.isfinite(x).all() for pair in final.values() for x in pair)
+
+
+@pytest.mark.parametrize("strategy, feedback, q", [("tsfa", "rotated", 4), ("fixed", "fixed", 32),
+                                                   ("topk", "rotated", 32), ("random", "rotated", 8)])
+def test_error_feedback_lives_in_the_nodes_state_and_matches_fedloop(tmp_path, strategy, feedback, q):
+    """Each node keeps its residual in its Context.state; rotated feedback re-expresses it with the
+    changes of basis the server broadcasts. The run is the in-process one, bit for bit, with a
+    node failing in round 2 (it keeps its residual and catches up on two changes of basis)."""
+    kw = dict(strategy=strategy, rounds=4, keep=1, error_feedback=feedback, value_bits=q)
+    s, grid = run_local(lin(tmp_path / "flower", **kw), app=_faulty_client_app({("train", 1, 1)}))
+
+    def hook(rnd, k):
+        if (rnd, k) == (2, 1):
+            raise RuntimeError("radio link lost")
+
+    ref = run(lin(tmp_path / "ref", **kw), progress=False, client_hook=hook)
+    assert ledger(s.history) == ledger(ref) and not [n for n in s.notes if "residual" in n]
+    assert_same_adapter(adapter_of(tmp_path / "flower"), adapter_of(tmp_path / "ref"), atol=0)
+    assert all(ctx.state.get(fl._RESIDUAL) is not None for ctx in grid.contexts.values())
+    # the downlink counts the changes of basis (rotated SOFT strategies): M per module, r x r float64
+    extra = [c["downlink_bits"] - s.history.clients[0]["downlink_bits"] for c in s.history.clients]
+    rotates = feedback == "rotated" and strategy != "topk"  # topk does not re-orthogonalise
+    basis = 64 * 2 * 4 * 4  # 2 modules, r = 4
+    assert (min(extra[4:]) >= basis) == rotates and (max(extra[4:]) == 0) == (not rotates)
+    ref_extra = [c["downlink_bits"] - ref.clients[0]["downlink_bits"] for c in ref.clients]
+    assert set(ref_extra[4:]) == ({basis} if rotates else {0})
+
+
+def test_a_node_refuses_a_residual_that_does_not_fit(tmp_path):
+    """The residual in a node's state is validated before use: in round 3 node 0's is tampered
+    with (non-finite), node 1's has the wrong shape: both fail that round with a reason naming
+    it. Node 2's is labelled with round 1, whose change of basis is no longer broadcast: it is
+    dropped and reported, and the node trains on."""
+    from safetensors.torch import load
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        k, t = int(context.node_config["partition-id"]), int(msg.content["config"]["round-index"])
+        state = context.state.get(fl._RESIDUAL)
+        if t == 2 and k < 3 and state is not None:
+            tensors = load(bytes(state["tensors"]))
+            key = sorted(tensors)[0]
+            if k < 2:
+                tensors[key] = torch.full_like(tensors[key], float("nan")) if k == 0 else torch.zeros(1, 1)
+            context.state[fl._RESIDUAL] = ConfigRecord({"round-index": 0 if k == 2 else int(state["round-index"]),
+                                                        "tensors": fl.pack_tensors(tensors)})
+        return fl.client_train(msg, context)
+
+    app.train("upload")(fl.client_upload)
+    s, _ = run_local(lin(tmp_path / "flower", strategy="fixed", rounds=3, error_feedback="rotated"), app=app)
+    status = {c["client"]: c["status"] for c in s.history.clients if c["round"] == 3}
+    assert "this node's residual" in status[0] and "non-finite" in status[0]
+    assert "this node's residual" in status[1] and "expected" in status[1]
+    assert status[2] == "ok" and status[3] == "ok"
+    assert any("node 102" in n and "cannot be re-expressed" in n for n in s.notes)
 
 
 # -- deployment: a real SuperLink and SuperNodes -----------------------------------------------
