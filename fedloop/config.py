@@ -163,7 +163,7 @@ class RunConfig:
     32, 16, 8 or 4: the clients hold their view of the adapter and the server broadcasts SOFT's
     payload of (global − view) at that precision, 8 and 4 with stochastic rounding, keeping what
     it did not send for later rounds) and ``downlink_keep`` (the components per module that
-    broadcast carries, those whose change is largest; None = all r; in process only).
+    broadcast carries, those whose change is largest; None = all r).
     Wireless (spec §2, §9): ``bandwidth_hz``, ``budget_factor`` (τ̄ = factor × median dense
     latency, so dense uploads do not fit when < 1), ``latency_budget_s`` (overrides),
     ``relative_v`` the scale-free V (error profiles are divided by the round's mean dense update
@@ -367,6 +367,12 @@ class RunConfig:
         for name in ("split", "scope", "optimizer", "drift", "task", "strategy", "error_feedback", "device", "dtype"):
             if not isinstance(getattr(self, name), str):
                 bad(name, "must be a string")
+
+    @property
+    def compressed_downlink(self) -> bool:
+        """The clients hold a lagging view of the adapter, updated by compressed broadcasts
+        (``flasc``, or ``downlink_value_bits`` set)."""
+        return self.strategy == "flasc" or self.downlink_value_bits is not None
 
     @property
     def structural_rank(self) -> int:

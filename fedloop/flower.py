@@ -89,7 +89,7 @@ from fedloop.config import RunConfig
 from fedloop.flower_codec import decode as decode_upload
 from fedloop.flower_codec import encode as encode_upload
 from fedloop.flower_codec import pack_tensors, unpack_tensors
-from fedloop.server import Server
+from fedloop.server import Server, apply_broadcast
 from fedloop.strategies import STRATEGIES
 from fedloop.strategies import get as get_strategy
 from fedloop.tasks import make_task
@@ -101,6 +101,7 @@ __all__ = ["FlowerSettings", "TsfaStrategy", "PollingGrid", "client_app", "clien
 UPLOAD = f"{MessageType.TRAIN}.upload"
 _STATE = "fedloop.state"
 _RESIDUAL = "fedloop.residual"
+_VIEW = "fedloop.view"
 
 
 @dataclass
@@ -197,11 +198,37 @@ def _expected(factors: Mapping, head: Mapping) -> dict:
     return {k: (tuple(v.shape), (torch.float32,)) for k, v in _pack(factors, head).items()}
 
 
-def _global_from_bytes(data, task) -> dict:
-    """The global factors and head a node received, checked against its own task's tensors."""
+def _global_from_bytes(data, task, factors: bool = True) -> dict:
+    """The global factors (unless ``factors`` is False: the head alone) and head a node received,
+    checked against its own task's tensors."""
     from fedloop.client import to_host
 
-    return unpack_tensors(data, _expected(to_host(task.factors()), to_host(task.head())), "the global adapter")
+    return unpack_tensors(data, _expected(to_host(task.factors()) if factors else {}, to_host(task.head())),
+                          "the global adapter")
+
+
+def _received(context: Context, cfg: RunConfig, conf, t: int, task) -> tuple[dict, dict]:
+    """The adapter (factors, head) this node trains from in round t. Under a compressed downlink
+    (``flasc``, ``downlink_value_bits``) the node holds its view of the adapter in its
+    ``Context.state`` (``fedloop.view``, with its round) and the message carries either the view
+    whole (``global``) or the round's broadcast (``delta``, with the head alone in ``global``),
+    which it applies as the server did (:func:`fedloop.server.apply_broadcast`). A view of
+    another round than the broadcast's is a ValueError (the server sends the whole view next)."""
+    if "delta" not in conf:
+        factors, head = _unpack(_global_from_bytes(conf["global"], task))
+    else:
+        _, head = _unpack(_global_from_bytes(conf["global"], task, factors=False))
+        state = context.state.get(_VIEW)
+        if state is None or int(state["round-index"]) != t - 1:
+            held = "none" if state is None else f"round {int(state['round-index']) + 1}'s"
+            raise ValueError(f"the broadcast updates round {t}'s view of the adapter; this node holds {held}")
+        from fedloop.client import to_host
+
+        view, _ = _unpack(unpack_tensors(state["tensors"], _expected(to_host(task.factors()), {}), "this node's view"))
+        factors = apply_broadcast(get_strategy(cfg.strategy), view, bytes(conf["delta"]), task.lora_shape())
+    if cfg.compressed_downlink:
+        context.state[_VIEW] = ConfigRecord({"round-index": t, "tensors": pack_tensors(_pack(factors))})
+    return factors, head
 
 
 #: Strategies whose server folds updates into the frozen weights (the nodes must receive them).
@@ -278,7 +305,7 @@ def client_train(msg: Message, context: Context) -> Message:
     t = int(conf["round-index"])
     k = _partition(context, cfg)
     task = _task_for(cfg)
-    global_factors, global_head = _unpack(_global_from_bytes(conf["global"], task))
+    global_factors, global_head = _received(context, cfg, conf, t, task)
     _sync_folded(task, conf["folded"] if "folded" in conf else b"")
     feedback = cfg.error_feedback != "none"
     res, lost = _residual_now(context, cfg, conf, t, global_factors) if feedback else (None, "")
@@ -475,13 +502,6 @@ class TsfaStrategy(FedAvg):
     def __init__(self, config: RunConfig, settings: FlowerSettings | None = None, callbacks=()):
         if config.strategy not in STRATEGIES:  # RunConfig checks this too
             raise ValueError(f"strategy must be one of {STRATEGIES}; got strategy = {config.strategy!r}")
-        if get_strategy(config.strategy).downlink != "dense":
-            raise ValueError(f"strategy = {config.strategy!r} (a sparse downlink) runs in process only; the Flower "
-                             "nodes receive the whole global adapter")
-        if config.downlink_value_bits is not None:
-            raise ValueError(f"downlink_value_bits = {config.downlink_value_bits!r} (a compressed downlink) runs in "
-                             "process only; the Flower nodes receive the whole global adapter (downlink_value_bits = "
-                             "None)")
         if config.value_bits == "auto":
             raise ValueError("value_bits = 'auto' runs in process only (the nodes do not report rounding profiles); "
                              "use value_bits = 32, 16, 8 or 4 on Flower")
@@ -501,7 +521,10 @@ class TsfaStrategy(FedAvg):
         self._part: dict[int, int] = {}  # node id -> partition, from the nodes' replies
         self._node_of: dict[int, int] = {}  # partition -> node id, this round
         self._replies: list[Message] = []  # phase 1's replies, this round
-        self.broadcast_bits = 0  # what each node received this round (bits)
+        self.broadcast_bits: np.ndarray | None = None  # what each partition's node received this round (bits)
+        self._sent_bits: dict[int, int] = {}  # node id -> bits it was sent this round
+        self._full_bits = 0  # bits of this round's message with the whole adapter
+        self._view_synced: dict[int, int] = {}  # node id -> the round of the view it holds (compressed downlink)
         self._basis: dict[int, dict] = {}  # round -> its change of basis (rotated error feedback)
         self._synced: dict[int, int] = {}  # node id -> the round in whose basis it holds its residual
         self._waited = False
@@ -532,10 +555,11 @@ class TsfaStrategy(FedAvg):
     def global_arrays(self) -> ArrayRecord:
         return _to_record(_pack(self.server.global_factors, self.server.global_head))
 
-    def global_bytes(self) -> bytes:
-        """What phase 1 sends every node: the global factors and head as one safetensors blob
-        (one Flower object instead of one per tensor and chunk)."""
-        return pack_tensors(_pack(self.server.global_factors, self.server.global_head))
+    def global_bytes(self, factors: bool = True) -> bytes:
+        """What phase 1 sends a node: the factors the clients train from (the global ones, or
+        their view under a compressed downlink; ``factors`` False: none) and the head, as one
+        safetensors blob (one Flower object instead of one per tensor and chunk)."""
+        return pack_tensors(_pack(self.server.client_factors if factors else None, self.server.global_head))
 
     def folded_bytes(self) -> bytes:
         """svd and ideal: every module's delta folded into the frozen weights so far (zeros where
@@ -580,22 +604,31 @@ class TsfaStrategy(FedAvg):
         conf = ConfigRecord({"server-round": server_round, "round-index": self.server.round,
                              "run-config": _config_json(self.config)})
         self._round_start = time.perf_counter()
-        blob, folded = self.global_bytes(), self.folded_bytes()
-        conf["global"] = blob
+        folded = self.folded_bytes()
         if folded:
             conf["folded"] = folded
         basis = self.basis_bytes(nodes)
         if basis:
             conf["basis-rounds"], conf["basis"] = basis
-        # downlink: what each node really receives, the bytes of the global factors and head (and, for svd
-        # and ideal, of the deltas folded into the frozen weights so far; for rotated error feedback, of the
-        # changes of basis)
-        self.broadcast_bits = 8 * (len(blob) + len(folded) + (len(basis[1]) if basis else 0))
-        record = RecordDict({self.configrecord_key: conf})
+        # downlink: what each node really receives, the bytes of the global factors (or the round's compressed
+        # broadcast, to a node that holds the last view) and head, for svd and ideal of the deltas folded into the
+        # frozen weights so far, for rotated error feedback of the changes of basis
+        common = len(folded) + (len(basis[1]) if basis else 0)
+        full, delta, t = self.global_bytes(), self.server.last_broadcast, self.server.round
+        self._full_bits = 8 * (len(full) + common)
+        self._sent_bits, messages = {}, []
+        for n in nodes:
+            if delta is not None and self._view_synced.get(n) == t - 1:
+                parts = {"global": self.global_bytes(factors=False), "delta": delta}
+            else:
+                parts = {"global": full}
+            self._sent_bits[n] = 8 * (sum(len(b) for b in parts.values()) + common)
+            record = RecordDict({self.configrecord_key: ConfigRecord({**dict(conf), **parts})})
+            messages.append(Message(record, dst_node_id=n, message_type=MessageType.TRAIN,
+                                    ttl=self.settings.round_timeout))
         self._phase1_nodes = nodes
         log(INFO, "configure_train: round %d to %d nodes", self.server.round + 1, len(nodes))
-        return [Message(record, dst_node_id=n, message_type=MessageType.TRAIN, ttl=self.settings.round_timeout)
-                for n in nodes]
+        return messages
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -661,7 +694,7 @@ class TsfaStrategy(FedAvg):
                 self._note(f"node {nid} claims partition {k} of node {self._node_of[k]}: ignored")
                 continue
             self._part[nid], self._node_of[k] = k, nid
-            self._synced[nid] = t
+            self._synced[nid] = self._view_synced[nid] = t
             if "residual" in content:
                 self._note(f"node {nid}: {content['residual']['lost']}: its residual is dropped")
             profile = np.asarray(content["metrics"]["profile"], dtype=np.float64)
@@ -672,6 +705,10 @@ class TsfaStrategy(FedAvg):
             profiles[k] = profile
             losses[k] = float(content["metrics"]["train-loss"])
             status[k] = "ok"
+        # downlink per partition: what its node was sent (the whole adapter where no node is known)
+        node = {k: nid for nid, k in self._part.items() if nid in self._sent_bits}
+        self.broadcast_bits = np.array([self._sent_bits[node[k]] if k in node else self._full_bits
+                                        for k in range(K)], dtype=np.int64)
         return TrainReport(profiles=profiles, losses=losses, status=status)
 
     def upload(self, t: int, sent: list, keep: dict, bandwidth_hz: dict) -> dict:

@@ -10,7 +10,7 @@ strategy                   bytes on the uplink
 =========================  ===========================================================
 tsfa fixed random fedit    SOFT's wire format (``soft.RankSparseUpdate.encode``)
 lowrank                    the same, at structural rank ``keep``
-topk                       the top-k codec (``soft.baselines.TopKUpdate.encode``)
+topk flasc                 the top-k codec (``soft.baselines.TopKUpdate.encode``)
 svd                        safetensors: ``<module>/P`` (m × s), ``<module>/Q`` (s × n)
 ffa                        safetensors: ``<module>/B`` (m × r), the trained B
 ideal                      SOFT's wire bytes + safetensors ``<module>/A``, ``<module>/B``
@@ -86,7 +86,7 @@ def encode(cfg, glob: dict, local: dict, keep: int, t: int, k: int) -> dict[str,
     """Client side: the strategy's upload of client k in round t as named byte strings."""
     name = cfg.strategy
     payload, _ = get_strategy(name).encode(cfg, glob, local, keep, t, k)
-    if name in WIRE_STRATEGIES or name == "topk":
+    if name in WIRE_STRATEGIES or name in ("topk", "flasc"):
         return {"payload": bytes(payload)}
     if name == "ideal":
         data, full = payload
@@ -117,7 +117,7 @@ def decode(server, parts: dict, keep: int):
     data = bytes(parts["payload"])
     glob = server.global_factors
     f32 = (torch.float32,)
-    if name in WIRE_STRATEGIES or name == "topk":
+    if name in WIRE_STRATEGIES or name in ("topk", "flasc"):
         return data
     if name == "ideal":
         exp = {f"{n}/{w}": (tuple(x.shape), f32) for n, pair in glob.items() for w, x in zip("AB", pair, strict=True)}

@@ -63,6 +63,19 @@ class Decision(NamedTuple):
     value_bits: np.ndarray | None = None  # q_k where the allocator chose it (value_bits = "auto")
 
 
+def apply_broadcast(strategy, view: dict, data: bytes, shape: LoraShape) -> dict:
+    """The clients' view of the adapter after a compressed broadcast ``data`` (what
+    :meth:`Server.broadcast` sends): ``flasc``'s top-k entries added, or SOFT's payload applied.
+    The server and every client (in process or a Flower node) compute it with this function."""
+    if strategy.downlink == "topk":
+        from soft.baselines import decode_topk
+
+        inc = decode_topk(data, shape)
+        return {n: (A + da.to(A.dtype), B + db.to(B.dtype))
+                for (n, (A, B)), da, db in zip(view.items(), inc.delta_a, inc.delta_b, strict=True)}
+    return read_wire(data, shape).apply_to(view)
+
+
 class Server:
     """The server of one run (module docstring): ``Server(config)``, then ``step(pool)`` per round.
 
@@ -111,8 +124,8 @@ class Server:
         self.basis: dict | None = None  # the last round's change of basis {module: (M, M⁻¹)} (rotated feedback)
         # a compressed downlink (flasc, or downlink_value_bits): what the clients hold, which lags the
         # global adapter (``broadcast``)
-        lagging = self.strategy.downlink == "topk" or cfg.downlink_value_bits is not None
-        self.view = soft.clone_factors(self.global_factors) if lagging else None
+        self.view = soft.clone_factors(self.global_factors) if cfg.compressed_downlink else None
+        self.last_broadcast: bytes | None = None  # the last compressed broadcast's bytes (in this process)
         self.history = History(config=cfg.to_dict())
         self.history.meta.update(latency_budget_s=self.tau_bar, dense_median_latency_s=self.dense_median_s,
                                  downlink_s=self.downlink_s, head_bits=self.head_bits,
@@ -145,7 +158,8 @@ class Server:
         if local is not None:  # the clients' full factors are here: what aggregation lost
             start.update(measure.aggregation_losses(self, ok, local, folded_before, pool.probes))
         # what each client received at the round's start: a Flower pool counts the bytes it sent
-        broadcast_now = getattr(pool, "broadcast_bits", None) or self.broadcast_bits + self.basis_bits
+        received = getattr(pool, "broadcast_bits", None)
+        broadcast_now = self.broadcast_bits + self.basis_bits if received is None else received
         if self.config.resolved_reorthogonalize:  # SOFT: near-orthogonal factors again, B·A unchanged
             before = self.global_factors
             self.global_factors = soft.reorthogonalize_factors(before)
@@ -184,26 +198,24 @@ class Server:
 
     def broadcast(self) -> None:
         """The compressed downlink, after round ``self.round``: a payload of (global − view), which
-        the clients (and the server's copy of their view) add; what it does not carry stays in
-        the difference for later rounds. ``flasc``: the largest entries at the uplink's bit budget
-        (``soft.baselines.topk_elementwise`` with ``keep``); ``downlink_value_bits`` q: SOFT's payload
-        of the ``downlink_keep`` components (all r by default) whose change is largest, at q bits a
-        value, rounded with a generator seeded from (seed, 44, round). Sets the next round's
-        broadcast bits (8 × the payload's bytes, plus the head) and downlink time."""
-        from soft.baselines import decode_topk, topk_elementwise
+        the clients (and the server's copy of their view) add (:func:`apply_broadcast`); what it
+        does not carry stays in the difference for later rounds. ``flasc``: the largest entries
+        at the uplink's bit budget (``soft.baselines.topk_elementwise`` with ``keep``);
+        ``downlink_value_bits`` q: SOFT's payload of the ``downlink_keep`` components (all r by
+        default) whose change is largest, at q bits a value, rounded with a generator seeded
+        from (seed, 44, round). Keeps the bytes (``last_broadcast``) and sets the next round's
+        broadcast bits (8 × their length, plus the head) and downlink time."""
+        from soft.baselines import topk_elementwise
 
         cfg = self.config
         if self.strategy.downlink == "topk":
             data = topk_elementwise(self.view, self.global_factors, cfg.keep,
                                     bits_per_value=cfg.base_value_bits).encode()
-            inc = decode_topk(data, self.soft_shape)
-            self.view = {n: (A + da.to(A.dtype), B + db.to(B.dtype))
-                         for (n, (A, B)), da, db in zip(self.view.items(), inc.delta_a, inc.delta_b, strict=True)}
         else:
-            keep = cfg.downlink_keep or self.soft_shape.rank
-            data = wire_bytes(self.view, self.global_factors, keep, cfg.downlink_value_bits,
-                              rounding_seed=derive_seed(cfg.seed, 44, self.round))
-            self.view = read_wire(data, self.soft_shape).apply_to(self.view)
+            data = wire_bytes(self.view, self.global_factors, cfg.downlink_keep or self.soft_shape.rank,
+                              cfg.downlink_value_bits, rounding_seed=derive_seed(cfg.seed, 44, self.round))
+        self.view = apply_broadcast(self.strategy, self.view, data, self.soft_shape)
+        self.last_broadcast = data
         self.set_broadcast(8 * len(data))
 
     def set_broadcast(self, adapter_bits: int) -> None:
@@ -398,8 +410,10 @@ class Server:
     def record(self, t, report, decision, status, sent, bits, snr, latency, queue_before, start,
                broadcast_bits: int) -> dict:
         """Evaluate (every ``eval_every`` rounds and at the end) and append the ledger rows
-        (``broadcast_bits``: what each client received at the round's start)."""
+        (``broadcast_bits``: what each client received at the round's start, one number or one
+        per client)."""
         cfg, K = self.config, self.config.clients
+        broadcast_bits = np.broadcast_to(np.asarray(broadcast_bits, dtype=np.int64), (K,))
         profiles, keep = np.asarray(report.profiles, dtype=float), decision.keep
         ok = [k for k in range(K) if report.status[k] == "ok"]
         test_loss, acc = math.nan, math.nan
@@ -408,7 +422,7 @@ class Server:
             test_loss, acc = self.task.evaluate()
         row = {"round": t + 1, "latency_s": latency, "wallclock_s": self.wallclock, "queue_s": queue_before,
                "latency_budget_s": self.tau_bar, "uplink_bits": int(bits.sum()),
-               "downlink_bits": int(broadcast_bits * K), "scheduled": len(sent),
+               "downlink_bits": int(broadcast_bits.sum()), "scheduled": len(sent),
                "dropped": sum(1 for s in status if s not in ("ok", "skipped")),
                "dropped_energy": float(sum(self.weights[k] * profiles[k, keep[k]] for k in ok)) if ok else math.nan,
                "mean_value_bits": self.mean_value_bits(decision, sent),
@@ -432,7 +446,7 @@ class Server:
         for k in range(K):
             self.history.clients.append({
                 "round": t + 1, "client": k, "status": status[k], "keep": int(keep[k]),
-                "uplink_bits": int(bits[k]), "downlink_bits": int(broadcast_bits),
+                "uplink_bits": int(bits[k]), "downlink_bits": int(broadcast_bits[k]),
                 "bandwidth_hz": float(decision.bandwidth_hz[k]),
                 "snr_hz": float(snr[k]), "compute_s": float(self.compute_s[k]), "upload_s": float(decision.upload_s[k]),
                 "finish_s": float(finish[k]), "train_loss": float(report.losses[k]),

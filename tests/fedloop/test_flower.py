@@ -92,10 +92,6 @@ def test_run_config_of_is_read_back_as_the_run():
 def test_strategy_rejects_what_flower_cannot_run(tmp_path):
     with pytest.raises(ValueError, match="in process only"):
         fl.TsfaStrategy(lin(tmp_path, strategy="tsfa", value_bits="auto"))
-    with pytest.raises(ValueError, match="in process only"):
-        fl.TsfaStrategy(lin(tmp_path, strategy="flasc"))
-    with pytest.raises(ValueError, match="in process only"):
-        fl.TsfaStrategy(lin(tmp_path, downlink_value_bits=8))
     with pytest.raises(FileNotFoundError, match="cannot resume"):
         fl.TsfaStrategy(lin(tmp_path / "none"), fl.FlowerSettings(resume=True))
     s = fl.TsfaStrategy(lin(tmp_path))
@@ -158,9 +154,9 @@ class LocalGrid(Grid):
             msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
             msg = message_from_proto(message_to_proto(msg))
             conf = msg.content["config"]
-            if msg.metadata.message_type == "train":
-                self.downlink[int(conf["round-index"]) + 1] = len(conf["global"]) + len(
-                    conf["folded"] if "folded" in conf else b"")
+            if msg.metadata.message_type == "train":  # every byte part: adapter or broadcast, folded, basis
+                self.downlink[int(conf["round-index"]) + 1] = sum(
+                    len(conf[part]) for part in ("global", "delta", "folded", "basis") if part in conf)
             try:
                 reply = self.app(msg, self.contexts[msg.metadata.dst_node_id])
             except Exception as exc:  # noqa: BLE001 - as a SuperNode reports a failing ClientApp
@@ -198,7 +194,7 @@ def run_local(cfg, clients=None, app=None):
     return strategy, grid
 
 
-@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "flasc"])  # flasc: in process only (tested)
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_strategy_runs_on_flower_and_its_bits_are_what_was_sent(tmp_path, strategy):
     cfg = lin(tmp_path / "flower", strategy=strategy, rounds=2, keep=2)
     s, grid = run_local(cfg)
@@ -222,7 +218,7 @@ def test_every_strategy_runs_on_flower_and_its_bits_are_what_was_sent(tmp_path, 
     print(f"{strategy}: {[round(r['flower_round_s'], 3) for r in h.rounds]} s per round")
 
 
-SAME_BITS = ("tsfa", "fedit", "random", "fixed", "lowrank", "topk", "head")
+SAME_BITS = ("tsfa", "fedit", "random", "fixed", "lowrank", "topk", "head", "flasc")
 FOLDING_STRATEGIES = ("svd", "ideal")
 
 
@@ -388,6 +384,51 @@ def test_error_feedback_lives_in_the_nodes_state_and_matches_fedloop(tmp_path, s
     assert (min(extra[4:]) >= basis) == rotates and (max(extra[4:]) == 0) == (not rotates)
     ref_extra = [c["downlink_bits"] - ref.clients[0]["downlink_bits"] for c in ref.clients]
     assert set(ref_extra[4:]) == ({basis} if rotates else {0})
+
+
+@pytest.mark.parametrize("strategy, kw", [
+    ("tsfa", dict(downlink_value_bits=8, value_bits=4, error_feedback="rotated")),
+    ("flasc", {}), ("fixed", dict(downlink_value_bits=4, downlink_keep=2))])
+def test_compressed_downlink_on_flower_matches_fedloop(tmp_path, strategy, kw):
+    """Under a compressed downlink each node keeps its view of the adapter in its Context.state
+    and applies the round's broadcast bytes as the server does: the run is the in-process one
+    bit for bit. A node that failed round 2 does not hold round 2's view, so round 3 sends it
+    the view whole (and counts it); the others get the broadcast."""
+    kw = dict(strategy=strategy, rounds=4, keep=1, **kw)
+    s, grid = run_local(lin(tmp_path / "flower", **kw), app=_faulty_client_app({("train", 1, 1)}))
+
+    def hook(rnd, k):
+        if (rnd, k) == (2, 1):
+            raise RuntimeError("radio link lost")
+
+    ref = run(lin(tmp_path / "ref", **kw), progress=False, client_hook=hook)
+    assert ledger(s.history) == ledger(ref)
+    assert_same_adapter(adapter_of(tmp_path / "flower"), adapter_of(tmp_path / "ref"), atol=0)
+    down = {(c["round"], c["client"]): c["downlink_bits"] for c in s.history.clients}
+    whole = down[(1, 0)]
+    assert down[(3, 1)] >= whole > down[(3, 0)] == down[(3, 2)] and down[(2, 0)] < whole and down[(4, 1)] < whole
+    assert s.history.rounds[2]["downlink_bits"] == sum(down[(3, k)] for k in range(4))
+
+
+def test_a_node_with_another_view_is_sent_the_whole_one(tmp_path):
+    """A node whose view is not the one the broadcast updates fails that round with the reason,
+    and the next round it is sent the view whole."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        k, t = int(context.node_config["partition-id"]), int(msg.content["config"]["round-index"])
+        if (k, t) == (0, 2):
+            view = context.state[fl._VIEW]
+            context.state[fl._VIEW] = ConfigRecord({"round-index": 0, "tensors": view["tensors"]})
+        return fl.client_train(msg, context)
+
+    app.train("upload")(fl.client_upload)
+    s, _ = run_local(lin(tmp_path / "flower", strategy="tsfa", rounds=4, downlink_value_bits=8), app=app)
+    c = {(c["round"], c["client"]): c for c in s.history.clients}
+    assert "updates round 2's view" in c[(3, 0)]["status"] and "holds round 1's" in c[(3, 0)]["status"]
+    assert c[(4, 0)]["status"] in ("ok", "skipped") and c[(4, 0)]["downlink_bits"] == c[(1, 0)]["downlink_bits"]
+    assert c[(4, 1)]["downlink_bits"] < c[(1, 0)]["downlink_bits"]
 
 
 def test_a_node_refuses_a_residual_that_does_not_fit(tmp_path):
