@@ -61,7 +61,7 @@ ORDER_DISTILL = ("ideal", "fedit", "head", "lowrank", "fixed+ef", "fixed+ef+q8",
                  "topk+ef", "random+ef", "flasc")
 #: On rt-minilm (the user-facing task; accuracy, 1 point = 0.01): the reference, the frozen adapter
 #: and TSFA with error feedback at 4 bits, the headline setting of rt-distill.
-ORDER_MINILM = ("fedit", "head", "tsfa+ef+q4")
+ORDER_MINILM = ("fedit", "head", "tsfa+ef+q4", "tsfa+ef+q4+dl8")
 QUICK = ("fedit", "fixed", "fixed+ef", "fixed+ef+q8", "topk+ef")
 
 

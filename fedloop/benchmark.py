@@ -332,21 +332,23 @@ def _write(b: Benchmark) -> None:
 
 
 def plot_benchmark(b: Benchmark, path) -> Path:
-    """The metric against rounds, cumulative uplink bits and simulated time: the mean over seeds
-    with a 95 % CI band per strategy (x for bits and time: their mean over seeds at each round)."""
+    """The metric against rounds, cumulative uplink bits, cumulative uplink + downlink bits and
+    simulated time: the mean over seeds with a 95 % CI band per strategy (x for bits and time:
+    their mean over seeds at each round)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     label = b.metric.column.replace("_", " ")
-    fig, axes = plt.subplots(1, 3, figsize=(17.5, 4.8), sharey=True)
+    fig, axes = plt.subplots(1, 4, figsize=(22, 4.8), sharey=True)
     for i, s in enumerate(b.strategies):
-        ys, xs_bits, xs_time, xs_round = [], [], [], None
+        ys, xs_bits, xs_both, xs_time, xs_round = [], [], [], [], None
         for k in b.seeds:
-            y, bits, time_s, rounds, _ = _series(b.runs[(s, k)], b.metric)
+            y, bits, time_s, rounds, down = _series(b.runs[(s, k)], b.metric)
             ys.append(y)
             xs_bits.append(bits / 1e6)
+            xs_both.append((bits + down) / 1e6)
             xs_time.append(time_s)
             xs_round = rounds
         n = min(len(y) for y in ys)
@@ -356,9 +358,10 @@ def plot_benchmark(b: Benchmark, path) -> Path:
         half = np.nan_to_num(np.array([c for _, c in stats]))
         color, style = f"C{i % 10}", ("-", "--", ":")[(i // 10) % 3]  # beyond 10 entries: dashed
         bits = np.mean([x[:n] for x in xs_bits], 0)
+        both = np.mean([x[:n] for x in xs_both], 0)
         silent = not np.any(bits > 0)  # head on a task without a head: nothing to place on the bits axis
-        for ax, x in zip(axes, (xs_round[:n], bits, np.mean([x[:n] for x in xs_time], 0)), strict=True):
-            if silent and ax is axes[1]:
+        for ax, x in zip(axes, (xs_round[:n], bits, both, np.mean([x[:n] for x in xs_time], 0)), strict=True):
+            if (silent and ax is axes[1]) or (ax is axes[2] and not np.any(both > 0)):
                 continue
             ax.plot(x, mean, color=color, ls=style, label=s if not silent else f"{s} (0 uplink bits)", lw=1.6)
             ax.fill_between(x, mean - half, mean + half, color=color, alpha=0.18, lw=0)
@@ -368,10 +371,12 @@ def plot_benchmark(b: Benchmark, path) -> Path:
     axes[0].set(xlabel="round", ylabel=f"test {label}" if "loss" not in label else label)
     axes[1].set(xlabel="cumulative uplink (Mbit, mean over seeds; log scale)")
     axes[1].set_xscale("log")
-    axes[2].set(xlabel="simulated wall-clock (s)")
+    axes[2].set(xlabel="cumulative uplink + downlink (Mbit, mean over seeds; log scale)")
+    axes[2].set_xscale("log")
+    axes[3].set(xlabel="simulated wall-clock (s)")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[2].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # outside the curves
+    axes[3].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # outside the curves
     target = f"; dotted: target ({b.reference} less δ)" if b.reference is not None else " (no dense reference run)"
     fig.suptitle(f"{b.config['task']}: {len(b.seeds)} paired seeds, mean ± 95 % CI{target}", fontsize=10)
     fig.tight_layout()
