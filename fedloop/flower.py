@@ -1,7 +1,10 @@
 """TSFA + SOFT on Flower (>= 1.42, the Message API): a strategy, a ServerApp and a ClientApp.
 
 Install the extra: ``pip install 'tsfa[flower]'``. ``fedloop`` itself never imports ``flwr``;
-this module does, on import.
+this module does, on import. The server half (the strategy, the ServerApp, the run config) is
+here; the node half (the ClientApp) is :mod:`fedloop.flower_client`, the bytes of each upload
+:mod:`fedloop.flower_codec`, the simulation runner :mod:`fedloop.flower_run`; this module
+re-exports ``client_app``, ``client_train``, ``client_upload``, ``run_flower`` and ``free_ports``.
 
 Protocol (two Flower message exchanges per FL round, both inside one Flower round):
 
@@ -66,7 +69,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -74,7 +76,6 @@ import torch
 
 try:
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
-    from flwr.clientapp import ClientApp
     from flwr.common import log
     from flwr.common.constant import ErrorCode
     from flwr.serverapp import Grid, ServerApp
@@ -82,26 +83,28 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("fedloop.flower needs Flower >= 1.42: pip install 'tsfa[flower]'") from exc
 
-import soft
 from fedloop.checkpoint import RunFolder, check_run_folder, load_checkpoint
-from fedloop.client import RunFailed, TrainReport, Upload, applied, train_client
+from fedloop.client import RunFailed, TrainReport, Upload
 from fedloop.config import RunConfig
+from fedloop.flower_client import (
+    FOLDING,
+    adapter_spec,
+    client_app,
+    client_train,
+    client_upload,
+    folded_shapes,
+    pack_adapter,
+    unpack_adapter,
+)
 from fedloop.flower_codec import decode as decode_upload
-from fedloop.flower_codec import encode as encode_upload
 from fedloop.flower_codec import pack_tensors, unpack_tensors
-from fedloop.server import Server, apply_broadcast
+from fedloop.server import Server
 from fedloop.strategies import STRATEGIES
-from fedloop.strategies import get as get_strategy
-from fedloop.tasks import make_task
-from soft.feedback import residual, rotate, with_inverse, with_residual
 
 __all__ = ["FlowerSettings", "TsfaStrategy", "PollingGrid", "client_app", "client_train", "client_upload",
            "server_app", "make_server_app", "config_from_run_config", "run_config_of", "run_flower", "free_ports"]
 
 UPLOAD = f"{MessageType.TRAIN}.upload"
-_STATE = "fedloop.state"
-_RESIDUAL = "fedloop.residual"
-_VIEW = "fedloop.view"
 
 
 @dataclass
@@ -164,238 +167,9 @@ def _config_json(cfg: RunConfig) -> str:
 
 
 # -- arrays ----------------------------------------------------------------------------------
-def _pack(factors: Mapping | None = None, head: Mapping | None = None, prefix: str = "") -> dict:
-    out = {}
-    for name, (A, B) in (factors or {}).items():
-        out[f"{prefix}lora/{name}/A"] = A.detach().cpu()
-        out[f"{prefix}lora/{name}/B"] = B.detach().cpu()
-    for name, p in (head or {}).items():
-        out[f"{prefix}head/{name}"] = p.detach().cpu()
-    return out
-
-
-def _unpack(tensors: Mapping[str, torch.Tensor], prefix: str = "") -> tuple[dict, dict]:
-    factors: dict[str, list] = {}
-    head = {}
-    for key, value in tensors.items():
-        if not key.startswith(prefix):
-            continue
-        kind, _, rest = key[len(prefix):].partition("/")
-        if kind == "lora":
-            name, _, which = rest.rpartition("/")
-            factors.setdefault(name, [None, None])[0 if which == "A" else 1] = value
-        elif kind == "head":
-            head[rest] = value
-    return {n: (a, b) for n, (a, b) in factors.items()}, head
-
-
 def _to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord(torch_state_dict=dict(tensors)) if tensors else ArrayRecord()
 
-
-def _expected(factors: Mapping, head: Mapping) -> dict:
-    """name -> (shape, (float32,)) of the packed tensors of ``factors`` and ``head``."""
-    return {k: (tuple(v.shape), (torch.float32,)) for k, v in _pack(factors, head).items()}
-
-
-def _global_from_bytes(data, task, factors: bool = True) -> dict:
-    """The global factors (unless ``factors`` is False: the head alone) and head a node received,
-    checked against its own task's tensors."""
-    from fedloop.client import to_host
-
-    return unpack_tensors(data, _expected(to_host(task.factors()) if factors else {}, to_host(task.head())),
-                          "the global adapter")
-
-
-def _received(context: Context, cfg: RunConfig, conf, t: int, task) -> tuple[dict, dict]:
-    """The adapter (factors, head) this node trains from in round t. Under a compressed downlink
-    (``flasc``, ``downlink_value_bits``) the node holds its view of the adapter in its
-    ``Context.state`` (``fedloop.view``, with its round) and the message carries either the view
-    whole (``global``) or the round's broadcast (``delta``, with the head alone in ``global``),
-    which it applies as the server did (:func:`fedloop.server.apply_broadcast`). A view of
-    another round than the broadcast's is a ValueError (the server sends the whole view next)."""
-    if "delta" not in conf:
-        factors, head = _unpack(_global_from_bytes(conf["global"], task))
-    else:
-        _, head = _unpack(_global_from_bytes(conf["global"], task, factors=False))
-        state = context.state.get(_VIEW)
-        if state is None or int(state["round-index"]) != t - 1:
-            held = "none" if state is None else f"round {int(state['round-index']) + 1}'s"
-            raise ValueError(f"the broadcast updates round {t}'s view of the adapter; this node holds {held}")
-        from fedloop.client import to_host
-
-        view, _ = _unpack(unpack_tensors(state["tensors"], _expected(to_host(task.factors()), {}), "this node's view"))
-        factors = apply_broadcast(get_strategy(cfg.strategy), view, bytes(conf["delta"]), task.lora_shape())
-    if cfg.compressed_downlink:
-        context.state[_VIEW] = ConfigRecord({"round-index": t, "tensors": pack_tensors(_pack(factors))})
-    return factors, head
-
-
-#: Strategies whose server folds updates into the frozen weights (the nodes must receive them).
-FOLDING = ("svd", "ideal")
-
-
-def _folded_shapes(factors: Mapping) -> dict:
-    """name -> ((m, n), (float32,)): the frozen weight delta of each module (m × n = B A)."""
-    return {f"folded/{n}": ((tuple(B.shape)[0], tuple(A.shape)[1]), (torch.float32,)) for n, (A, B) in factors.items()}
-
-
-def _sync_folded(task, data) -> None:
-    """Make the node's frozen weights the task's own plus the server's folded deltas ``data``
-    (safetensors ``folded/<module>``, or empty for none): the node remembers what it folded and
-    folds the difference, so a node that missed rounds, or a task reused by a new run, catches up."""
-    from fedloop.client import to_host
-
-    factors = to_host(task.factors())
-    target = {k.split("/", 1)[1]: v for k, v in
-              (unpack_tensors(data, _folded_shapes(factors), "the folded weights") if data else {}).items()}
-    applied = task.__dict__.setdefault("_flower_folded", {})
-    for name in factors:
-        want, have = target.get(name), applied.get(name)
-        if want is None and have is None:
-            continue
-        delta = (want if want is not None else torch.zeros_like(have)) - (have if have is not None else 0)
-        if bool(delta.any()):
-            task.fold(name, delta)
-        if want is None:
-            del applied[name]
-        else:
-            applied[name] = want
-
-
-# -- client ------------------------------------------------------------------------------------
-_TASKS: dict[str, Any] = {}
-
-
-def _task_for(cfg: RunConfig):
-    """The node's task (model and data), built once per process and configuration."""
-    key = json.dumps({k: v for k, v in cfg.to_dict().items()
-                      if k not in ("rounds", "out", "checkpoint_every", "eval_every", "predict_every", "strategy",
-                                   "keep", "relative_v", "budget_factor", "latency_budget_s", "cap_factor",
-                                   "allow_skip", "deadline_factor", "reject_norm_factor", "bandwidth_hz", "value_bits",
-                                   "error_feedback", "downlink_value_bits", "downlink_keep")},
-                     sort_keys=True) + f"/rank {cfg.structural_rank}"
-    if key not in _TASKS:
-        _TASKS.clear()
-        _TASKS[key] = make_task(cfg)
-    return _TASKS[key]
-
-
-def _partition(context: Context, cfg: RunConfig) -> int:
-    nc = context.node_config
-    if "partition-id" not in nc:
-        raise ValueError("the node has no partition-id: start it with --node-config 'partition-id=K "
-                         "num-partitions=N'")
-    k = int(nc["partition-id"])
-    n = int(nc.get("num-partitions", cfg.clients))
-    if n != cfg.clients or not 0 <= k < cfg.clients:
-        raise ValueError(f"node config partition-id={k} num-partitions={n} does not fit the run's "
-                         f"clients = {cfg.clients}")
-    return k
-
-
-client_app = ClientApp()
-
-
-@client_app.train()
-def client_train(msg: Message, context: Context) -> Message:
-    """Phase 1: local training from the global factors; reply with the error profile."""
-    conf = msg.content["config"]
-    cfg = RunConfig.from_dict(json.loads(conf["run-config"]))
-    t = int(conf["round-index"])
-    k = _partition(context, cfg)
-    task = _task_for(cfg)
-    global_factors, global_head = _received(context, cfg, conf, t, task)
-    _sync_folded(task, conf["folded"] if "folded" in conf else b"")
-    feedback = cfg.error_feedback != "none"
-    res, lost = _residual_now(context, cfg, conf, t, global_factors) if feedback else (None, "")
-    try:
-        local, head, loss = train_client(cfg, task, global_factors, global_head, t, k)
-    except RunFailed as exc:  # a non-finite loss stops the run, as in fedloop
-        return Message(RecordDict({"fatal": ConfigRecord({"reason": str(exc)}),
-                                   "metrics": MetricRecord({"partition-id": k})}), reply_to=msg)
-    if feedback:  # send from local + what was not sent before; until it sends, all of it is pending
-        local = with_residual(local, res)
-        _keep_residual(context, t, residual(local, global_factors))
-    profile = soft.error_profile(global_factors, local, scope=cfg.scope)
-    # kept in the node's Context.state until phase 2 (the SuperNode keeps it per run, across processes)
-    context.state[_STATE] = ConfigRecord({
-        "round-index": t, "partition-id": k, "run-config": conf["run-config"],
-        "tensors": pack_tensors(_pack(global_factors, None, "old/") | _pack(local, head, "new/"))})
-    reply = RecordDict({"metrics": MetricRecord({
-        "partition-id": k, "train-loss": float(loss), "num-examples": int(task.client_sizes[k]),
-        "profile": [float(x) for x in np.asarray(profile, dtype=np.float64)]})})
-    if lost:
-        reply["residual"] = ConfigRecord({"lost": lost})
-    return Message(reply, reply_to=msg)
-
-
-def _residual_now(context: Context, cfg: RunConfig, conf, t: int, glob: dict) -> tuple[dict | None, str]:
-    """This node's error-feedback residual in the coordinates of round t's global factors, and
-    why it was dropped ("" if it was not). The residual lives in ``Context.state`` with the
-    round whose factors it is expressed in; rotated feedback applies the server's changes of
-    basis for the rounds since (``basis-rounds``, ``basis``: M per module, float64; the node
-    computes M⁻¹ as the server does). Both are validated (shapes, dtypes, finite) before use.
-    The rotated residual is stored at once, so a failure later in the round keeps it."""
-    state = context.state.get(_RESIDUAL)
-    if state is None:
-        return None, ""
-    a = int(state["round-index"])
-    del context.state[_RESIDUAL]
-    shapes = {f"{n}/{w}": (tuple(x.shape), (torch.float32,)) for n, pair in glob.items()
-              for w, x in zip("AB", pair, strict=True)}
-    stored = unpack_tensors(state["tensors"], shapes, "this node's residual")
-    res = {n: (stored[f"{n}/A"], stored[f"{n}/B"]) for n in glob}
-    if cfg.error_feedback == "rotated" and cfg.resolved_reorthogonalize and a != t:
-        rounds = [int(b) for b in conf["basis-rounds"]] if "basis-rounds" in conf else []
-        if a > t or not set(range(a, t)) <= set(rounds):
-            return None, f"the residual of round {a + 1} cannot be re-expressed in round {t + 1}'s basis"
-        mats = unpack_tensors(conf["basis"], {f"{b}/{n}": ((A.shape[0],) * 2, (torch.float64,)) for b in rounds
-                                              for n, (A, _) in glob.items()}, "the server's changes of basis")
-        for b in range(a, t):
-            res = rotate(res, with_inverse({n: mats[f"{b}/{n}"] for n in glob}))
-    _keep_residual(context, t, res)
-    return res, ""
-
-
-def _keep_residual(context: Context, t: int, res: dict) -> None:
-    """Store this node's residual, expressed in round t's global factors, in its Context.state."""
-    context.state[_RESIDUAL] = ConfigRecord({"round-index": t, "tensors": pack_tensors(
-        {f"{n}/{w}": x for n, pair in res.items() for w, x in zip("AB", pair, strict=True)})})
-
-
-@client_app.train("upload")
-def client_upload(msg: Message, context: Context) -> Message:
-    """Phase 2: encode the strategy's upload with the keep count the server allocated to this node."""
-    conf = msg.content["config"]
-    t, keep = int(conf["round-index"]), int(conf["keep"])
-    state = context.state.get(_STATE)
-    if state is None or int(state["round-index"]) != t:
-        raise RuntimeError(f"no locally trained update for round {t + 1} on this node (restarted?)")
-    cfg = RunConfig.from_dict(json.loads(state["run-config"]))
-    k = int(state["partition-id"])
-    from fedloop.client import to_host
-
-    task = _task_for(cfg)
-    glob, head = to_host(task.factors()), to_host(task.head())
-    expected = {f"old/{k}": v for k, v in _expected(glob, {}).items()} | \
-        {f"new/{k}": v for k, v in _expected(glob, head).items()}
-    # this node's own state (Context.state), safetensors, read back in the task's module order
-    tensors = unpack_tensors(state["tensors"], expected, "this node's state")
-    global_factors, _ = _unpack(tensors, "old/")
-    local, head = _unpack(tensors, "new/")
-    parts = encode_upload(cfg, global_factors, local, keep, t, k)  # bytes only (fedloop.flower_codec)
-    del context.state[_STATE]
-    if cfg.error_feedback != "none":  # keep what this payload does not carry, as the server will read it
-        reader = SimpleNamespace(strategy=get_strategy(cfg.strategy), client_factors=global_factors,
-                                 soft_shape=task.lora_shape())
-        _keep_residual(context, t, residual(local, applied(reader, parts["payload"], keep)))
-    reply = RecordDict({
-        "upload": ConfigRecord({**parts, "head": pack_tensors(_pack(None, head))}),
-        "metrics": MetricRecord({"partition-id": k, "uplink-bits": 8 * sum(len(b) for b in parts.values()),
-                                 "keep": keep, "bandwidth-hz": float(conf["bandwidth-hz"])}),
-    })
-    return Message(reply, reply_to=msg)
 
 
 # -- server ------------------------------------------------------------------------------------
@@ -553,13 +327,13 @@ class TsfaStrategy(FedAvg):
         log(WARNING, "fedloop: %s", text)
 
     def global_arrays(self) -> ArrayRecord:
-        return _to_record(_pack(self.server.global_factors, self.server.global_head))
+        return _to_record(pack_adapter(self.server.global_factors, self.server.global_head))
 
     def global_bytes(self, factors: bool = True) -> bytes:
         """What phase 1 sends a node: the factors the clients train from (the global ones, or
         their view under a compressed downlink; ``factors`` False: none) and the head, as one
         safetensors blob (one Flower object instead of one per tensor and chunk)."""
-        return pack_tensors(_pack(self.server.client_factors if factors else None, self.server.global_head))
+        return pack_tensors(pack_adapter(self.server.client_factors if factors else None, self.server.global_head))
 
     def folded_bytes(self) -> bytes:
         """svd and ideal: every module's delta folded into the frozen weights so far (zeros where
@@ -568,7 +342,7 @@ class TsfaStrategy(FedAvg):
         folded = self.server.folded
         if self.config.strategy not in FOLDING or all(d is None for d in folded.values()):
             return b""
-        shapes = _folded_shapes(self.server.global_factors)
+        shapes = folded_shapes(self.server.global_factors)
         return pack_tensors({f"folded/{n}": d if d is not None else torch.zeros(shapes[f"folded/{n}"][0])
                              for n, d in folded.items()})
 
@@ -736,7 +510,8 @@ class TsfaStrategy(FedAvg):
                 upload = msg.content["upload"]
                 parts = {name: upload[name] for name in upload.keys() if name != "head"}
                 payload = decode_upload(self.server, parts, keep[k])  # validated (fedloop.flower_codec)
-                _, head = _unpack(unpack_tensors(upload["head"], _expected({}, self.server.global_head), "the head"))
+                spec = adapter_spec({}, self.server.global_head)
+                _, head = unpack_adapter(unpack_tensors(upload["head"], spec, "the head"))
             except (KeyError, TypeError, ValueError) as exc:
                 out[k] = f"rejected upload: {exc}"
                 continue
@@ -820,158 +595,5 @@ def run_config_of(config: RunConfig, settings: FlowerSettings | None = None) -> 
     return out
 
 
-def _write_app(folder: Path, config: RunConfig, settings: FlowerSettings) -> Path:
-    """A Flower app (``flwr run`` builds it into a FAB) whose ServerApp and ClientApp are this
-    module's, with the whole run in its ``[tool.flwr.app.config]``."""
-    import tomli_w
-
-    folder.mkdir(parents=True)
-    (folder / "fedloop_sim_app").mkdir()
-    (folder / "fedloop_sim_app" / "__init__.py").write_text(
-        '"""fedloop.flower\'s ServerApp and ClientApp, for fedloop.flower.run_flower."""\n'
-        "from fedloop.flower import client_app, server_app\n\n__all__ = [\"client_app\", \"server_app\"]\n")
-    project = {
-        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
-        "project": {"name": "fedloop-simulation", "version": "1.0.0", "license": "MIT", "dependencies": []},
-        "tool": {"hatch": {"build": {"targets": {"wheel": {"packages": ["fedloop_sim_app"]}}}},
-                 "flwr": {"app": {"publisher": "fedloop",
-                                  "components": {"serverapp": "fedloop_sim_app:server_app",
-                                                 "clientapp": "fedloop_sim_app:client_app"},
-                                  "config": run_config_of(config, settings)}}},
-    }
-    (folder / "pyproject.toml").write_text(tomli_w.dumps(project))
-    return folder
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on 127.0.0.1 (bound together, then released) for a local
-    SuperLink, its nodes or a private simulation."""
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for sock in socks:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in socks]
-    for sock in socks:
-        sock.close()
-    return ports
-
-
-#: ``backend_config`` keys :func:`run_flower` passes to the simulation (``options.backend.*``).
-_BACKEND_KEYS = {"client_resources": ("num_cpus", "num_gpus"),
-                 "init_args": ("num_cpus", "num_gpus", "logging_level", "log_to_driver")}
-
-
-def _backend_options(backend_config: Mapping | None) -> dict:
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}} if backend_config is None else backend_config
-    out: dict[str, dict] = {}
-    for section, values in backend.items():
-        if section not in _BACKEND_KEYS or not isinstance(values, Mapping) \
-                or not set(values) <= set(_BACKEND_KEYS[section]):
-            raise ValueError(f"backend_config takes {_BACKEND_KEYS}; got {section!r}: {values!r:.80}")
-        out[section.replace("_", "-")] = {k.replace("_", "-"): v for k, v in values.items()}
-    return out
-
-
-def _tail(path: Path, n: int = 4000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return ""
-
-
-def run_flower(config: RunConfig, *, num_supernodes: int | None = None, settings: FlowerSettings | None = None,
-               backend_config: dict | None = None, log_file=None, timeout: float = 3600.0):
-    """Run ``config`` as a Flower simulation with one virtual SuperNode per client; returns the
-    :class:`~fedloop.History` (also saved to ``config.out``, with the checkpoint).
-
-    Flower 1.42's supported simulation path (``flwr.simulation.run_simulation`` is deprecated):
-    a private ``flower-superlink --simulation`` on free local ports, and ``flwr run`` of an app
-    whose ServerApp and ClientApp are this module's and whose run config is ``config`` and
-    ``settings`` (:func:`run_config_of`). The SuperLink runs the ServerApp and the ClientApps
-    (Ray backend) in its own processes; it is stopped when the run ends. ``backend_config``:
-    ``{"client_resources": {"num_cpus", "num_gpus"}, "init_args": {"num_cpus", "num_gpus",
-    "logging_level", "log_to_driver"}}`` (default one CPU per virtual node). ``log_file``
-    receives the run's log (``flwr run --stream``)."""
-    import os
-    import shutil
-    import signal
-    import subprocess
-    import sys
-    import tempfile
-
-    import httpx
-    import tomli_w
-
-    from fedloop.history import History
-
-    settings = settings or FlowerSettings()
-    out = Path(config.out).resolve()
-    config = RunConfig.from_dict({**config.to_dict(), "out": str(out)})  # the ServerApp runs elsewhere
-    if settings.resume:  # fail here, before any process starts
-        load_checkpoint(check_run_folder(out))
-    nodes = int(num_supernodes or config.clients)
-    binary = Path(sys.executable).parent
-
-    def tool(name):
-        path = binary / name
-        if path.exists():
-            return str(path)
-        found = shutil.which(name)
-        if found is None:
-            raise FileNotFoundError(f"{name} not found next to {sys.executable} or on PATH (pip install flwr)")
-        return found
-
-    with tempfile.TemporaryDirectory(prefix="fedloop-flower-") as tmp:
-        tmp = Path(tmp)
-        app = _write_app(tmp / "app", config, settings)
-        home = tmp / "flwr-home"
-        home.mkdir()
-        port, control = free_ports(2)
-        (home / "config.toml").write_text(tomli_w.dumps({"superlink": {
-            "default": "fedloop", "fedloop": {"address": f"127.0.0.1:{port}", "insecure": True, "options": {
-                "num-supernodes": nodes, "backend": _backend_options(backend_config)}}}}))
-        env = dict(os.environ, FLWR_HOME=str(home), PYTHONUNBUFFERED="1",
-                   PATH=f"{binary}{os.pathsep}{os.environ.get('PATH', '')}")
-        link_log = tmp / "superlink.log"
-        run_log = Path(log_file) if log_file is not None else tmp / "flwr-run.log"
-        with open(link_log, "w") as fh:
-            link = subprocess.Popen([tool("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
-                                     "--port", str(port), "--control-api-address", f"127.0.0.1:{control}",
-                                     "--disable-runtime-dependency-installation"],
-                                    stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                if link.poll() is not None:
-                    raise RuntimeError(f"flower-superlink --simulation exited with code {link.returncode}:\n"
-                                       f"{_tail(link_log)}")
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).is_success:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"flower-superlink --simulation did not start within 120 s:\n{_tail(link_log)}")
-                time.sleep(0.2)
-            with open(run_log, "w") as fh:
-                try:
-                    code = subprocess.run([tool("flwr"), "run", str(app), "fedloop", "--stream"], stdout=fh,
-                                          stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
-                except subprocess.TimeoutExpired:
-                    raise RuntimeError(f"the Flower simulation did not finish within {timeout:g} s:\n"
-                                       f"{_tail(run_log)}") from None
-        finally:
-            if link.poll() is None:  # its SuperExec and simulation process end with it
-                os.killpg(link.pid, signal.SIGTERM)
-                try:
-                    link.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(link.pid, signal.SIGKILL)
-                    link.wait(timeout=15)
-        history = History.load(out) if (out / "history.json").is_file() else None
-        if code != 0 or history is None or len(history.rounds) < config.rounds:
-            done = 0 if history is None else len(history.rounds)
-            raise RuntimeError(f"the Flower simulation ended (flwr run exit code {code}) after {done} of "
-                               f"{config.rounds} rounds (see the log):\n{_tail(run_log)}\n{_tail(link_log, 2000)}")
-    return history
+# the simulation runner lives in fedloop.flower_run (it imports this module); its names are this module's too
+from fedloop.flower_run import free_ports, run_flower  # noqa: E402

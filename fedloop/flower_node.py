@@ -16,7 +16,7 @@ process:
   instead of launching ``flwr-clientapp``, with ``flwr-clientapp``'s own steps (pull the task
   input, run the ClientApp, push the reply and the task output with the node's ``Context``,
   task heartbeats). The ClientApp is loaded from the run's FAB once per FAB hash, so the
-  module-level caches of the ClientApp (``fedloop.flower``'s built task) live across messages.
+  module-level caches of the ClientApp (``fedloop.flower_client``'s built task) live across messages.
   Pair it with ``flower-supernode --isolation process``, which starts no SuperExec and waits
   for an external one::
 

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from tsfa.knapsack import Relaxation, mckp_relaxation
+from tsfa.mckp_lp import Relaxation, mckp_relaxation
 from tsfa.online import Allocation, RoundProblem, allocate, assemble_allocation
 from tsfa.rate import LN2, min_bandwidth_trusted, rate_bps
 from tsfa.tau_search import _polish
@@ -26,7 +26,7 @@ def allocate_uncertified(problem: RoundProblem, *, tau_hint: float | None = None
                          working_set: bool = True) -> Allocation:
     """The fast path of :func:`allocate` (``certify=False``): one round without a certificate.
 
-    With G(τ) = Q τ + LP(τ) (LP the knapsack relaxation at τ, :func:`tsfa.knapsack.mckp_relaxation`),
+    With G(τ) = Q τ + LP(τ) (LP the knapsack relaxation at τ, :func:`tsfa.mckp_lp.mckp_relaxation`),
     the envelope theorem gives G'(τ) = Q + λ(τ) Σ_k Σ_s x_ks ∂b^min_ks/∂τ, with λ the relaxation's
     bandwidth price and x its (one fractional) solution. G' < 0 where nothing fits (τ below the
     slowest compute) and G' = Q > 0 once the dense round fits under the equal split, so a root is

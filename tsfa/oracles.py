@@ -6,7 +6,7 @@ At fixed τ the round problem is a multiple-choice knapsack: W (K × (r+1)) weig
 client (None if the knapsack is infeasible). The exact oracles also take a ``cutoff``: only
 choices cheaper than it matter.
 
-* ``"fast"``: no oracle here: the τ search calls :func:`tsfa.knapsack.mckp_greedy` itself
+* ``"fast"``: no oracle here: the τ search calls :func:`tsfa.mckp_lp.mckp_greedy` itself
   (the exact LP relaxation and a greedy integer choice).
 * ``"cvxpy"``: the same LP relaxation as a DPP linear program, rounded down.
 * ``"milp"`` / ``"pyomo"``: the exact MCKP by HiGHS, through highspy or Pyomo.
@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 
 from tsfa._cache import cached_program
-from tsfa.knapsack import mckp_greedy
+from tsfa.mckp_lp import mckp_greedy
 from tsfa.status import SolverError, Status
 
 __all__ = ["ALLOCATION_BACKENDS", "EXACT_BACKENDS", "ORACLES", "relaxation_oracle", "callable_oracle"]

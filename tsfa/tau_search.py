@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tsfa.bandwidth import BANDWIDTH_BACKENDS, min_latency_bandwidth
-from tsfa.knapsack import mckp_greedy
+from tsfa.mckp_lp import mckp_greedy
 from tsfa.rate import min_bandwidth_trusted, rate_bps
 
 if TYPE_CHECKING:

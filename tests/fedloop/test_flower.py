@@ -27,6 +27,7 @@ from flwr.serverapp import Grid  # noqa: E402
 
 from fedloop import History, RunConfig, run  # noqa: E402
 from fedloop import flower as fl  # noqa: E402
+from fedloop import flower_client as fc  # noqa: E402
 from fedloop.checkpoint import RunFolder, load_checkpoint  # noqa: E402
 from fedloop.strategies import STRATEGIES  # noqa: E402
 
@@ -376,7 +377,7 @@ def test_error_feedback_lives_in_the_nodes_state_and_matches_fedloop(tmp_path, s
     ref = run(lin(tmp_path / "ref", **kw), progress=False, client_hook=hook)
     assert ledger(s.history) == ledger(ref) and not [n for n in s.notes if "residual" in n]
     assert_same_adapter(adapter_of(tmp_path / "flower"), adapter_of(tmp_path / "ref"), atol=0)
-    assert all(ctx.state.get(fl._RESIDUAL) is not None for ctx in grid.contexts.values())
+    assert all(ctx.state.get(fc.RESIDUAL_KEY) is not None for ctx in grid.contexts.values())
     # the downlink counts the changes of basis (rotated SOFT strategies): M per module, r x r float64
     extra = [c["downlink_bits"] - s.history.clients[0]["downlink_bits"] for c in s.history.clients]
     rotates = feedback == "rotated" and strategy != "topk"  # topk does not re-orthogonalise
@@ -419,8 +420,8 @@ def test_a_node_with_another_view_is_sent_the_whole_one(tmp_path):
     def train(msg, context):
         k, t = int(context.node_config["partition-id"]), int(msg.content["config"]["round-index"])
         if (k, t) == (0, 2):
-            view = context.state[fl._VIEW]
-            context.state[fl._VIEW] = ConfigRecord({"round-index": 0, "tensors": view["tensors"]})
+            view = context.state[fc.VIEW_KEY]
+            context.state[fc.VIEW_KEY] = ConfigRecord({"round-index": 0, "tensors": view["tensors"]})
         return fl.client_train(msg, context)
 
     app.train("upload")(fl.client_upload)
@@ -443,14 +444,14 @@ def test_a_node_refuses_a_residual_that_does_not_fit(tmp_path):
     @app.train()
     def train(msg, context):
         k, t = int(context.node_config["partition-id"]), int(msg.content["config"]["round-index"])
-        state = context.state.get(fl._RESIDUAL)
+        state = context.state.get(fc.RESIDUAL_KEY)
         if t == 2 and k < 3 and state is not None:
             tensors = load(bytes(state["tensors"]))
             key = sorted(tensors)[0]
             if k < 2:
                 tensors[key] = torch.full_like(tensors[key], float("nan")) if k == 0 else torch.zeros(1, 1)
-            context.state[fl._RESIDUAL] = ConfigRecord({"round-index": 0 if k == 2 else int(state["round-index"]),
-                                                        "tensors": fl.pack_tensors(tensors)})
+            context.state[fc.RESIDUAL_KEY] = ConfigRecord({"round-index": 0 if k == 2 else int(state["round-index"]),
+                                                        "tensors": fc.pack_tensors(tensors)})
         return fl.client_train(msg, context)
 
     app.train("upload")(fl.client_upload)

@@ -11,7 +11,7 @@ from tests.tsfa.test_online import _default_cell_problem, check_feasible, make, 
 from tsfa import Status, min_latency_bandwidth, minilm_l6_qv
 from tsfa.allocator import OnlineAllocator
 from tsfa.fast import allocate_uncertified
-from tsfa.knapsack import _hull, mckp_greedy, mckp_relaxation
+from tsfa.mckp_lp import _hull, mckp_greedy, mckp_relaxation
 from tsfa.online import _min_bandwidth_grid, allocate
 from tsfa.rate import min_bandwidth
 
@@ -120,7 +120,7 @@ def test_grid_kernel_equals_min_bandwidth(p, frac):
 
 
 def _hull_general(W, C):
-    import tsfa.knapsack as kn
+    import tsfa.mckp_lp as kn
 
     quick = kn._hull_if_chains_are_convex
     kn._hull_if_chains_are_convex = lambda *a: None
