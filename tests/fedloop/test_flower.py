@@ -313,6 +313,19 @@ def test_simulation_resumes_from_its_checkpoint(sim3, tmp_path):
     assert_same_adapter(adapter_of(tmp_path / "mixed"), adapter_of(tmp_path / "full"))
 
 
+@pytest.mark.slow
+def test_simulation_keeps_residuals_and_views_on_the_nodes(tmp_path):
+    """On Flower's simulation engine (Ray, the node state kept by Flower across rounds), TSFA at
+    4 bits with rotated error feedback and 8-bit broadcasts is the in-process run bit for bit."""
+    kw = dict(strategy="tsfa", rounds=4, error_feedback="rotated", value_bits=4, downlink_value_bits=8)
+    h = fl.run_flower(lin(tmp_path / "flower", **kw))
+    ref = run(lin(tmp_path / "ref", **kw), progress=False)
+    assert ledger(h) == ledger(ref)
+    assert_same_adapter(adapter_of(tmp_path / "flower"), adapter_of(tmp_path / "ref"), atol=0)
+    down = [r["downlink_bits"] for r in h.rounds]
+    assert down[1] == down[2] == down[3] < down[0] / 1.5  # the 8-bit broadcast after the whole first one
+
+
 def _faulty_client_app(faults):
     """The real ClientApp, except that partition k raises in (phase, round index) listed in faults."""
     app = ClientApp()
