@@ -36,7 +36,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("fedloop.flower_client needs Flower >= 1.42: pip install 'tsfa[flower]'") from exc
 
 import soft
-from fedloop.client import RunFailed, applied, train_client
+from fedloop.client import RunFailed, applied, to_host, train_client
 from fedloop.config import RunConfig
 from fedloop.flower_codec import encode as encode_upload
 from fedloop.flower_codec import pack_tensors, unpack_tensors
@@ -57,6 +57,8 @@ VIEW_KEY = "fedloop.view"
 
 # -- arrays ----------------------------------------------------------------------------------
 def pack_adapter(factors: Mapping | None = None, head: Mapping | None = None, prefix: str = "") -> dict:
+    """``{prefix}lora/<module>/A|B`` and ``{prefix}head/<name>`` CPU tensors of ``factors`` and
+    ``head``: what a message's or a node state's safetensors blob holds."""
     out = {}
     for name, (A, B) in (factors or {}).items():
         out[f"{prefix}lora/{name}/A"] = A.detach().cpu()
@@ -67,6 +69,8 @@ def pack_adapter(factors: Mapping | None = None, head: Mapping | None = None, pr
 
 
 def unpack_adapter(tensors: Mapping[str, torch.Tensor], prefix: str = "") -> tuple[dict, dict]:
+    """(factors ``{module: (A, B)}``, head ``{name: tensor}``) from :func:`pack_adapter`'s names
+    under ``prefix`` (validate with :func:`adapter_spec` first)."""
     factors: dict[str, list] = {}
     head = {}
     for key, value in tensors.items():
@@ -89,8 +93,6 @@ def adapter_spec(factors: Mapping, head: Mapping) -> dict:
 def _global_from_bytes(data, task, factors: bool = True) -> dict:
     """The global factors (unless ``factors`` is False: the head alone) and head a node received,
     checked against its own task's tensors."""
-    from fedloop.client import to_host
-
     return unpack_tensors(data, adapter_spec(to_host(task.factors()) if factors else {}, to_host(task.head())),
                           "the global adapter")
 
@@ -110,8 +112,6 @@ def _received(context: Context, cfg: RunConfig, conf, t: int, task) -> tuple[dic
         if state is None or int(state["round-index"]) != t - 1:
             held = "none" if state is None else f"round {int(state['round-index']) + 1}'s"
             raise ValueError(f"the broadcast updates round {t}'s view of the adapter; this node holds {held}")
-        from fedloop.client import to_host
-
         spec = adapter_spec(to_host(task.factors()), {})
         view, _ = unpack_adapter(unpack_tensors(state["tensors"], spec, "this node's view"))
         factors = apply_broadcast(get_strategy(cfg.strategy), view, bytes(conf["delta"]), task.lora_shape())
@@ -133,23 +133,21 @@ def _sync_folded(task, data) -> None:
     """Make the node's frozen weights the task's own plus the server's folded deltas ``data``
     (safetensors ``folded/<module>``, or empty for none): the node remembers what it folded and
     folds the difference, so a node that missed rounds, or a task reused by a new run, catches up."""
-    from fedloop.client import to_host
-
     factors = to_host(task.factors())
     target = {k.split("/", 1)[1]: v for k, v in
               (unpack_tensors(data, folded_shapes(factors), "the folded weights") if data else {}).items()}
-    applied = task.__dict__.setdefault("_flower_folded", {})
+    done = task.__dict__.setdefault("_flower_folded", {})
     for name in factors:
-        want, have = target.get(name), applied.get(name)
+        want, have = target.get(name), done.get(name)
         if want is None and have is None:
             continue
         delta = (want if want is not None else torch.zeros_like(have)) - (have if have is not None else 0)
         if bool(delta.any()):
             task.fold(name, delta)
         if want is None:
-            del applied[name]
+            del done[name]
         else:
-            applied[name] = want
+            done[name] = want
 
 
 # -- client ------------------------------------------------------------------------------------
@@ -263,8 +261,6 @@ def client_upload(msg: Message, context: Context) -> Message:
         raise RuntimeError(f"no locally trained update for round {t + 1} on this node (restarted?)")
     cfg = RunConfig.from_dict(json.loads(state["run-config"]))
     k = int(state["partition-id"])
-    from fedloop.client import to_host
-
     task = _task_for(cfg)
     glob, head = to_host(task.factors()), to_host(task.head())
     expected = {f"old/{k}": v for k, v in adapter_spec(glob, {}).items()} | \
