@@ -146,12 +146,14 @@ def pilot_cells(task: str, seeds, cfg_of, log, pilot_seeds=None):
 
 
 def offline_only(task: str, seeds: list[int], runs_dir: Path, log, *, pilot_seeds=None, initial_queue="auto",
-                 quick=False) -> dict:
-    """The offline check alone: the pilot cells and ``tsfa`` per rank, without the held-out grid."""
+                 quick=False, pilot_rounds=None) -> dict:
+    """The offline check: the pilot cells (the first ``pilot_rounds`` rounds of each, None = all)
+    and ``tsfa`` per rank, without the held-out grid; :func:`study` adds it on request."""
     base, cfg_of = run_namer(task, runs_dir)
     pilots, spectrum, floor, n_pilot = pilot_cells(task, seeds, cfg_of, log, pilot_seeds)
     return offline_check(task, base, cfg_of, pilots, seeds, log,
-                         dict(spectrum=spectrum, floor=floor, boots=QUICK_BOOTS if quick else 100, rng=0, rounds=None),
+                         dict(spectrum=spectrum, floor=floor, boots=QUICK_BOOTS if quick else 100, rng=0,
+                              rounds=pilot_rounds),
                          pilot_seeds=n_pilot, initial_queue=initial_queue,
                          **(QUICK_PLAN if quick else OFFLINE_PLAN))
 
@@ -216,11 +218,8 @@ def study(task: str, seeds: list[int], runs_dir: Path, log, *, pilot_rounds=None
     if task == "linear":
         summary["exact_bound_holds_every_run_every_round"] = all(x["exact_bound_holds"] for x in rows)
     if offline:
-        summary["offline"] = offline_check(task, base, cfg_of, pilots, seeds, log,
-                                           dict(spectrum=spectrum, floor=floor, boots=QUICK_BOOTS if quick else 100,
-                                                rng=0, rounds=pilot_rounds), pilot_seeds=n_pilot,
-                                           initial_queue=initial_queue,
-                                           **(QUICK_PLAN if quick else OFFLINE_PLAN))
+        summary["offline"] = offline_only(task, seeds, runs_dir, log, pilot_seeds=pilot_seeds,
+                                          initial_queue=initial_queue, quick=quick, pilot_rounds=pilot_rounds)
     return rows, curves, cal, summary
 
 
@@ -347,7 +346,7 @@ def main(argv=None) -> int:
     suffix = args.task.replace("-", "_") + ("" if args.pilot_rounds is None else f"_pilot{args.pilot_rounds}")
     if args.offline_only:
         check = offline_only(args.task, seeds, Path(args.runs), log, pilot_seeds=args.pilot_seeds,
-                             initial_queue=args.initial_queue, quick=args.quick)
+                             initial_queue=args.initial_queue, quick=args.quick, pilot_rounds=args.pilot_rounds)
         (out / f"offline_check_{suffix}.json").write_text(json.dumps(check, indent=1))
         print(json.dumps({k: v for k, v in check.items() if k != "calibration"}, indent=1))
         return 0

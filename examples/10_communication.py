@@ -1,11 +1,12 @@
-"""Communication efficiency under the comparison protocol: value precision and error feedback.
+"""Communication efficiency under the comparison protocol: value precision, error feedback, broadcasts.
 
 SOFT at a fixed keep of r/4 (``fixed``), with and without client error feedback
 (``error_feedback="rotated"``, docs/model.md "Error feedback") and at 8 bits per value, beside
 the dense references (``ideal``, ``fedit``), the frozen adapter (``head``), a smaller dense rank
 at the same bits (``lowrank``), and the other compressors at SOFT's bits with error feedback
-(element-wise ``topk``, ``random`` components). Paired seeds, mean ± 95 % CI
-(``fedloop.benchmark``).
+(element-wise ``topk``, ``random`` components), and TSFA with the server's broadcast compressed
+to 8 or 4 bits a value (``downlink_value_bits``; ``-half``: r/2 components of it). Paired seeds,
+mean ± 95 % CI (``fedloop.benchmark``).
 
 Reported: each variant's final metric, its uplink bits, the bits to reach the better dense
 reference's final metric less δ, and the paired differences at equal uplink bits between
