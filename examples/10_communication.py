@@ -52,6 +52,7 @@ VARIANTS = {
     # the downlink compressed too: the server broadcasts the adapter's change at 8 or 4 bits a value
     "tsfa+ef+q4+dl8": {"strategy": "tsfa", "value_bits": 4, "downlink_value_bits": 8, **EF},
     "tsfa+ef+q4+dl4": {"strategy": "tsfa", "value_bits": 4, "downlink_value_bits": 4, **EF},
+    "fixed+ef+q4+dl4": {"strategy": "fixed", "value_bits": 4, "downlink_value_bits": 4, **EF},
     # ... and the r/2 components of the adapter's change that changed most (the rest waits)
     "tsfa+ef+q4+dl4-half": {"strategy": "tsfa", "value_bits": 4, "downlink_value_bits": 4, "downlink_keep": 4, **EF},
 }
@@ -61,7 +62,7 @@ ORDER = ("ideal", "fedit", "head", "lowrank", "topk", "fixed", "fixed+ef", "fixe
 #: adapter, SOFT with error feedback, TSFA at 8 bits with it, and the other compressors with it.
 ORDER_DISTILL = ("ideal", "fedit", "head", "lowrank", "fixed+ef", "fixed+ef+q8", "fixed+ef+q4", "tsfa+ef+q8",
                  "tsfa+ef+q4", "tsfa+ef+auto", "tsfa+ef+auto-budget0.25", "tsfa+ef+q4+dl8", "tsfa+ef+q4+dl4",
-                 "tsfa+ef+q4+dl4-half", "topk+ef", "random+ef", "flasc")
+                 "tsfa+ef+q4+dl4-half", "fixed+ef+q4+dl4", "topk+ef", "random+ef", "flasc")
 #: On rt-minilm (the user-facing task; accuracy, 1 point = 0.01): the reference, the frozen adapter
 #: and TSFA with error feedback at 4 bits, the headline setting of rt-distill.
 ORDER_MINILM = ("fedit", "head", "tsfa+ef+q4", "tsfa+ef+q4+dl8")
@@ -157,7 +158,8 @@ def main(argv=None) -> int:
             summary["soft_ef_vs_fedit_final_relative"] = rel
             print(f"{soft_ef} final vs fedit: {100 * rel:+.1f} %")
         for s in (soft_ef, "fixed+ef+q8", "fixed+ef+q4", "tsfa+ef+q8", "tsfa+ef+q4", "tsfa+ef+auto",
-                  "tsfa+ef+auto-budget0.25", "tsfa+ef+q4+dl8", "tsfa+ef+q4+dl4", "tsfa+ef+q4+dl4-half"):
+                  "tsfa+ef+auto-budget0.25", "tsfa+ef+q4+dl8", "tsfa+ef+q4+dl4", "tsfa+ef+q4+dl4-half",
+                  "fixed+ef+q4+dl4"):
             if rows.get(s, {}).get("reached") and ref["reached"]:
                 ratio = ref["bits_to_target_mean"] / rows[s]["bits_to_target_mean"]
                 summary[f"{s}_bits_to_target_saving_vs_fedit"] = ratio

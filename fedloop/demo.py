@@ -122,13 +122,13 @@ def main_job(out="runs/demo", *, quick: bool = False, seed: int | None = None, p
                       "at_equal_time": metric_within(hist, metric_spec, "wallclock_s", equal_time)})
     metric = table[0]["metric"].replace("_", " ")
     lines = [f"{'strategy':<8} {'final ' + metric:>16} {'uplink Mbit':>12} {'bit savings':>12} {'latency/τ̄':>10} "
-             f"{'@tsfa bits':>11} {'@' + format(equal_time, '.1f') + ' s':>9}"]
+             f"{'@tsfa bits':>11} {'@' + format(equal_time, '.3g') + ' s':>9}"]
     for r in table:
         lines.append(f"{r['strategy']:<8} {r['final']:>16.4f} {r['uplink_mbit']:>12.2f} "
                      f"{r['bit_savings_vs_fedit']:>11.1%} {r['mean_latency_over_tau']:>10.2f} "
                      f"{r['at_equal_bits']:>11.4f} {r['at_equal_time']:>9.4f}")
     lines.append(f"final: after {cfg.rounds} rounds; @tsfa bits: after the last round within tsfa's "
-                 f"{equal_bits / 1e6:.1f} Mbit of uplink; @{equal_time:.1f} s: within the shortest adapter run's "
+                 f"{equal_bits / 1e6:.3g} Mbit of uplink; @{equal_time:.3g} s: within the shortest adapter run's "
                  f"simulated time; head: the adapter frozen, only the classification head trains and travels")
     log("\n".join(lines))
     write_csv(out / "summary.csv", table)
