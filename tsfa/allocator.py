@@ -43,7 +43,7 @@ class _Policy:
             raise ValueError(f"shape must be a LoraShape; got {type(shape).__name__}")
         self.shape = shape
         self.total_bandwidth_hz = as_scalar("total_bandwidth_hz", total_bandwidth_hz, lower=0, strict=True)
-        self.downlink_s = as_scalar("downlink_s", downlink_s, lower=0)
+        self.downlink_s = downlink_s
         self.max_latency_s = None if max_latency_s is None else as_scalar("max_latency_s", max_latency_s, lower=0,
                                                                            strict=True)
         self.min_keep = as_scalar("min_keep", min_keep, lower=0, integer=True)
@@ -55,6 +55,16 @@ class _Policy:
         self.round = 0
 
     value_bits: tuple = ()  # the precisions a client may choose among (OnlineAllocator); () = the shape's
+
+    @property
+    def downlink_s(self) -> float:
+        """T^dl of the next rounds, seconds; settable (validated), e.g. when a compressed
+        broadcast changes the downlink's bits between rounds."""
+        return self._downlink_s
+
+    @downlink_s.setter
+    def downlink_s(self, value: float) -> None:
+        self._downlink_s = as_scalar("downlink_s", value, lower=0)
 
     def problem(self, snr_hz, compute_s, error_profile, data_weight=None, *, queue=0.0, weight_v=1.0,
                 rounding_profile=None) -> RoundProblem:

@@ -353,3 +353,15 @@ def test_no_clients_is_a_value_error():
 def test_wrong_arguments_are_value_errors_at_construction(make):
     with pytest.raises(ValueError):
         make()
+
+
+def test_policy_downlink_time_is_validated_when_set():
+    from tsfa.allocator import FixedPolicy
+    from tsfa.model import LoraShape, ModuleShape
+
+    pol = FixedPolicy(LoraShape((ModuleShape("m", 8, 8),), 2), keep=1, total_bandwidth_hz=1e6, downlink_s=0.5)
+    pol.downlink_s = 0.25
+    assert pol.downlink_s == 0.25 and pol.problem([1e3], [0.1], [[1.0, 0.5, 0.0]]).downlink_s == 0.25
+    for bad in (-1.0, float("nan"), "x"):
+        with pytest.raises(ValueError, match="downlink_s"):
+            pol.downlink_s = bad
