@@ -153,7 +153,7 @@ class Benchmark:
     def format_table(self) -> str:
         m = self.metric.column.replace("_", " ")
         head = (f"{'strategy':<8} {'final ' + m:>19} {'Δ vs ' + str(self.reference):>17} {'bits-to-target Mbit':>22} "
-                f"{'downlink-to-target':>19} {'time-to-target s':>18} {'uplink Mbit':>12} {'downlink Mbit':>13} "
+                f"{'downlink-to-target Mbit':>24} {'time-to-target s':>18} {'uplink Mbit':>12} {'downlink Mbit':>13} "
                 f"{'lat/τ̄':>6} {'@equal bits':>12} {'@equal time':>12}")
         lines = [head]
         for r in self.summary:
@@ -161,7 +161,7 @@ class Benchmark:
                 f"{r['strategy']:<8} {_pm(r['final_mean'], r['final_ci'], 4):>19} "
                 f"{_pm(r['paired_difference_mean'], r['paired_difference_ci'], 4):>17} "
                 f"{_reach(r, 'bits_to_target_mean', 'bits_to_target_ci', 1e-6):>22} "
-                f"{_reach(r, 'downlink_to_target_mean', 'downlink_to_target_ci', 1e-6):>19} "
+                f"{_reach(r, 'downlink_to_target_mean', 'downlink_to_target_ci', 1e-6):>24} "
                 f"{_reach(r, 'time_to_target_mean', 'time_to_target_ci', 1.0):>18} "
                 f"{r['uplink_bits_mean'] / 1e6:>12.1f} {r['downlink_bits_mean'] / 1e6:>13.1f} "
                 f"{r['latency_over_budget_mean']:>6.2f} {r['at_equal_bits_mean']:>12.4f} "
